@@ -1,0 +1,306 @@
+"""The wire protocol: revisions of a run's desired config, the run's status, and outcomes.
+
+Every message is a JSON object with a ``"v"`` protocol-version field and a ``"kind"`` field. Nothing is ever
+unpickled or evaluated. Decoding untrusted bytes raises only :class:`~weavelet_core.errors.ProtocolError`,
+whose message and ``field`` name the offending field.
+
+Run ids
+    1 to 128 characters from ``A-Z a-z 0-9 _ . -``, starting with a letter or a digit, never containing
+    ``..``. They are safe as file names, NATS subject tokens and Redis keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+from weavelet_core.errors import InvalidRunId, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_PAYLOAD_BYTES = 64 * 1024
+"""Default cap on one encoded message. Larger payloads are refused on encode and on decode."""
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+RUN_ID_RULE = "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit, without '..'"
+
+LifecycleState = Literal["created", "starting", "running", "stopping", "stopped", "failed"]
+LIFECYCLE_STATES: tuple[str, ...] = ("created", "starting", "running", "stopping", "stopped", "failed")
+OutcomeResult = Literal["applied", "rejected", "superseded"]
+OUTCOME_RESULTS: tuple[str, ...] = ("applied", "rejected", "superseded")
+
+JsonObject = dict[str, Any]
+
+
+def validate_run_id(run: object) -> str:
+    """Return ``run`` if it is a valid run id, else raise :class:`InvalidRunId` saying why."""
+    if not isinstance(run, str):
+        raise InvalidRunId(f"run id must be a string, got {type(run).__name__}")
+    if not RUN_ID_PATTERN.fullmatch(run) or ".." in run:
+        raise InvalidRunId(f"invalid run id {run!r}: use {RUN_ID_RULE} (for example 'resnet50-lr-sweep.3')")
+    return run
+
+
+def _check_json_value(value: Any, path: str, depth: int = 0) -> None:
+    """Reject values that are not plain JSON (NaN, infinities, non-string keys, other types)."""
+    if depth > 32:
+        raise ProtocolError(f"{path}: nested more than 32 levels deep", field=path)
+    if value is None or isinstance(value, (bool, str, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProtocolError(
+                f"{path}: {value!r} is not valid JSON; send a finite number", field=path
+            )
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json_value(item, f"{path}.{i}", depth + 1)
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ProtocolError(f"{path}: object keys must be strings, got {key!r}", field=path)
+            _check_json_value(item, f"{path}.{key}", depth + 1)
+        return
+    raise ProtocolError(
+        f"{path}: {type(value).__name__} is not a JSON value (use numbers, strings, booleans, null, "
+        "lists and objects)",
+        field=path,
+    )
+
+
+def _now() -> float:
+    return time.time()
+
+
+@dataclasses.dataclass(frozen=True)
+class Revision:
+    """One revision of a run's desired config: the whole config, not a diff.
+
+    ``revision`` starts at 1 and increases by exactly 1 per write (compare-and-set on the previous one).
+    """
+
+    run: str
+    revision: int
+    config: JsonObject
+    author: str = ""
+    created_at: float = dataclasses.field(default_factory=_now)
+    id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+
+    kind = "revision"
+
+    def __post_init__(self) -> None:
+        validate_run_id(self.run)
+        _require_int(self.revision, "revision.revision", minimum=1)
+        if not isinstance(self.config, dict):
+            raise ProtocolError(
+                f"revision.config: expected a JSON object, got {_json_type(self.config)}", field="revision.config"
+            )
+        _check_json_value(self.config, "revision.config")
+        _require_str(self.author, "revision.author")
+        _require_number(self.created_at, "revision.created_at")
+        _require_str(self.id, "revision.id")
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """What the trainer and its weavelet report about a run. Coalesced: only the newest matters."""
+
+    run: str
+    state: str = "created"
+    step: int = 0
+    epoch: int = 0
+    applied_revision: int = 0
+    optimizer: JsonObject | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    heartbeat: float = dataclasses.field(default_factory=_now)
+    pid: int = dataclasses.field(default_factory=os.getpid)
+    host: str = dataclasses.field(default_factory=socket.gethostname)
+    message: str | None = None
+
+    kind = "status"
+
+    def __post_init__(self) -> None:
+        validate_run_id(self.run)
+        if self.state not in LIFECYCLE_STATES:
+            raise ProtocolError(
+                f"status.state: {self.state!r} is not one of {', '.join(LIFECYCLE_STATES)}", field="status.state"
+            )
+        _require_int(self.step, "status.step", minimum=0)
+        _require_int(self.epoch, "status.epoch", minimum=0)
+        _require_int(self.applied_revision, "status.applied_revision", minimum=0)
+        if self.optimizer is not None:
+            if not isinstance(self.optimizer, dict):
+                raise ProtocolError("status.optimizer: expected an object or null", field="status.optimizer")
+            _check_json_value(self.optimizer, "status.optimizer")
+        if not isinstance(self.metrics, dict):
+            raise ProtocolError("status.metrics: expected an object", field="status.metrics")
+        for key, value in self.metrics.items():
+            _require_number(value, f"status.metrics.{key}")
+        _check_json_value(self.metrics, "status.metrics")
+        _require_number(self.heartbeat, "status.heartbeat")
+        _require_int(self.pid, "status.pid", minimum=0)
+        _require_str(self.host, "status.host")
+        if self.message is not None:
+            _require_str(self.message, "status.message")
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since the last heartbeat."""
+        return (time.time() if now is None else now) - self.heartbeat
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What became of one revision: ``applied`` (at ``step``), ``rejected`` (with ``message``) or
+    ``superseded`` (a newer revision arrived before this one could be applied)."""
+
+    run: str
+    revision: int
+    result: str
+    step: int | None = None
+    message: str | None = None
+    detail: JsonObject = dataclasses.field(default_factory=dict)
+    at: float = dataclasses.field(default_factory=_now)
+
+    kind = "outcome"
+
+    def __post_init__(self) -> None:
+        validate_run_id(self.run)
+        _require_int(self.revision, "outcome.revision", minimum=1)
+        if self.result not in OUTCOME_RESULTS:
+            raise ProtocolError(
+                f"outcome.result: {self.result!r} is not one of {', '.join(OUTCOME_RESULTS)}", field="outcome.result"
+            )
+        if self.step is not None:
+            _require_int(self.step, "outcome.step", minimum=0)
+        if self.message is not None:
+            _require_str(self.message, "outcome.message")
+        if not isinstance(self.detail, dict):
+            raise ProtocolError("outcome.detail: expected an object", field="outcome.detail")
+        _check_json_value(self.detail, "outcome.detail")
+        _require_number(self.at, "outcome.at")
+
+
+Message = Revision | Status | Outcome
+M = TypeVar("M", Revision, Status, Outcome)
+_KINDS: dict[str, type[Revision] | type[Status] | type[Outcome]] = {
+    "revision": Revision,
+    "status": Status,
+    "outcome": Outcome,
+}
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )
+
+
+def _require_int(value: object, field: str, *, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{field}: expected an integer, got {_json_type(value)}", field=field)
+    if minimum is not None and value < minimum:
+        raise ProtocolError(f"{field}: must be >= {minimum}, got {value}", field=field)
+
+
+def _require_number(value: object, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{field}: expected a number, got {_json_type(value)}", field=field)
+    if not math.isfinite(value):
+        raise ProtocolError(f"{field}: expected a finite number, got {value!r}", field=field)
+
+
+def _require_str(value: object, field: str) -> None:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{field}: expected a string, got {_json_type(value)}", field=field)
+
+
+def to_dict(message: Message) -> JsonObject:
+    """The JSON object for ``message``, with ``v`` and ``kind``."""
+    body = dataclasses.asdict(message)
+    return {"v": PROTOCOL_VERSION, "kind": message.kind, **body}
+
+
+def encode(message: Message, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """Encode ``message`` as compact UTF-8 JSON; raise :class:`ProtocolError` if it exceeds ``max_bytes``."""
+    data = json.dumps(to_dict(message), separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+    if len(data) > max_bytes:
+        raise ProtocolError(
+            f"{message.kind}: encoded size {len(data)} bytes exceeds the {max_bytes}-byte cap; "
+            "send a smaller config (large objects belong in files, referenced by path)",
+            field=message.kind,
+        )
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode(data: bytes | str, expected: type[M], *, max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
+    """Decode untrusted ``data`` as a message of type ``expected``.
+
+    Raises only :class:`ProtocolError`, naming the offending field, for anything that is not a valid
+    message of that kind: bad UTF-8, malformed JSON, wrong or missing fields, a newer protocol version,
+    a payload over ``max_bytes``.
+    """
+    kind = expected.kind
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{kind}: expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise ProtocolError(f"{kind}: payload of {len(data)} bytes exceeds the {max_bytes}-byte cap", field=kind)
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{kind}: not valid JSON ({exc})") from None
+    return from_dict(obj, expected)
+
+
+def from_dict(obj: object, expected: type[M]) -> M:
+    """Build a message of type ``expected`` from a decoded JSON object; raise :class:`ProtocolError`."""
+    kind = expected.kind
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{kind}: expected a JSON object, got {_json_type(obj)}")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > PROTOCOL_VERSION:
+            hint = "upgrade weavelet on this side"
+        else:
+            hint = f"expected {PROTOCOL_VERSION}"
+        raise ProtocolError(f"{kind}.v: unsupported protocol version {version!r}; {hint}", field=f"{kind}.v")
+    if obj.get("kind") != kind:
+        raise ProtocolError(f"{kind}.kind: expected {kind!r}, got {obj.get('kind')!r}", field=f"{kind}.kind")
+    fields = {f.name: f for f in dataclasses.fields(expected)}
+    kwargs = {}
+    for name, value in obj.items():
+        if name in ("v", "kind"):
+            continue
+        if name not in fields:
+            continue  # newer minor additions are ignored, not fatal
+        kwargs[name] = value
+    required = [
+        f.name
+        for f in fields.values()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for name in required:
+        if name not in kwargs:
+            raise ProtocolError(f"{kind}.{name}: missing", field=f"{kind}.{name}")
+    try:
+        return expected(**kwargs)
+    except ProtocolError:
+        raise
+    except InvalidRunId as exc:
+        raise ProtocolError(f"{kind}.run: {exc}", field=f"{kind}.run") from None
+    except (TypeError, ValueError) as exc:  # defensive: a field check we did not foresee
+        raise ProtocolError(f"{kind}: {exc}") from None

@@ -1,0 +1,286 @@
+"""The transport conformance suite: the executable contract of :class:`weavelet_core.Transport`.
+
+A plugin author subclasses :class:`TransportConformance` in a test module and provides a ``transport_url``
+fixture; every test below then runs against that transport::
+
+    import pytest
+    from weavelet_core.testing import TransportConformance
+
+    class TestKafkaTransport(TransportConformance):
+        @pytest.fixture
+        def transport_url(self, kafka_server):
+            return f"kafka://{kafka_server.address}"
+
+The built-in transports pass this suite unchanged. Tests use anyio's pytest plugin on the asyncio backend
+(it ships with anyio; no extra plugin is needed). Each test uses its own run ids, so a shared server is fine.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from weavelet_core.errors import InvalidRunId, RevisionConflict
+from weavelet_core.plugins import open_transport
+from weavelet_core.protocol import Outcome, Revision, Status
+from weavelet_core.transport import Transport
+
+WATCH_TIMEOUT = 10.0
+
+
+def _rev(run: str, number: int, **config: Any) -> Revision:
+    return Revision(run=run, revision=number, config=config or {"n": number}, author="conformance")
+
+
+async def _next(iterator: AsyncIterator[Revision], timeout: float = WATCH_TIMEOUT) -> Revision:
+    with anyio.fail_after(timeout):
+        return await iterator.__anext__()
+
+
+async def _put_with_retry(transport: Transport, run: str, config: dict[str, Any]) -> int:
+    while True:
+        current = await transport.latest(run)
+        number = (current.revision if current else 0) + 1
+        try:
+            await transport.put(Revision(run=run, revision=number, config=config, author="conformance"))
+            return number
+        except RevisionConflict:
+            continue
+
+
+class TransportConformance:
+    """Subclass and provide a ``transport_url`` fixture (a URL string) to run the suite."""
+
+    #: Concurrent writers in the no-lost-writes test, and writes each.
+    concurrent_writers = 4
+    writes_per_writer = 10
+
+    @pytest.fixture
+    def anyio_backend(self) -> str:
+        return "asyncio"
+
+    @pytest.fixture
+    def transport_url(self) -> str:
+        raise NotImplementedError("subclass TransportConformance and define a transport_url fixture")
+
+    @pytest.fixture
+    def run(self) -> str:
+        return f"conf-{uuid.uuid4().hex[:12]}"
+
+    @pytest.fixture
+    async def transport(self, transport_url: str) -> AsyncIterator[Transport]:
+        transport = open_transport(transport_url)
+        await transport.connect()
+        try:
+            yield transport
+        finally:
+            await transport.aclose()
+
+    @pytest.fixture
+    async def other(self, transport_url: str) -> AsyncIterator[Transport]:
+        """A second, independent connection to the same store."""
+        transport = open_transport(transport_url)
+        await transport.connect()
+        try:
+            yield transport
+        finally:
+            await transport.aclose()
+
+    # -- revisions ---------------------------------------------------------------------------------------
+    @pytest.mark.anyio
+    async def test_empty_run_has_nothing(self, transport: Transport, run: str) -> None:
+        assert await transport.latest(run) is None
+        assert await transport.history(run) == []
+        assert await transport.status(run) is None
+        assert await transport.outcome(run, 1) is None
+        assert await transport.outcomes(run) == []
+        assert run not in await transport.runs()
+
+    @pytest.mark.anyio
+    async def test_put_then_latest_round_trips_every_field(self, transport: Transport, run: str) -> None:
+        revision = Revision(
+            run=run,
+            revision=1,
+            config={"lr": 0.001, "optimizer": {"name": "adam", "betas": [0.9, 0.999]}, "note": "ünïcode"},
+            author="alice@host",
+        )
+        await transport.put(revision)
+        assert await transport.latest(run) == revision
+
+    @pytest.mark.anyio
+    async def test_put_is_compare_and_set(self, transport: Transport, run: str) -> None:
+        with pytest.raises(RevisionConflict) as info:
+            await transport.put(_rev(run, 2))
+        assert info.value.current == 0
+        await transport.put(_rev(run, 1))
+        with pytest.raises(RevisionConflict) as info:
+            await transport.put(_rev(run, 1, lr=5))
+        assert info.value.current == 1
+        await transport.put(_rev(run, 2))
+        latest = await transport.latest(run)
+        assert latest is not None
+        assert latest.revision == 2
+        assert latest.config == {"n": 2}
+
+    @pytest.mark.anyio
+    async def test_losing_writer_does_not_change_the_stored_revision(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        await transport.put(_rev(run, 1, owner="first"))
+        with pytest.raises(RevisionConflict):
+            await other.put(_rev(run, 1, owner="second"))
+        latest = await other.latest(run)
+        assert latest is not None
+        assert latest.config == {"owner": "first"}
+
+    @pytest.mark.anyio
+    async def test_concurrent_writers_lose_nothing(self, transport_url: str, run: str) -> None:
+        transports = [open_transport(transport_url) for _ in range(self.concurrent_writers)]
+        for t in transports:
+            await t.connect()
+        try:
+
+            async def writer(index: int, t: Transport) -> None:
+                for j in range(self.writes_per_writer):
+                    await _put_with_retry(t, run, {"writer": index, "write": j})
+
+            async with anyio.create_task_group() as tg:
+                for index, t in enumerate(transports):
+                    tg.start_soon(writer, index, t)
+            history = await transports[0].history(run)
+        finally:
+            for t in transports:
+                await t.aclose()
+        total = self.concurrent_writers * self.writes_per_writer
+        assert [r.revision for r in history][-total:] == list(range(1, total + 1))
+        written = {(r.config["writer"], r.config["write"]) for r in history}
+        assert len(written) == total
+
+    @pytest.mark.anyio
+    async def test_history_is_oldest_first_and_limited(self, transport: Transport, run: str) -> None:
+        for number in range(1, 6):
+            await transport.put(_rev(run, number))
+        assert [r.revision for r in await transport.history(run)] == [1, 2, 3, 4, 5]
+        assert [r.revision for r in await transport.history(run, limit=2)] == [4, 5]
+
+    @pytest.mark.anyio
+    async def test_runs_lists_runs_with_revisions_or_status(self, transport: Transport, run: str) -> None:
+        await transport.put(_rev(f"{run}-a", 1))
+        await transport.publish_status(Status(run=f"{run}-b", state="running"))
+        runs = await transport.runs()
+        assert f"{run}-a" in runs
+        assert f"{run}-b" in runs
+        assert runs == sorted(runs)
+
+    @pytest.mark.anyio
+    async def test_invalid_run_ids_are_refused(self, transport: Transport) -> None:
+        for bad in ("a/b", "..", "has space", "", "../etc"):
+            with pytest.raises(InvalidRunId):
+                await transport.latest(bad)
+
+    # -- watch -------------------------------------------------------------------------------------------
+    @pytest.mark.anyio
+    async def test_watch_starts_with_the_latest_then_follows(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        for number in range(1, 4):
+            await transport.put(_rev(run, number))
+        watcher = other.watch(run)
+        try:
+            assert (await _next(watcher)).revision == 3
+            for number in range(4, 7):
+                await transport.put(_rev(run, number))
+            assert [(await _next(watcher)).revision for _ in range(3)] == [4, 5, 6]
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+
+    @pytest.mark.anyio
+    async def test_watch_of_an_empty_run_waits_for_the_first_revision(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        watcher = other.watch(run)
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def write_later() -> None:
+                    await anyio.sleep(0.2)
+                    await transport.put(_rev(run, 1))
+
+                tg.start_soon(write_later)
+                first = await _next(watcher)
+            assert first.revision == 1
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+
+    @pytest.mark.anyio
+    async def test_watch_after_skips_what_the_consumer_has(
+        self, transport: Transport, run: str
+    ) -> None:
+        for number in range(1, 4):
+            await transport.put(_rev(run, number))
+        watcher = transport.watch(run, after=3)
+        try:
+            await transport.put(_rev(run, 4))
+            assert (await _next(watcher)).revision == 4
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+
+    @pytest.mark.anyio
+    async def test_watch_delivers_a_burst_in_order_without_duplicates(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        await transport.put(_rev(run, 1))
+        watcher = other.watch(run)
+        try:
+            assert (await _next(watcher)).revision == 1
+            for number in range(2, 22):
+                await transport.put(_rev(run, number))
+            seen = [(await _next(watcher)).revision for _ in range(20)]
+            assert seen == list(range(2, 22))
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+
+    # -- status and outcomes -----------------------------------------------------------------------------
+    @pytest.mark.anyio
+    async def test_status_is_replaced_and_readable_by_a_later_client(
+        self, transport: Transport, transport_url: str, run: str
+    ) -> None:
+        await transport.publish_status(Status(run=run, state="starting"))
+        newest = Status(
+            run=run,
+            state="running",
+            step=42,
+            epoch=1,
+            applied_revision=3,
+            optimizer={"name": "adam", "lr": 0.001},
+            metrics={"loss": 0.25},
+        )
+        await transport.publish_status(newest)
+        async with open_transport(transport_url) as later:
+            assert await later.status(run) == newest
+
+    @pytest.mark.anyio
+    async def test_outcomes_per_revision(self, transport: Transport, other: Transport, run: str) -> None:
+        applied = Outcome(run=run, revision=1, result="applied", step=10)
+        rejected = Outcome(run=run, revision=2, result="rejected", message="unknown optimizer 'adamx'")
+        await transport.publish_outcome(rejected)
+        await transport.publish_outcome(applied)
+        assert await other.outcome(run, 1) == applied
+        assert await other.outcome(run, 2) == rejected
+        assert await other.outcome(run, 3) is None
+        assert await other.outcomes(run) == [applied, rejected]
+        assert await other.outcomes(run, limit=1) == [rejected]
+        superseded = Outcome(run=run, revision=1, result="superseded")
+        await transport.publish_outcome(superseded)
+        assert await other.outcome(run, 1) == superseded
+
+    @pytest.mark.anyio
+    async def test_aclose_is_idempotent(self, transport_url: str) -> None:
+        transport = open_transport(transport_url)
+        await transport.connect()
+        await transport.aclose()
+        await transport.aclose()

@@ -1,0 +1,1 @@
+"""Placeholder: real nats-server fixtures land here."""

@@ -1,0 +1,1 @@
+"""Placeholder: real redis-server fixtures land here."""
