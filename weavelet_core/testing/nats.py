@@ -1,1 +1,3 @@
-"""Placeholder: real nats-server fixtures land here."""
+"""Real nats-server fixtures (being written)."""
+
+__all__: list[str] = []

@@ -4,3 +4,6 @@
 - ``nats_server_factory`` / ``redis_server_factory``: start private servers (for outage tests: stop, kill,
   restart on the same port).
 """
+
+from weavelet_core.testing.nats import *  # noqa: F403
+from weavelet_core.testing.redis import *  # noqa: F403

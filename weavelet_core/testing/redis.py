@@ -1,1 +1,3 @@
-"""Placeholder: real redis-server fixtures land here."""
+"""Real redis-server fixtures (being written)."""
+
+__all__: list[str] = []
