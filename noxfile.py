@@ -7,7 +7,6 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
-PYTHON = "3.11"
 # A CPU build of torch, pinned for tests and CI; the public extras keep a range.
 TORCH = "torch==2.13.0"
 
@@ -17,14 +16,14 @@ def install_project(session: nox.Session, extras: str) -> None:
     session.install("-e", f".[{extras}]")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def tests(session: nox.Session) -> None:
     """Run the whole test suite against real nats-server and redis-server processes it starts itself."""
     install_project(session, "all,test")
     session.run("pytest", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def lint(session: nox.Session) -> None:
     """Ruff lint and format check."""
     session.install("ruff>=0.6")
@@ -32,7 +31,7 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the packages."""
     install_project(session, "all,test")
@@ -40,7 +39,7 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks, each printed beside a baseline measured in the same run (see docs/benchmarks.md)."""
     install_project(session, "all,test")

@@ -15,7 +15,7 @@ from typing import Any
 
 from weavelet_core.errors import RevisionConflict, TransportUnavailable
 from weavelet_core.hookspecs import hookimpl
-from weavelet_core.protocol import Outcome, Revision, Status, validate_run_id
+from weavelet_core.protocol import Outcome, Revision, Status, encode, validate_run_id
 from weavelet_core.specs import TransportSpec
 from weavelet_core.transport import Transport
 
@@ -71,6 +71,7 @@ class MemoryTransport(Transport):
 
     async def put(self, revision: Revision) -> None:
         self._check_open()
+        encode(revision)  # the same size cap as every other transport
         store = self._store
         with store.lock:
             run = store.runs.setdefault(revision.run, _Run())
@@ -134,6 +135,7 @@ class MemoryTransport(Transport):
 
     async def publish_status(self, status: Status) -> None:
         self._check_open()
+        encode(status)
         with self._store.lock:
             self._store.runs.setdefault(status.run, _Run()).status = status
 
@@ -146,6 +148,7 @@ class MemoryTransport(Transport):
 
     async def publish_outcome(self, outcome: Outcome) -> None:
         self._check_open()
+        encode(outcome)
         with self._store.lock:
             self._store.runs.setdefault(outcome.run, _Run()).outcomes[outcome.revision] = outcome
 

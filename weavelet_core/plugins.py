@@ -54,6 +54,8 @@ class PluginRegistry:
     def __init__(self, *, autoload: bool | None = None) -> None:
         if autoload is None:
             autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
+        self.autoload = autoload
+        """Whether third-party plugins were loaded (``False`` when autoloading is disabled)."""
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.broken: list[BrokenPlugin] = []
@@ -105,20 +107,22 @@ class PluginRegistry:
         loaded.sort(key=lambda t: t.spec.name)
         return loaded
 
+    def claims(self) -> dict[str, list[LoadedTransport]]:
+        """Every URL scheme with the transports that claim it (more than one is a conflict)."""
+        by_scheme: dict[str, list[LoadedTransport]] = {}
+        for loaded in self.transports():
+            for scheme in loaded.spec.schemes:
+                claimants = by_scheme.setdefault(scheme, [])
+                if loaded not in claimants:
+                    claimants.append(loaded)
+        return by_scheme
+
     def schemes(self) -> dict[str, LoadedTransport]:
         """Map each URL scheme to its transport; raise :class:`DuplicateScheme` if two plugins claim one."""
         by_scheme: dict[str, LoadedTransport] = {}
-        for loaded in self.transports():
-            for scheme in loaded.spec.schemes:
-                other = by_scheme.get(scheme)
-                if other is not None and other is not loaded:
-                    raise DuplicateScheme(
-                        f"URL scheme {scheme!r} is claimed by two plugins: transport {other.spec.name!r} from "
-                        f"package {other.package!r} and transport {loaded.spec.name!r} from package "
-                        f"{loaded.package!r}; uninstall one of them, or set {DISABLE_AUTOLOAD_ENV}=1 to load "
-                        "only weavelet's own transports"
-                    )
-                by_scheme[scheme] = loaded
+        for scheme, claimants in self.claims().items():
+            _check_single(scheme, claimants)
+            by_scheme[scheme] = claimants[0]
         return by_scheme
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
@@ -136,10 +140,10 @@ class PluginRegistry:
     def resolve(self, url: str) -> LoadedTransport:
         """The transport for ``url``'s scheme, with its driver installed; errors say what to do."""
         scheme = url_scheme(url)
-        schemes = self.schemes()
-        loaded = schemes.get(scheme)
-        if loaded is None:
-            known = sorted(schemes)
+        claims = self.claims()
+        claimants = claims.get(scheme)
+        if not claimants:
+            known = sorted(claims)
             close = difflib.get_close_matches(scheme, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UnknownTransport(
@@ -147,6 +151,8 @@ class PluginRegistry:
                 f"known schemes: {', '.join(known)}. Run 'weavelet plugins' to list transports; a third-party "
                 "transport is installed as its own package"
             )
+        _check_single(scheme, claimants)  # a conflict on another scheme does not matter here
+        loaded = claimants[0]
         missing = loaded.spec.missing_modules()
         if missing:
             raise MissingDriver(
@@ -154,6 +160,17 @@ class PluginRegistry:
                 f"install it with: {loaded.spec.install_command()}"
             )
         return loaded
+
+
+def _check_single(scheme: str, claimants: list[LoadedTransport]) -> None:
+    if len(claimants) > 1:
+        first, second = claimants[0], claimants[1]
+        raise DuplicateScheme(
+            f"URL scheme {scheme!r} is claimed by two plugins: transport {first.spec.name!r} from "
+            f"package {first.package!r} and transport {second.spec.name!r} from package "
+            f"{second.package!r}; uninstall one of them, or set {DISABLE_AUTOLOAD_ENV}=1 to load "
+            "only weavelet's own transports"
+        )
 
 
 def _normalize(dist_name: str) -> str:

@@ -52,13 +52,14 @@ def _check_json_value(value: Any, path: str, depth: int = 0) -> None:
     """Reject values that are not plain JSON (NaN, infinities, non-string keys, other types)."""
     if depth > 32:
         raise ProtocolError(f"{path}: nested more than 32 levels deep", field=path)
-    if value is None or isinstance(value, (bool, str, int)):
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, str):
+        _require_utf8(value, path)
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ProtocolError(
-                f"{path}: {value!r} is not valid JSON; send a finite number", field=path
-            )
+            raise ProtocolError(f"{path}: {value!r} is not valid JSON; send a finite number", field=path)
         return
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
@@ -68,13 +69,22 @@ def _check_json_value(value: Any, path: str, depth: int = 0) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ProtocolError(f"{path}: object keys must be strings, got {key!r}", field=path)
+            _require_utf8(key, path)
             _check_json_value(item, f"{path}.{key}", depth + 1)
         return
     raise ProtocolError(
-        f"{path}: {type(value).__name__} is not a JSON value (use numbers, strings, booleans, null, "
-        "lists and objects)",
+        f"{path}: {type(value).__name__} is not a JSON value (use numbers, strings, booleans, null, lists and objects)",
         field=path,
     )
+
+
+def _require_utf8(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(
+            f"{path}: string {text[:40]!r} contains a lone surrogate, which UTF-8 cannot carry", field=path
+        ) from None
 
 
 def _now() -> float:
@@ -102,7 +112,8 @@ class Revision:
         _require_int(self.revision, "revision.revision", minimum=1)
         if not isinstance(self.config, dict):
             raise ProtocolError(
-                f"revision.config: expected a JSON object, got {_json_type(self.config)}", field="revision.config"
+                f"revision.config: expected a JSON object, got {_json_type(self.config)}",
+                field="revision.config",
             )
         _check_json_value(self.config, "revision.config")
         _require_str(self.author, "revision.author")
@@ -132,7 +143,8 @@ class Status:
         validate_run_id(self.run)
         if self.state not in LIFECYCLE_STATES:
             raise ProtocolError(
-                f"status.state: {self.state!r} is not one of {', '.join(LIFECYCLE_STATES)}", field="status.state"
+                f"status.state: {self.state!r} is not one of {', '.join(LIFECYCLE_STATES)}",
+                field="status.state",
             )
         _require_int(self.step, "status.step", minimum=0)
         _require_int(self.epoch, "status.epoch", minimum=0)
@@ -177,7 +189,8 @@ class Outcome:
         _require_int(self.revision, "outcome.revision", minimum=1)
         if self.result not in OUTCOME_RESULTS:
             raise ProtocolError(
-                f"outcome.result: {self.result!r} is not one of {', '.join(OUTCOME_RESULTS)}", field="outcome.result"
+                f"outcome.result: {self.result!r} is not one of {', '.join(OUTCOME_RESULTS)}",
+                field="outcome.result",
             )
         if self.step is not None:
             _require_int(self.step, "outcome.step", minimum=0)
@@ -199,9 +212,14 @@ _KINDS: dict[str, type[Revision] | type[Status] | type[Outcome]] = {
 
 
 def _json_type(value: object) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number"}.get(
-        type(value), "null" if value is None else type(value).__name__
-    )
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+    }.get(type(value), "null" if value is None else type(value).__name__)
 
 
 def _require_int(value: object, field: str, *, minimum: int | None = None) -> None:
@@ -214,13 +232,18 @@ def _require_int(value: object, field: str, *, minimum: int | None = None) -> No
 def _require_number(value: object, field: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"{field}: expected a number, got {_json_type(value)}", field=field)
-    if not math.isfinite(value):
-        raise ProtocolError(f"{field}: expected a finite number, got {value!r}", field=field)
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond the range of a float
+        finite = False
+    if not finite:
+        raise ProtocolError(f"{field}: expected a finite number, got {str(value)[:40]}", field=field)
 
 
 def _require_str(value: object, field: str) -> None:
     if not isinstance(value, str):
         raise ProtocolError(f"{field}: expected a string, got {_json_type(value)}", field=field)
+    _require_utf8(value, field)
 
 
 def to_dict(message: Message) -> JsonObject:
@@ -289,9 +312,7 @@ def from_dict(obj: object, expected: type[M]) -> M:
             continue  # newer minor additions are ignored, not fatal
         kwargs[name] = value
     required = [
-        f.name
-        for f in fields.values()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        f.name for f in fields.values() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     for name in required:
         if name not in kwargs:

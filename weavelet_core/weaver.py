@@ -37,13 +37,20 @@ def default_author() -> str:
 
 
 def merge_config(base: Mapping[str, Any], changes: Mapping[str, Any]) -> JsonObject:
-    """``base`` with ``changes`` applied: nested objects merge key by key; a ``None`` value removes the key."""
+    """``base`` with ``changes`` applied: nested objects merge key by key; a ``None`` value removes the key.
+
+    ``base`` and ``changes`` are not modified. A nested object in ``changes`` that only removes keys that
+    ``base`` does not have adds nothing (no empty object appears); an explicitly empty object ``{}`` is set.
+    """
     merged: JsonObject = copy.deepcopy(dict(base))
     for key, value in changes.items():
         if value is None:
             merged.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = merge_config(merged[key], value)
+        elif isinstance(value, Mapping):
+            current = merged.get(key)
+            sub = merge_config(current if isinstance(current, dict) else {}, value)
+            if sub or not value or isinstance(current, dict):
+                merged[key] = sub
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -90,9 +97,7 @@ class AsyncWeaver:
     ) -> Revision: ...
 
     @overload
-    async def set(
-        self, run: str, changes: Mapping[str, Any], *, wait: float, replace: bool = False
-    ) -> Outcome: ...
+    async def set(self, run: str, changes: Mapping[str, Any], *, wait: float, replace: bool = False) -> Outcome: ...
 
     async def set(
         self, run: str, changes: Mapping[str, Any], *, wait: float | None = None, replace: bool = False
@@ -289,6 +294,9 @@ class Weaver:
         try:
             self._portal.call(self._async.aclose)
         finally:
+            # Cancel calls still running, such as a set(wait=...) interrupted by Ctrl-C, instead of waiting them out.
+            with contextlib.suppress(RuntimeError):
+                self._portal.call(self._portal.stop, True)
             self._portal_cm.__exit__(None, None, None)
 
     def __enter__(self) -> Weaver:

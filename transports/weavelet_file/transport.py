@@ -30,7 +30,7 @@ from urllib.request import url2pathname
 import anyio
 import filelock
 
-from weavelet_core.errors import ProtocolError, RevisionConflict, TransportUnavailable
+from weavelet_core.errors import ProtocolError, RevisionConflict, TransportError, TransportUnavailable
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
 from weavelet_core.transport import Transport
 
@@ -40,6 +40,7 @@ DEFAULT_HISTORY = 1000
 DEFAULT_POLL_INTERVAL = 0.01
 LOCK_TIMEOUT = 10.0
 _DIGITS = 20
+_PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST})
 
 M = TypeVar("M", Revision, Status, Outcome)
 
@@ -103,19 +104,30 @@ class FileTransport(Transport):
         try:
             (self.root / "runs").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TransportUnavailable(self._fs_error("cannot create", self.root, exc)) from None
+            raise self._fs_exception("cannot create", self.root, exc) from None
         if not os.access(self.root / "runs", os.W_OK | os.X_OK):
-            raise TransportUnavailable(
+            raise TransportError(
                 f"file transport directory {self.root} is not writable by this user; fix its permissions or "
                 "choose another directory with --url file:///path or WEAVELET_URL"
             )
 
+    def _fs_exception(self, action: str, path: Path, exc: OSError) -> TransportError:
+        """``TransportError`` for what retrying cannot fix (permissions, a file in the way), else
+        ``TransportUnavailable``."""
+        message = self._fs_error(action, path, exc)
+        if exc.errno in _PERMANENT_ERRNOS:
+            return TransportError(message)
+        return TransportUnavailable(message)
+
     def _fs_error(self, action: str, path: Path, exc: OSError) -> str:
         reason = exc.strerror or str(exc)
+        elsewhere = "choose another directory with --url file:///path or WEAVELET_URL"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"file transport: {action} {path}: {reason}; fix its permissions or {elsewhere}"
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST):
             return (
-                f"file transport: {action} {path}: {reason}; fix its permissions or choose another directory "
-                "with --url file:///path or WEAVELET_URL"
+                f"file transport: {action} {path}: {reason}; part of this path is a file, not a directory: "
+                f"move that file away or {elsewhere}"
             )
         return f"file transport: {action} {path}: {reason}"
 
@@ -129,7 +141,7 @@ class FileTransport(Transport):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise TransportUnavailable(self._fs_error("cannot read", path, exc)) from None
+            raise self._fs_exception("cannot read", path, exc) from None
         try:
             return decode(data, kind)
         except ProtocolError as exc:
@@ -148,7 +160,7 @@ class FileTransport(Transport):
             (run_dir / "revisions").mkdir(parents=True, exist_ok=True)
             lock = filelock.FileLock(run_dir / ".lock", timeout=LOCK_TIMEOUT)
             with lock:
-                current = self._read(run_dir / "latest.json", Revision)
+                current = self._newest(run_dir)
                 current_number = current.revision if current else 0
                 if current_number != revision.revision - 1:
                     raise RevisionConflict(revision.run, revision.revision - 1, current_number)
@@ -160,7 +172,7 @@ class FileTransport(Transport):
                 f"file transport: lock {run_dir / '.lock'} held by another process for over {LOCK_TIMEOUT:g}s"
             ) from None
         except OSError as exc:
-            raise TransportUnavailable(self._fs_error("cannot write", run_dir, exc)) from None
+            raise self._fs_exception("cannot write", run_dir, exc) from None
 
     def _trim(self, directory: Path, newest: int) -> None:
         oldest_kept = newest - self.history_limit + 1
@@ -173,7 +185,24 @@ class FileTransport(Transport):
 
     async def latest(self, run: str) -> Revision | None:
         self._check_open()
-        return self._read(self._run_dir(run) / "latest.json", Revision)
+        return self._newest(self._run_dir(run))
+
+    def _newest(self, run_dir: Path) -> Revision | None:
+        """``latest.json``; if that is missing or damaged while revision files exist, the newest of those.
+
+        ``latest.json`` is written last, so a writer that died before replacing it leaves the previous
+        revision there; a revision file newer than it is such a half-finished write and does not count.
+        """
+        latest_path = run_dir / "latest.json"
+        newest = self._read(latest_path, Revision)
+        if newest is not None or not latest_path.exists():
+            return newest
+        log.warning("%s is damaged; falling back to the newest revision file", latest_path)
+        for number in reversed(self._numbers(run_dir / "revisions")):
+            found = self._read(run_dir / "revisions" / _name(number), Revision)
+            if found is not None:
+                return found
+        return None
 
     def _numbers(self, directory: Path) -> list[int]:
         try:
@@ -252,7 +281,7 @@ class FileTransport(Transport):
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, data)
         except OSError as exc:
-            raise TransportUnavailable(self._fs_error("cannot write", path, exc)) from None
+            raise self._fs_exception("cannot write", path, exc) from None
 
     async def publish_status(self, status: Status) -> None:
         self._check_open()

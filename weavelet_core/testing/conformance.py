@@ -217,9 +217,7 @@ class TransportConformance:
             await watcher.aclose()  # type: ignore[attr-defined]
 
     @pytest.mark.anyio
-    async def test_watch_after_skips_what_the_consumer_has(
-        self, transport: Transport, run: str
-    ) -> None:
+    async def test_watch_after_skips_what_the_consumer_has(self, transport: Transport, run: str) -> None:
         for number in range(1, 4):
             await transport.put(_rev(run, number))
         watcher = transport.watch(run, after=3)

@@ -1,0 +1,1 @@
+"""An example third-party weavelet transport: ``example:///DIR`` stores runs like ``file:///DIR``."""

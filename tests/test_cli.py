@@ -1,0 +1,439 @@
+"""The ``weavelet`` command line: value parsing, every subcommand, errors, and real OS processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from weavelet_core import cli
+from weavelet_core.cli import CliError, parse_assignments, parse_value
+from weavelet_core.plugins import open_transport
+from weavelet_core.protocol import MAX_PAYLOAD_BYTES, Outcome, Status
+
+CliRunner = Callable[..., subprocess.CompletedProcess[str]]  # the run_cli fixture of conftest.py
+
+
+@pytest.fixture
+def url() -> str:
+    return f"memory://cli-{uuid.uuid4().hex[:8]}"
+
+
+def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def publish(url: str, *messages: Status | Outcome) -> None:
+    async def go() -> None:
+        async with open_transport(url) as transport:
+            for message in messages:
+                if isinstance(message, Status):
+                    await transport.publish_status(message)
+                else:
+                    await transport.publish_outcome(message)
+
+    anyio.run(go, backend="asyncio")
+
+
+# -- values and keys ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1e-3", 1e-3),
+        ("3", 3),
+        ("-0.5", -0.5),
+        ("adam", "adam"),
+        ("true", True),
+        ('"true"', "true"),
+        ("[0.9,0.99]", [0.9, 0.99]),
+        ('{"name":"sgd","lr":0.1}', {"name": "sgd", "lr": 0.1}),
+        ("", None),
+        ("null", None),
+        ('"null"', "null"),
+        ("NaN", "NaN"),
+        ("hello world", "hello world"),
+        ("[1,", "[1,"),
+    ],
+)
+def test_values_parse_as_json_when_they_can(text: str, expected: Any) -> None:
+    value = parse_value(text)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_dotted_keys_nest_and_empty_values_remove() -> None:
+    changes = parse_assignments(["optimizer.name=adam", "optimizer.betas=[0.9,0.99]", "lr=1e-3", "wd="])
+    assert changes == {"optimizer": {"name": "adam", "betas": [0.9, 0.99]}, "lr": 1e-3, "wd": None}
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["lr"], "expected KEY=VALUE, got 'lr'"),
+        (["=3"], "invalid key ''"),
+        (["a..b=1"], "invalid key 'a..b'"),
+        (["a.=1"], "invalid key 'a.'"),
+        (["lr=1", "lr=2"], "'lr=2' conflicts with 'lr=1'"),
+        (["a=1", "a.b=2"], "'a.b=2' conflicts with 'a=1'"),
+        (["a.b=2", "a=1"], "'a=1' conflicts with 'a.b=2'"),
+    ],
+)
+def test_bad_assignments_are_refused_with_the_reason(items: list[str], message: str) -> None:
+    with pytest.raises(CliError) as info:
+        parse_assignments(items)
+    assert message in str(info.value)
+
+
+# -- subcommands, in process -------------------------------------------------------------------------------
+
+
+def test_set_get_merge_and_remove(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    assert invoke(capsys, "--url", url, "set", "r1", "lr=0.1", "optimizer.name=sgd")[0] == 0
+    code, out, _ = invoke(capsys, "set", "r1", "--url", url, "optimizer.momentum=0.9", "lr=0.01")
+    assert code == 0
+    assert out == "r1: revision 2 stored (lr: 0.1->0.01 optimizer.momentum=0.9)\n"
+    code, out, _ = invoke(capsys, "--url", url, "get", "r1", "--json")
+    body = json.loads(out)
+    assert body["revision"] == 2
+    assert body["config"] == {"lr": 0.01, "optimizer": {"name": "sgd", "momentum": 0.9}}
+    assert body["v"] == 1
+    assert body["kind"] == "revision"
+    # Removing a key that does not exist changes nothing and adds no empty object.
+    invoke(capsys, "--url", url, "set", "r1", "optimizer.momentum=", "scheduler.gamma=")
+    code, out, _ = invoke(capsys, "--url", url, "get", "r1", "--json")
+    assert json.loads(out)["config"] == {"lr": 0.01, "optimizer": {"name": "sgd"}}
+    invoke(capsys, "--url", url, "set", "r1", "optimizer=null")
+    code, out, _ = invoke(capsys, "--url", url, "get", "r1")
+    assert code == 0
+    assert out.startswith("run r1  revision 4  by ")
+    assert json.loads(out.split("\n", 1)[1]) == {"lr": 0.01}
+
+
+def test_set_replace_drops_other_keys(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    invoke(capsys, "--url", url, "set", "r", "lr=0.1", "wd=0.01")
+    code, out, _ = invoke(capsys, "--url", url, "set", "r", "--replace", "--json", "lr=0.2")
+    assert code == 0
+    body = json.loads(out)
+    assert body["revision"]["config"] == {"lr": 0.2}
+    assert body["outcome"] is None
+
+
+def test_set_wait_reports_applied_outcome(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    publish(url, Outcome(run="w", revision=1, result="applied", step=120))
+    code, out, err = invoke(capsys, "--url", url, "set", "w", "lr=0.1", "--wait", "10")
+    assert code == 0, err
+    assert out.splitlines() == ["w: revision 1 stored (lr=0.1)", "w: revision 1 applied at step 120"]
+
+
+def test_set_wait_rejected_exits_1_with_the_reason(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    publish(url, Outcome(run="w", revision=1, result="rejected", message="unknown optimizer 'adamx'"))
+    code, out, err = invoke(capsys, "--url", url, "set", "w", "optimizer=adamx", "--wait", "10", "--json")
+    assert code == 1
+    assert json.loads(out)["outcome"]["result"] == "rejected"
+    assert err == "weavelet: error: revision 1 of run 'w' was rejected: unknown optimizer 'adamx'\n"
+
+
+def test_set_wait_timeout_exits_3_and_keeps_the_revision(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    code, _, err = invoke(capsys, "--url", url, "set", "w", "lr=0.1", "--wait", "0.2")
+    assert code == 3
+    assert "no outcome for revision 1 of run 'w' within 0.2s" in err
+    assert "no trainer has reported for this run yet" in err
+    code, out, _ = invoke(capsys, "--url", url, "get", "w", "--json")
+    assert json.loads(out)["config"] == {"lr": 0.1}
+
+
+def test_status_shows_heartbeat_age_and_flags_stale(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    invoke(capsys, "--url", url, "set", "s", "lr=0.1")
+    invoke(capsys, "--url", url, "set", "s", "lr=0.2")
+    old = time.time() - 125
+    publish(
+        url,
+        Status(
+            run="s",
+            state="running",
+            step=40,
+            epoch=2,
+            applied_revision=1,
+            optimizer={"name": "sgd", "lr": 0.1},
+            metrics={"loss": 0.25},
+            heartbeat=old,
+        ),
+    )
+    code, out, _ = invoke(capsys, "--url", url, "status", "s")
+    assert code == 0
+    assert re.search(r"^state      running  STALE: no heartbeat for 2m\d\ds$", out, re.MULTILINE), out
+    assert "applied    revision 1 (desired: revision 2, not applied yet)" in out
+    assert "metrics    loss=0.25" in out
+    code, out, _ = invoke(capsys, "--url", url, "status", "s", "--json", "--stale-after", "300")
+    body = json.loads(out)
+    assert body["stale"] is False
+    assert 124 < body["heartbeat_age"] < 200
+    assert body["desired_revision"] == 2
+    assert body["step"] == 40
+
+
+def test_status_of_a_stopped_run_is_not_stale(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    publish(url, Status(run="s", state="stopped", heartbeat=time.time() - 3600))
+    code, out, _ = invoke(capsys, "--url", url, "status", "s", "--json")
+    assert code == 0
+    assert json.loads(out)["stale"] is False
+
+
+def test_status_without_report_says_what_to_check(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    invoke(capsys, "--url", url, "set", "s", "lr=0.1")
+    code, out, err = invoke(capsys, "--url", url, "status", "s")
+    assert (code, out) == (1, "")
+    assert err.startswith("weavelet: error: run 's' has not reported a status (its desired config is at revision 1)")
+    assert "Traceback" not in err
+
+
+def test_history_shows_revisions_beside_outcomes(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    for item in ("lr=0.1", "optimizer=adamx", "lr=0.05"):
+        invoke(capsys, "--url", url, "set", "h", item)
+    publish(
+        url,
+        Outcome(run="h", revision=1, result="applied", step=0),
+        Outcome(run="h", revision=2, result="rejected", message="unknown optimizer 'adamx'"),
+    )
+    code, out, _ = invoke(capsys, "--url", url, "history", "h")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["REV", "WRITTEN", "AUTHOR", "OUTCOME", "CHANGES"]
+    assert "applied at step 0" in lines[1]
+    assert lines[1].endswith('{"lr":0.1}')
+    assert "rejected: unknown optimizer 'adamx'" in lines[2]
+    assert lines[2].endswith('optimizer="adamx"')
+    assert "pending" in lines[3]
+    assert lines[3].endswith("lr: 0.1->0.05")
+    code, out, _ = invoke(capsys, "--url", url, "history", "h", "--json", "--limit", "2")
+    rows = json.loads(out)
+    assert [r["revision"]["revision"] for r in rows] == [2, 3]
+    assert rows[0]["outcome"]["result"] == "rejected"
+    assert rows[1]["outcome"] is None
+
+
+def test_runs_lists_runs_with_their_state(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    code, out, _ = invoke(capsys, "--url", url, "runs")
+    assert (code, out) == (0, f"no runs at {url}\n")
+    invoke(capsys, "--url", url, "set", "b", "lr=0.1")
+    publish(url, Status(run="a", state="running", applied_revision=0))
+    code, out, _ = invoke(capsys, "--url", url, "runs", "--json")
+    rows = json.loads(out)
+    assert [(r["run"], r["revision"], r["state"], r["stale"]) for r in rows] == [
+        ("a", None, "running", False),
+        ("b", 1, None, None),
+    ]
+    code, out, _ = invoke(capsys, "--url", url, "runs")
+    assert out.splitlines()[0].split() == ["RUN", "REVISION", "APPLIED", "STATE", "HEARTBEAT"]
+
+
+def test_plugins_lists_builtin_transports(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = invoke(capsys, "plugins", "--json")
+    assert code == 0
+    body = json.loads(out)
+    by_name = {t["name"]: t for t in body["transports"]}
+    assert by_name["memory"]["schemes"] == ["memory"]
+    assert by_name["file"]["package"] == "weavelet"
+    assert by_name["file"]["driver_installed"] is True
+    code, out, _ = invoke(capsys, "plugins")
+    assert any(line.split()[:3] == ["file", "file://", "weavelet"] for line in out.splitlines())
+
+
+# -- errors: one line on stderr, no traceback, nothing stored lost -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["get", "nothing-here"], "run 'nothing-here' has no revisions yet; write one with: weavelet set"),
+        (["history", "nothing-here"], "run 'nothing-here' has no revisions yet"),
+        (["get", "../etc"], "invalid run id '../etc'"),
+        (["set", "a/b", "x=1"], "invalid run id 'a/b'"),
+        (["set", "a b", "x=1"], "invalid run id 'a b'"),
+        (["set", "r", "x=1e999"], "revision.config.x: inf is not valid JSON"),
+    ],
+)
+def test_errors_are_one_clear_line(capsys: pytest.CaptureFixture[str], url: str, args: list[str], message: str) -> None:
+    code, out, err = invoke(capsys, "--url", url, *args)
+    assert code == 1
+    assert out == ""
+    assert err.startswith("weavelet: error: ")
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_unknown_scheme_suggests_the_closest(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = invoke(capsys, "--url", "memroy://x", "runs")
+    assert code == 1
+    assert "unknown transport URL scheme 'memroy'" in err
+    assert "did you mean 'memory'?" in err
+    assert "file, memory" in err
+
+
+def test_oversized_value_is_refused_and_the_stored_revision_kept(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    invoke(capsys, "--url", url, "set", "big", "lr=0.1")
+    code, _, err = invoke(capsys, "--url", url, "set", "big", "notes=" + "x" * MAX_PAYLOAD_BYTES)
+    assert code == 1
+    assert f"exceeds the {MAX_PAYLOAD_BYTES}-byte cap" in err
+    code, out, _ = invoke(capsys, "--url", url, "get", "big", "--json")
+    assert json.loads(out)["revision"] == 1
+    assert json.loads(out)["config"] == {"lr": 0.1}
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = invoke(capsys, "set", "r")
+    assert code == 2
+    assert "the following arguments are required: KEY=VALUE" in err
+    code, _, err = invoke(capsys, "set", "r", "x=1", "--wait", "-1")
+    assert code == 2
+    assert "expected a positive number of seconds" in err
+
+
+# -- subcommands provided by other modules -----------------------------------------------------------------
+
+
+def test_delegated_subcommand_without_its_module_names_the_extra(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(
+        cli.DELEGATED, "server", cli.Delegated("weavelet_no_such_module.server", "nats", "start a server")
+    )
+    code, _, err = invoke(capsys, "server", "--port", "4222")
+    assert code == 1
+    assert err == (
+        "weavelet: error: 'weavelet server' needs the nats extra, which is not installed; "
+        'install it with: pip install "weavelet[nats]"\n'
+    )
+
+
+def test_delegated_subcommand_runs_its_module_imported_only_when_chosen(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str
+) -> None:
+    name = f"weavelet_fake_demo_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            """
+            import argparse
+
+            def add_arguments(parser: argparse.ArgumentParser) -> None:
+                parser.add_argument("--epochs", type=int, default=1)
+
+            def run(args: argparse.Namespace) -> int:
+                print(f"training for {args.epochs} epochs")
+                return 7
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.DELEGATED, "demo", cli.Delegated(name, "lightning", "train a demo", ("json",)))
+    invoke(capsys, "--url", url, "runs")
+    assert name not in sys.modules
+    code, out, _ = invoke(capsys, "demo", "--epochs", "3")
+    assert (code, out) == (7, "training for 3 epochs\n")
+    assert name in sys.modules
+
+
+def test_delegated_subcommand_with_missing_driver_names_the_extra(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(
+        cli.DELEGATED, "demo", cli.Delegated("json", "lightning", "train a demo", ("weavelet_no_such_driver",))
+    )
+    code, _, err = invoke(capsys, "demo")
+    assert code == 1
+    assert 'pip install "weavelet[lightning]"' in err
+
+
+# -- real processes ----------------------------------------------------------------------------------------
+
+
+def _console_script() -> str:
+    found = shutil.which("weavelet", path=sysconfig.get_path("scripts")) or shutil.which("weavelet")
+    assert found, "the weavelet console script is not installed; run: pip install -e ."
+    return found
+
+
+def test_two_terminals_with_no_configuration(isolated_env: dict[str, str], tmp_path: Path) -> None:
+    """`weavelet set` in one terminal and `weavelet get` in another find each other with no configuration."""
+    script = _console_script()
+
+    def weavelet(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [script, *args], env=isolated_env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        return done
+
+    assert weavelet("set", "demo", "lr=0.01").stdout == "demo: revision 1 stored (lr=0.01)\n"
+    first = json.loads(weavelet("get", "demo", "--json").stdout)
+    assert (first["revision"], first["config"]) == (1, {"lr": 0.01})
+    weavelet("set", "demo", "optimizer=adam")
+    second = json.loads(weavelet("get", "demo", "--json").stdout)
+    assert (second["revision"], second["config"]) == (2, {"lr": 0.01, "optimizer": "adam"})
+    history = json.loads(weavelet("history", "demo", "--json").stdout)
+    assert [(h["revision"]["revision"], h["revision"]["config"]) for h in history] == [
+        (1, {"lr": 0.01}),
+        (2, {"lr": 0.01, "optimizer": "adam"}),
+    ]
+    text = weavelet("history", "demo").stdout.splitlines()
+    assert len(text) == 3
+    assert text[2].endswith('optimizer="adam"')
+    # The default store is the per-user state directory.
+    assert (tmp_path / "xdg-state" / "weavelet" / "runs" / "demo" / "latest.json").is_file()
+    assert json.loads(weavelet("runs", "--json").stdout)[0]["run"] == "demo"
+
+
+def test_ctrl_c_exits_130_without_traceback(isolated_env: dict[str, str]) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "weavelet_core", "set", "demo", "lr=0.1", "--wait", "60"],
+        env=isolated_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "demo: revision 1 stored (lr=0.1)\n"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130
+    assert err.endswith("weavelet: error: interrupted\n")
+    assert "Traceback" not in err
+
+
+def test_unexpected_errors_print_one_line(run_cli: CliRunner, tmp_path: Path) -> None:
+    done = run_cli("--url", "file://otherhost/srv/weavelet", "runs")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "names host 'otherhost'; write an absolute local path as file:///path/to/dir" in done.stderr
+    assert done.stderr.count("weavelet: error:") == 1
+
+
+def test_weavelet_url_environment_variable_is_used(run_cli: CliRunner, tmp_path: Path) -> None:
+    store = tmp_path / "elsewhere"
+    done = run_cli("set", "r", "lr=0.1", env_extra={"WEAVELET_URL": store.as_uri()})
+    assert done.returncode == 0, done.stderr
+    assert (store / "runs" / "r" / "latest.json").is_file()
+    assert not (tmp_path / "xdg-state" / "weavelet").exists()

@@ -1,0 +1,284 @@
+"""The ``file://`` transport beyond the conformance suite: layout, unwritable directories, crashes mid-write."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import pytest
+
+from weavelet_core.errors import TransportError, TransportUnavailable
+from weavelet_core.plugins import open_transport
+from weavelet_core.protocol import Outcome, Revision, Status
+from weavelet_core.weaver import AsyncWeaver
+from weavelet_file.transport import FileTransport, path_from_url
+
+T = TypeVar("T")
+
+CliRunner = Callable[..., subprocess.CompletedProcess[str]]  # the run_cli fixture of conftest.py
+
+
+def _run(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return anyio.run(fn, *args, backend="asyncio")
+
+
+async def _write(url: str | None, run: str, *configs: dict[str, object]) -> None:
+    async with AsyncWeaver(url) as weaver:
+        for config in configs:
+            await weaver.set(run, config)
+
+
+async def _read(url: str, run: str) -> tuple[Revision | None, list[Revision]]:
+    async with AsyncWeaver(url) as weaver:
+        return await weaver.get(run), await weaver.history(run)
+
+
+# -- layout ------------------------------------------------------------------------------------------------
+
+
+def test_layout_is_one_directory_per_run_with_plain_json(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+
+    async def go() -> None:
+        async with open_transport(url) as transport:
+            await transport.put(Revision(run="demo", revision=1, config={"lr": 0.1}))
+            await transport.publish_status(Status(run="demo", state="running", step=3))
+            await transport.publish_outcome(Outcome(run="demo", revision=1, result="applied", step=3))
+
+    _run(go)
+    run_dir = tmp_path / "store" / "runs" / "demo"
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "latest.json", "outcomes", "revisions", "status.json"]
+    assert json.loads((run_dir / "latest.json").read_text())["config"] == {"lr": 0.1}
+    assert (run_dir / "revisions" / ("0" * 19 + "1.json")).is_file()
+    assert json.loads((run_dir / "outcomes" / ("0" * 19 + "1.json")).read_text())["result"] == "applied"
+    assert json.loads((run_dir / "status.json").read_text())["step"] == 3
+
+
+def test_history_is_bounded_and_keeps_the_newest(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+
+    async def go() -> list[int]:
+        async with open_transport(url, history=3) as transport:
+            for n in range(1, 8):
+                await transport.put(Revision(run="demo", revision=n, config={"n": n}))
+            return [r.revision for r in await transport.history("demo")]
+
+    assert _run(go) == [5, 6, 7]
+    assert len(list((tmp_path / "store" / "runs" / "demo" / "revisions").iterdir())) == 3
+
+
+def test_foreign_entries_in_the_store_are_ignored(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+    _run(_write, url, "demo", {"lr": 0.1})
+    runs = tmp_path / "store" / "runs"
+    (runs / "bad name").mkdir()
+    (runs / "bad name" / "latest.json").write_text("{}")
+    (runs / "empty").mkdir()
+    (runs / "demo" / "revisions" / "notes.txt").write_text("hello")
+
+    async def go() -> tuple[list[str], list[Revision]]:
+        async with open_transport(url) as transport:
+            return await transport.runs(), await transport.history("demo")
+
+    names, history = _run(go)
+    assert names == ["demo"]
+    assert [r.revision for r in history] == [1]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("file://server/share", "names host 'server'; write an absolute local path as file:///path/to/dir"),
+        ("file://", "has no directory; write it as file:///path/to/dir"),
+    ],
+)
+def test_file_urls_that_name_no_local_directory_are_refused(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        path_from_url(url)
+
+
+def test_localhost_and_percent_escapes_are_accepted(tmp_path: Path) -> None:
+    target = tmp_path / "with space"
+    assert path_from_url(f"file://localhost{target.as_uri()[7:]}") == target
+    assert FileTransport(target.as_uri()).root == target
+
+
+# -- a directory that is not writable ----------------------------------------------------------------------
+
+
+def _connect(url: str) -> None:
+    async def go() -> None:
+        async with open_transport(url):
+            pass
+
+    _run(go)
+
+
+def test_store_under_a_regular_file_says_so(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    for store in (blocker, blocker / "store"):
+        with pytest.raises(TransportError) as info:
+            _connect(store.as_uri())
+        message = str(info.value)
+        assert message.startswith("file transport: cannot create ")
+        assert "part of this path is a file, not a directory" in message
+        assert "choose another directory with --url file:///path or WEAVELET_URL" in message
+    assert blocker.read_text() == "not a directory"
+
+
+def test_cli_reports_an_unusable_store_in_one_line(run_cli: CliRunner, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    done = run_cli("--url", (blocker / "store").as_uri(), "set", "demo", "lr=0.1")
+    assert done.returncode == 1
+    assert done.stderr.startswith("weavelet: error: file transport: cannot create ")
+    assert done.stderr.count("\n") == 1
+    # The default store: WEAVELET_STATE_DIR pointing below a file.
+    done = run_cli("get", "demo", env_extra={"WEAVELET_STATE_DIR": str(blocker / "state")})
+    assert done.returncode == 1
+    assert "part of this path is a file, not a directory" in done.stderr
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        return False
+    return subprocess.run([chattr, flag, str(path)], capture_output=True, check=False).returncode == 0
+
+
+@pytest.fixture
+def immutable() -> Iterator[list[Path]]:
+    """Directories made immutable (``chattr +i``: refused even to root); restored after the test."""
+    made: list[Path] = []
+    yield made
+    for path in reversed(made):
+        _chattr("-i", path)
+
+
+def _make_immutable(path: Path, made: list[Path]) -> None:
+    if not _chattr("+i", path):
+        pytest.skip("this filesystem does not support chattr +i (immutable directories)")
+    made.append(path)
+
+
+def test_unwritable_store_directory_is_reported_and_nothing_lost(tmp_path: Path, immutable: list[Path]) -> None:
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _make_immutable(fresh, immutable)
+    with pytest.raises(TransportError) as info:
+        _connect(fresh.as_uri())
+    assert str(info.value).startswith(f"file transport: cannot create {fresh}: Operation not permitted")
+    assert "fix its permissions or choose another directory" in str(info.value)
+
+    url = (tmp_path / "store").as_uri()
+    _run(_write, url, "demo", {"lr": 0.1})
+    run_dir = tmp_path / "store" / "runs" / "demo"
+    _make_immutable(run_dir / "revisions", immutable)
+    with pytest.raises(TransportError) as info:
+        _run(_write, url, "demo", {"lr": 0.2})
+    assert "Operation not permitted; fix its permissions" in str(info.value)
+    latest, history = _run(_read, url, "demo")
+    assert latest is not None
+    assert (latest.revision, latest.config) == (1, {"lr": 0.1})
+    assert [r.revision for r in history] == [1]
+
+    _make_immutable(tmp_path / "store" / "runs", immutable)
+    with pytest.raises(TransportError) as info:
+        _run(_write, url, "other", {"lr": 0.3})
+    assert str(info.value) == (
+        f"file transport directory {tmp_path / 'store'} is not writable by this user; fix its permissions or "
+        "choose another directory with --url file:///path or WEAVELET_URL"
+    )
+    assert not isinstance(info.value, TransportUnavailable)  # retrying cannot help: the weaver fails at once
+
+
+# -- a crash in the middle of a write ----------------------------------------------------------------------
+
+_CRASHING_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import anyio
+    from weavelet_core.weaver import AsyncWeaver
+
+    url, kill_at = sys.argv[1], int(sys.argv[2])
+    calls = 0
+    real_replace = os.replace
+
+    def replace(src, dst):
+        global calls
+        calls += 1
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # the temporary file is written and synced, not yet renamed
+        return real_replace(src, dst)
+
+    async def main():
+        async with AsyncWeaver(url) as weaver:
+            await weaver.set("demo", {"lr": 0.1})
+            os.replace = replace
+            await weaver.set("demo", {"lr": 0.2, "wd": 0.01})
+
+    anyio.run(main, backend="asyncio")
+    """
+)
+
+
+@pytest.mark.parametrize("kill_at", [1, 2], ids=["before-revision-file", "before-latest"])
+def test_writer_killed_mid_write_leaves_the_previous_revision(tmp_path: Path, kill_at: int) -> None:
+    store = tmp_path / "store"
+    url = store.as_uri()
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASHING_WRITER, url, str(kill_at)], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == -9, done.stderr
+    run_dir = store / "runs" / "demo"
+    leftovers = [p.name for p in run_dir.rglob("*.tmp")]
+    assert len(leftovers) == 1  # the killed writer's temporary file
+
+    latest, history = _run(_read, url, "demo")
+    assert latest is not None
+    assert (latest.revision, latest.config) == (1, {"lr": 0.1})
+    assert [r.revision for r in history] == [1]
+
+    # The lock died with the writer: the next writer proceeds and the store is consistent again.
+    _run(_write, url, "demo", {"lr": 0.3})
+    latest, history = _run(_read, url, "demo")
+    assert latest is not None
+    assert (latest.revision, latest.config) == (2, {"lr": 0.3})
+    assert [(r.revision, r.config) for r in history] == [(1, {"lr": 0.1}), (2, {"lr": 0.3})]
+
+
+def test_damaged_latest_file_falls_back_to_the_revision_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = (tmp_path / "store").as_uri()
+    _run(_write, url, "demo", {"lr": 0.1}, {"lr": 0.2})
+    latest_path = tmp_path / "store" / "runs" / "demo" / "latest.json"
+    latest_path.write_bytes(latest_path.read_bytes()[:20])  # torn by something that is not weavelet
+    with caplog.at_level(logging.WARNING, logger="weavelet_file.transport"):
+        latest, _ = _run(_read, url, "demo")
+    assert latest is not None
+    assert (latest.revision, latest.config) == (2, {"lr": 0.2})
+    assert "skipping unreadable" in caplog.text
+    assert "is damaged; falling back to the newest revision file" in caplog.text
+    _run(_write, url, "demo", {"wd": 0.1})
+    latest, history = _run(_read, url, "demo")
+    assert latest is not None
+    assert (latest.revision, latest.config) == (3, {"lr": 0.2, "wd": 0.1})
+    assert [r.revision for r in history] == [1, 2, 3]
+    assert json.loads(latest_path.read_text())["revision"] == 3
+
+
+def test_default_store_is_the_state_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WEAVELET_URL", raising=False)
+    monkeypatch.setenv("WEAVELET_STATE_DIR", str(tmp_path / "state"))
+    _run(_write, None, "demo", {"lr": 0.1})
+    assert (tmp_path / "state" / "runs" / "demo" / "latest.json").is_file()
+    assert os.listdir(tmp_path / "state") == ["runs"]
