@@ -217,7 +217,7 @@ def test_history_shows_revisions_beside_outcomes(capsys: pytest.CaptureFixture[s
     lines = out.splitlines()
     assert lines[0].split() == ["REV", "WRITTEN", "AUTHOR", "OUTCOME", "CHANGES"]
     assert "applied at step 0" in lines[1]
-    assert lines[1].endswith('{"lr":0.1}')
+    assert lines[1].endswith("lr=0.1")
     assert "rejected: unknown optimizer 'adamx'" in lines[2]
     assert lines[2].endswith('optimizer="adamx"')
     assert "pending" in lines[3]

@@ -289,7 +289,11 @@ async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
                 format_time(revision.created_at),
                 revision.author or "?",
                 _describe_outcome(outcomes.get(revision.revision)),
-                describe_changes(previous, revision.config) if previous is not None else _value(revision.config),
+                (
+                    describe_changes(previous or {}, revision.config)
+                    if previous is not None or revision.revision == 1
+                    else _value(revision.config)  # older revisions were trimmed: show it whole
+                ),
             )
         )
         previous = revision.config
