@@ -1,0 +1,335 @@
+"""The Redis transport against a real redis-server: the conformance suite, URLs, key layout, TLS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from weavelet_core import AsyncWeaver, Outcome, Revision, Status, open_transport
+from weavelet_core.errors import RevisionConflict, TransportUnavailable
+from weavelet_core.plugins import get_registry
+from weavelet_core.protocol import encode
+from weavelet_core.testing import TransportConformance
+from weavelet_core.testing.redis import RedisServer, TlsFiles, free_port, with_query
+from weavelet_redis.config import KeyLayout, parse_url
+from weavelet_redis.transport import RedisTransport
+
+pytestmark = pytest.mark.anyio
+CliRunner = Callable[..., subprocess.CompletedProcess[str]]  # the run_cli fixture of conftest.py
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class TestRedisTransport(TransportConformance):
+    @pytest.fixture
+    def transport_url(self, redis_url: str) -> str:
+        return redis_url
+
+
+@pytest.fixture
+async def transport(redis_url: str) -> AsyncIterator[RedisTransport]:
+    t = open_transport(redis_url)
+    assert isinstance(t, RedisTransport)
+    await t.connect()
+    try:
+        yield t
+    finally:
+        await t.aclose()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _run() -> str:
+    return f"r-{uuid.uuid4().hex[:10]}"
+
+
+def _prefix(url: str, extra: str) -> str:
+    """A key prefix under the test's own (so the fixture's clean-up on a shared server covers it)."""
+    return parse_url(url).prefix + extra
+
+
+# -- URLs and options -----------------------------------------------------------------------------------
+def test_plugin_registers_both_schemes_with_its_driver() -> None:
+    registry = get_registry()
+    spec = registry.schemes()["redis"].spec
+    assert registry.schemes()["rediss"].spec == spec
+    assert spec.name == "redis"
+    assert spec.requires == ("redis",)
+    assert spec.extra == "redis"
+    assert spec.driver_installed
+
+
+def test_url_forms_reach_the_driver() -> None:
+    settings = parse_url("redis://alice:s3cret@db.example:6390/3?history=50&prefix=team-a:&ssl_ca_certs=/ca.pem")
+    assert settings.history == 50
+    assert settings.prefix == "team-a:"
+    assert settings.display_url == "redis://alice:***@db.example:6390/3?history=50&prefix=team-a:&ssl_ca_certs=/ca.pem"
+    # weavelet's own parameters are removed; the driver's stay.
+    assert settings.driver_url == "redis://alice:s3cret@db.example:6390/3?ssl_ca_certs=%2Fca.pem"
+    client = aioredis.Redis.from_url(settings.driver_url)
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("db.example", 6390, 3)
+    assert (kwargs["username"], kwargs["password"]) == ("alice", "s3cret")
+    tls = parse_url("rediss://:pw@h/0").driver_url
+    assert aioredis.Redis.from_url(tls).connection_pool.connection_class.__name__ == "SSLConnection"
+
+
+def test_keyword_options_override_the_query_and_defaults_apply() -> None:
+    settings = parse_url("redis://h?history=5", history=7, block=0.5)
+    assert (settings.history, settings.block) == (7, 0.5)
+    defaults = parse_url("redis://h")
+    assert (defaults.prefix, defaults.history, defaults.status_history) == ("weavelet:", 1000, 100)
+    assert defaults.socket_timeout > defaults.block
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "message"),
+    [
+        ("redis://h/zero", {}, "must be a database number"),
+        ("redis://h?histroy=5", {}, "unknown query parameter 'histroy'"),
+        ("redis://h?history=0", {}, "history='0': expected a whole number >= 1"),
+        ("redis://h?block=4.5", {}, "socket_timeout (5s) must exceed block (4.5s)"),
+        ("redis://:pw@h:99999", {}, "port is not a number"),
+        ("redis:///0", {}, "names no host"),
+        ("http://h", {}, "is not a redis URL"),
+    ],
+)
+def test_bad_urls_say_what_to_write(url: str, options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_url(url, **options)
+    assert message in str(info.value)
+    assert "pw" not in str(info.value)
+
+
+def test_unknown_keyword_option_lists_the_known_ones() -> None:
+    with pytest.raises(TypeError, match="unknown redis transport option 'histroy'; known: block, connect_timeout"):
+        parse_url("redis://h", histroy=3)
+
+
+async def test_repr_and_messages_never_show_the_password(redis_server: RedisServer) -> None:
+    url = f"redis://user:hunter2@127.0.0.1:{free_port()}/0"
+    t = open_transport(url)
+    assert "hunter2" not in repr(t)
+    with pytest.raises(TransportUnavailable) as info:
+        await t.connect()
+    assert "hunter2" not in str(info.value)
+    assert "user:***@" in str(info.value)
+    await t.aclose()
+
+
+# -- key layout and storage -----------------------------------------------------------------------------
+async def test_key_layout_is_the_documented_one(redis_url: str, raw: aioredis.Redis) -> None:
+    prefix = _prefix(redis_url, "layout:")
+    run = _run()
+    keys = KeyLayout(prefix)
+    async with open_transport(with_query(redis_url, prefix=prefix, status_history="3")) as t:
+        await t.put(Revision(run=run, revision=1, config={"lr": 0.1}))
+        for step in range(10):
+            await t.publish_status(Status(run=run, state="running", step=step))
+        await t.publish_outcome(Outcome(run=run, revision=1, result="applied", step=3))
+    assert await raw.smembers(f"{prefix}runs") == {run.encode()}
+    assert keys.revisions(run) == f"{prefix}run:{run}:revisions"
+    entries: Any = await raw.xrange(keys.revisions(run))
+    assert len(entries) == 1
+    assert entries[0][1][b"revision"] == b"1"
+    assert json.loads(entries[0][1][b"data"])["config"] == {"lr": 0.1}
+    assert await raw.hget(keys.run(run), "revision") == b"1"
+    status: Any = await raw.hget(keys.run(run), "status")
+    assert json.loads(status)["step"] == 9
+    statuses: Any = await raw.xrange(keys.status_stream(run))
+    assert json.loads(statuses[-1][1][b"data"])["step"] == 9
+    assert 3 <= len(statuses) <= 10  # MAXLEN ~ trims whole nodes; never below the cap
+    outcome: Any = await raw.hget(keys.outcomes(run), "1")
+    assert json.loads(outcome)["result"] == "applied"
+
+
+async def test_prefixes_isolate_deployments_on_one_server(redis_url: str) -> None:
+    run = _run()
+    async with (
+        open_transport(with_query(redis_url, prefix=_prefix(redis_url, "a:"))) as a,
+        open_transport(with_query(redis_url, prefix=_prefix(redis_url, "b:"))) as b,
+    ):
+        await a.put(Revision(run=run, revision=1, config={"side": "a"}))
+        assert await b.latest(run) is None
+        assert run not in await b.runs()
+        await b.put(Revision(run=run, revision=1, config={"side": "b"}))
+        latest = await a.latest(run)
+        assert latest is not None
+        assert latest.config == {"side": "a"}
+
+
+async def test_history_is_capped_and_keeps_the_newest(redis_url: str) -> None:
+    run = _run()
+    async with open_transport(with_query(redis_url, history="10")) as t:
+        for number in range(1, 501):
+            await t.put(Revision(run=run, revision=number, config={"n": number}))
+        for number in range(1, 31):
+            await t.publish_outcome(Outcome(run=run, revision=number, result="applied", step=number))
+        history = await t.history(run)
+        outcomes = await t.outcomes(run)
+    assert history[-1].revision == 500
+    assert 10 <= len(history) < 500
+    assert [r.revision for r in history] == list(range(501 - len(history), 501))
+    assert [o.revision for o in outcomes] == list(range(21, 31))
+
+
+async def test_entries_that_do_not_decode_are_skipped(
+    transport: RedisTransport, raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = _run()
+    keys = transport.keys
+    await transport.put(Revision(run=run, revision=1, config={"ok": True}))
+    # A foreign writer appends garbage, a revision of another run, and a pickle-looking blob.
+    await raw.xadd(keys.revisions(run), {"revision": 2, "data": b"{not json"})
+    other = encode(Revision(run="someone-else", revision=3, config={}))
+    await raw.xadd(keys.revisions(run), {"revision": 3, "data": other})
+    await raw.xadd(keys.revisions(run), {"revision": 4, "data": b"\x80\x04\x95cos\nsystem\n"})
+    await raw.hset(keys.run(run), "status", b"[]")
+    await raw.hset(keys.outcomes(run), "1", b"null")
+    assert [r.revision for r in await transport.history(run)] == [1]
+    assert await transport.latest(run) is None  # the newest entry is unreadable: nothing is passed on
+    assert await transport.status(run) is None
+    assert await transport.outcome(run, 1) is None
+    assert "skipping" in caplog.text
+
+
+async def test_watch_ends_when_the_transport_is_closed(redis_url: str) -> None:
+    run = _run()
+    t = open_transport(redis_url, block=1.0, socket_timeout=3.0)
+    await t.connect()
+    await t.put(Revision(run=run, revision=1, config={}))
+    watcher = t.watch(run)
+    assert (await watcher.__anext__()).revision == 1
+    ended = anyio.Event()
+
+    async def consume() -> None:
+        async for _ in watcher:
+            pass
+        ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        await anyio.sleep(0.2)  # the watcher is now blocked in XREAD
+        await t.aclose()
+        with anyio.fail_after(2.0):
+            await ended.wait()
+
+
+async def test_weaver_round_trip_over_redis(redis_url: str) -> None:
+    run = _run()
+    async with AsyncWeaver(redis_url) as weaver:
+        first = await weaver.set(run, {"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.9}})
+        second = await weaver.set(run, {"optimizer": {"name": "adam"}})
+        assert (first.revision, second.revision) == (1, 2)
+        assert second.config == {"lr": 0.1, "optimizer": {"name": "adam", "momentum": 0.9}}
+        assert await weaver.get(run) == second
+        assert run in await weaver.runs()
+
+
+# -- TLS ------------------------------------------------------------------------------------------------
+def _make_tls_files(directory: Path) -> TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl command."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=weavelet test CA",
+            "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+            "-out", "server.csr")  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "san.ext", "-out", "server.pem")  # fmt: skip
+    return TlsFiles(cert=directory / "server.pem", key=directory / "server.key", ca=directory / "ca.pem")
+
+
+async def test_rediss_tls_with_a_private_ca(redis_server_factory: Callable[..., RedisServer], tmp_path: Path) -> None:
+    server = redis_server_factory(tls=_make_tls_files(tmp_path))
+    assert server.url.startswith("rediss://")
+    run = _run()
+    async with open_transport(server.url) as t:
+        await t.put(Revision(run=run, revision=1, config={"tls": True}))
+        watcher = t.watch(run)
+        with anyio.fail_after(5):
+            assert (await watcher.__anext__()).config == {"tls": True}
+        await watcher.aclose()  # type: ignore[attr-defined]
+    # Without the CA the server's certificate is not trusted: a clear connection error, not a hang.
+    untrusted = server.url.split("?", 1)[0]
+    t = open_transport(untrusted, connect_timeout=3)
+    with pytest.raises(TransportUnavailable, match="certificate"):
+        await t.connect()
+    await t.aclose()
+
+
+# -- the command line -----------------------------------------------------------------------------------
+def test_cli_set_and_get_against_redis(run_cli: CliRunner, redis_url: str) -> None:
+    run = _run()
+    written = run_cli("set", run, "lr=0.1", "optimizer=adam", "--url", redis_url)
+    assert written.returncode == 0, written.stderr
+    assert f"{run}: revision 1 stored" in written.stdout
+    shown = run_cli("get", run, "--json", "--url", redis_url)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["config"] == {"lr": 0.1, "optimizer": "adam"}
+
+
+def test_cli_reports_an_unreachable_server_in_one_line(run_cli: CliRunner) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    result = run_cli("get", "r1", "--url", url)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert f"redis at {url} is unreachable (connection refused" in result.stderr
+
+
+def test_plugin_and_fixtures_load_without_the_driver() -> None:
+    """With redis-py missing, the plugin still lists the transport and a redis URL says how to install it."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["redis"] = None  # as if redis-py were not installed: importing it fails
+        import weavelet_core.testing.redis
+        from weavelet_core import open_transport
+        from weavelet_core.errors import MissingDriver
+        from weavelet_core.plugins import get_registry
+        spec = get_registry().schemes()["redis"].spec
+        assert not spec.driver_installed
+        try:
+            open_transport("redis://127.0.0.1:1/0")
+        except MissingDriver as exc:
+            print(exc)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert 'install it with: pip install "weavelet[redis]"' in result.stdout
+
+
+async def test_writing_the_same_revision_twice_is_not_a_conflict(transport: RedisTransport) -> None:
+    """A write retried after its reply was lost finds its own revision stored: that is success."""
+    run = _run()
+    revision = Revision(run=run, revision=1, config={"lr": 0.1})
+    await transport.put(revision)
+    await transport.put(revision)
+    with pytest.raises(RevisionConflict) as info:
+        await transport.put(Revision(run=run, revision=1, config={"lr": 0.1}))
+    assert info.value.current == 1
+    assert [r.id for r in await transport.history(run)] == [revision.id]

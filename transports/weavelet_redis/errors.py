@@ -1,0 +1,75 @@
+"""Turning redis-py exceptions into weavelet's, with one-line messages that say what to do."""
+
+from __future__ import annotations
+
+import socket
+
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from weavelet_core.errors import AuthenticationFailed, TransportError, TransportUnavailable
+
+CREDENTIAL_ERRORS = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why ``exc`` happened, naming the usual causes plainly."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused: nothing listens on that port"
+        if isinstance(seen, socket.gaierror):
+            return f"cannot resolve the host name: {seen.strerror or seen}"
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text.rstrip(".")
+
+
+def translate(exc: RedisError | OSError, url: str, action: str) -> TransportError:
+    """The weavelet error for ``exc``, raised while doing ``action`` (``"write run 'r1'"``) against ``url``.
+
+    Credentials refused -> :class:`AuthenticationFailed` (final); unreachable, timed out, loading, read-only
+    replica -> :class:`TransportUnavailable` (retryable); anything else from the server -> ``TransportError``.
+    """
+    if isinstance(exc, CREDENTIAL_ERRORS):
+        return AuthenticationFailed(
+            f"redis at {url}: authentication failed ({_reason(exc)}); check the user name and password in the "
+            "URL (redis://USER:PASSWORD@HOST:PORT/DB)"
+        )
+    if isinstance(exc, NoPermissionError):
+        return AuthenticationFailed(
+            f"redis at {url}: permission denied to {action} ({_reason(exc)}); the user needs the stream, hash, "
+            "set and scripting commands on the weavelet keys (see the ACL example in the Redis transport docs)"
+        )
+    if isinstance(exc, ReadOnlyError):
+        return TransportUnavailable(
+            f"redis at {url} is a read-only replica and cannot {action}; point the URL at the primary"
+        )
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+        return TransportUnavailable(
+            f"cannot {action}: redis at {url} is unreachable ({_reason(exc)}); check that redis-server is "
+            "running and that the URL's host and port are right"
+        )
+    if isinstance(exc, OutOfMemoryError):
+        return TransportError(
+            f"redis at {url} refused to {action}: out of memory ({_reason(exc)}); raise maxmemory or lower the "
+            "transport's history option"
+        )
+    return TransportError(
+        f"redis at {url} refused to {action}: {_reason(exc)}; if another application uses the same keys, "
+        "give weavelet its own key prefix (?prefix=NAME:) or database number"
+    )
+
+
+__all__ = ["translate"]

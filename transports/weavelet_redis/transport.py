@@ -1,0 +1,369 @@
+"""The ``redis://`` transport: Redis streams for revisions, hashes for status and outcomes.
+
+Key layout (prefix ``weavelet:`` by default, see :class:`weavelet_redis.config.KeyLayout`)::
+
+    weavelet:runs                    set     every run id with a revision or a status
+    weavelet:run:RUN                 hash    revision -> newest number, status -> latest status (JSON)
+    weavelet:run:RUN:revisions       stream  one entry per revision: revision, data (JSON); MAXLEN ~ history
+    weavelet:run:RUN:status          stream  every published status: data (JSON); MAXLEN ~ status_history
+    weavelet:run:RUN:outcomes        hash    revision number -> outcome (JSON), the newest ``history`` kept
+
+A write is a Lua script (compare-and-set on the stream's newest ``revision`` field, ``XADD``, record the
+number), so two writers never both win. A watcher reads the newest entry (``XREVRANGE COUNT 1``), then waits
+with ``XREAD BLOCK`` from the id of the last entry it read, on its own connection. After a lost connection it
+reconnects with backoff, re-reads the newest entry and resumes from its last id; revisions are delivered only
+when newer than the last one delivered, so nothing is delivered twice even if the server lost its data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import anyio
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff, ExponentialBackoff, NoBackoff
+from redis.exceptions import RedisError
+
+from weavelet_core.errors import AuthenticationFailed, ProtocolError, RevisionConflict, TransportUnavailable
+from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
+from weavelet_core.transport import Transport
+from weavelet_redis import scripts
+from weavelet_redis.config import RedisSettings, parse_url
+from weavelet_redis.errors import translate
+
+log = logging.getLogger(__name__)
+
+T_Message = TypeVar("T_Message", Status, Outcome)
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+WATCH_BATCH = 100
+"""Most entries one ``XREAD`` returns; a watcher that fell behind catches up in batches of this size."""
+RECONNECT_BACKOFF = EqualJitterBackoff(cap=1.0, base=0.05)
+"""Delay between a watcher's reconnect attempts: 50-100 ms at first, doubling, 0.5-1 s at most."""
+_STREAM_START = b"0-0"
+
+
+def _stream_id(entry_id: bytes) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition(b"-")
+    return int(milliseconds), int(sequence or b"0")
+
+
+class RedisTransport(Transport):
+    """A Redis server (5.0 or newer; 6.0 or newer for ``user:password``) as the store.
+
+    :param url: ``redis://[USER:PASSWORD@]HOST[:PORT][/DB][?OPTIONS]`` or ``rediss://...`` for TLS.
+    :param options: ``prefix``, ``history``, ``status_history``, ``connect_timeout``, ``block``,
+        ``socket_timeout``; see :mod:`weavelet_redis.config`.
+
+    Building it does no I/O. :meth:`connect` checks the server within ``connect_timeout`` and raises
+    ``TransportUnavailable`` or ``AuthenticationFailed``; the transport stays usable afterwards and each call
+    reconnects on its own, so a caller may retry and a watcher started while the server is down starts
+    delivering once it is up.
+    """
+
+    def __init__(self, url: str, **options: object) -> None:
+        self.settings: RedisSettings = parse_url(url, **options)
+        self.url = self.settings.display_url
+        self.keys = self.settings.keys
+        self._client: aioredis.Redis | None = None
+        self._watch_clients: set[aioredis.Redis] = set()
+        self._closed = False
+
+    # -- connections -------------------------------------------------------------------------------------
+    def _new_client(self, *, retries: int) -> aioredis.Redis:
+        backoff = ExponentialBackoff(cap=0.1, base=0.01) if retries else NoBackoff()
+        return aioredis.Redis.from_url(
+            self.settings.driver_url,
+            socket_timeout=self.settings.socket_timeout,
+            socket_connect_timeout=self.settings.connect_timeout,
+            retry=Retry(backoff, retries),
+            decode_responses=False,
+        )
+
+    def _redis(self) -> aioredis.Redis:
+        if self._closed:
+            raise TransportUnavailable(f"redis transport {self.url} is closed")
+        if self._client is None:
+            # A couple of quick retries ride over a dropped connection; a server that is down fails fast
+            # and the caller (the Weaver, the weavelet process) decides how long to keep trying.
+            client = self._new_client(retries=2)
+            self._put_script = client.register_script(scripts.PUT_REVISION)
+            self._status_script = client.register_script(scripts.PUBLISH_STATUS)
+            self._outcome_script = client.register_script(scripts.PUBLISH_OUTCOME)
+            self._client = client
+        return self._client
+
+    async def _call(self, action: str, pending: Awaitable[Any]) -> Any:
+        """Await one redis-py call; its errors become weavelet's (see :func:`weavelet_redis.errors.translate`)."""
+        try:
+            return await pending
+        except (RedisError, OSError) as exc:
+            raise translate(exc, self.url, action) from exc
+
+    async def connect(self) -> None:
+        client = self._redis()
+        try:
+            with anyio.fail_after(self.settings.connect_timeout):
+                await self._call("connect", client.ping())
+        except TimeoutError:
+            raise TransportUnavailable(
+                f"cannot connect: no answer from redis at {self.url} within {self.settings.connect_timeout:g}s; "
+                "check the host, the port and any firewall in between"
+            ) from None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        clients = [*self._watch_clients, *([self._client] if self._client is not None else [])]
+        self._watch_clients.clear()
+        self._client = None
+        with anyio.move_on_after(5.0, shield=True):
+            for client in clients:
+                with contextlib.suppress(RedisError, OSError):
+                    await client.aclose()
+
+    # -- revisions ---------------------------------------------------------------------------------------
+    def _decode_entry(self, run: str, fields: dict[bytes, bytes]) -> Revision | None:
+        try:
+            revision = decode(fields.get(b"data", b""), Revision)
+        except ProtocolError as exc:
+            log.warning("redis transport %s: skipping an unreadable revision of run %r: %s", self.url, run, exc)
+            return None
+        if revision.run != run:
+            log.warning(
+                "redis transport %s: skipping a revision of run %r stored under run %r", self.url, revision.run, run
+            )
+            return None
+        return revision
+
+    async def put(self, revision: Revision) -> None:
+        client = self._redis()
+        run = revision.run
+        data = encode(revision)
+        action = f"write run {run!r}"
+        stored, value = await self._call(
+            action,
+            self._put_script(
+                keys=[self.keys.revisions(run), self.keys.run(run), self.keys.runs()],
+                args=[revision.revision - 1, revision.revision, data, self.settings.history, run],
+                client=client,
+            ),
+        )
+        if stored:
+            return
+        current = int(value)
+        if current == revision.revision:
+            # A reply lost on a dropped connection, then retried: the first attempt may have been ours.
+            newest = await self.latest(run)
+            if newest is not None and newest.id == revision.id:
+                return
+        raise RevisionConflict(run, revision.revision - 1, current)
+
+    async def _newest_entry(self, client: aioredis.Redis, run: str) -> Entry | None:
+        entries: list[Entry] = await self._call(
+            f"read run {run!r}", client.xrevrange(self.keys.revisions(run), count=1)
+        )
+        return entries[0] if entries else None
+
+    async def latest(self, run: str) -> Revision | None:
+        validate_run_id(run)
+        entry = await self._newest_entry(self._redis(), run)
+        return self._decode_entry(run, entry[1]) if entry else None
+
+    async def history(self, run: str, *, limit: int | None = None) -> list[Revision]:
+        validate_run_id(run)
+        client = self._redis()
+        key = self.keys.revisions(run)
+        action = f"read the history of run {run!r}"
+        if limit:
+            newest_first: list[Entry] = await self._call(action, client.xrevrange(key, count=limit))
+            entries = newest_first[::-1]
+        else:
+            entries = await self._call(action, client.xrange(key))
+        found = [self._decode_entry(run, fields) for _, fields in entries]
+        return [r for r in found if r is not None]
+
+    async def watch(self, run: str, *, after: int = 0) -> AsyncIterator[Revision]:
+        validate_run_id(run)
+        if self._closed:
+            raise TransportUnavailable(f"redis transport {self.url} is closed")
+        # Its own connection, without redis-py's retries: a blocked XREAD is interrupted by aclose() and
+        # reconnects are paced here, where the read position is known.
+        client = self._new_client(retries=0)
+        self._watch_clients.add(client)
+        key = self.keys.revisions(run)
+        block_ms = max(1, round(self.settings.block * 1000))
+        last = after
+        cursor: bytes | None = None
+        resync = True
+        failures = 0
+        warned_stale = False
+        try:
+            while not self._closed:
+                batch: list[Entry] = []
+                followed = False
+                try:
+                    if resync:
+                        newest = await self._newest_entry(client, run)
+                        cursor, batch = self._resync(run, cursor, newest)
+                        resync = False
+                    else:
+                        assert cursor is not None
+                        reply = await self._call(
+                            f"watch run {run!r}",
+                            client.xread({key: cursor}, count=WATCH_BATCH, block=block_ms),
+                        )
+                        if reply:
+                            batch = list(reply[0][1])
+                            cursor = batch[-1][0]
+                            followed = True
+                    if failures:
+                        log.info("redis transport %s: watching run %r again", self.url, run)
+                        failures = 0
+                except AuthenticationFailed:
+                    raise
+                except TransportUnavailable as exc:
+                    if self._closed:
+                        return
+                    failures += 1
+                    if failures == 1:
+                        log.warning("redis transport %s: %s; reconnecting", self.url, exc)
+                    resync = True
+                    await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                    continue
+                for _, fields in batch:
+                    revision = self._decode_entry(run, fields)
+                    if revision is None:
+                        continue
+                    if revision.revision > last:
+                        last = revision.revision
+                        yield revision
+                    elif followed and not warned_stale:
+                        # Entries after the read position carry older numbers only if the store was reset.
+                        warned_stale = True
+                        log.warning(
+                            "redis transport %s: run %r: skipping revision %d, not newer than revision %d already "
+                            "delivered; the server lost its data (no persistence?) and numbering restarted",
+                            self.url,
+                            run,
+                            revision.revision,
+                            last,
+                        )
+        finally:
+            self._watch_clients.discard(client)
+            with anyio.move_on_after(2.0, shield=True):
+                await client.aclose()
+
+    def _resync(self, run: str, cursor: bytes | None, newest: Entry | None) -> tuple[bytes, list[Entry]]:
+        """Where to read from after (re)connecting, and what to deliver now.
+
+        First read: from the newest entry, which is delivered. Later: from the old position when it is still
+        behind the newest entry (the next ``XREAD`` delivers what was written meanwhile, in order); from the
+        newest entry when the stream went back or vanished (the server lost its data, or the key was
+        deleted), delivering it if it is newer than what was delivered.
+        """
+        if newest is None:
+            if cursor is not None and cursor != _STREAM_START:
+                log.warning(
+                    "redis transport %s: run %r has no revisions any more (the server lost its data or the key "
+                    "was deleted); waiting for new ones",
+                    self.url,
+                    run,
+                )
+            return _STREAM_START, []
+        newest_id = newest[0]
+        if cursor is None:
+            return newest_id, [newest]
+        if _stream_id(newest_id) < _stream_id(cursor):
+            log.warning(
+                "redis transport %s: the revisions stream of run %r went back (the server lost its data or the "
+                "key was recreated); continuing from its newest entry",
+                self.url,
+                run,
+            )
+            return newest_id, [newest]
+        return cursor, []
+
+    async def runs(self) -> list[str]:
+        client = self._redis()
+        members: set[bytes] = await self._call("list runs", client.smembers(self.keys.runs()))
+        found = []
+        for member in members:
+            name = member.decode("utf-8", "replace")
+            try:
+                found.append(validate_run_id(name))
+            except ValueError:
+                log.warning("redis transport %s: ignoring invalid run id %r in %s", self.url, name, self.keys.runs())
+        return sorted(found)
+
+    # -- status and outcomes -----------------------------------------------------------------------------
+    async def publish_status(self, status: Status) -> None:
+        client = self._redis()
+        run = status.run
+        data = encode(status)
+        await self._call(
+            f"publish the status of run {run!r}",
+            self._status_script(
+                keys=[self.keys.run(run), self.keys.status_stream(run), self.keys.runs()],
+                args=[data, self.settings.status_history, run],
+                client=client,
+            ),
+        )
+
+    async def status(self, run: str) -> Status | None:
+        validate_run_id(run)
+        client = self._redis()
+        data: bytes | None = await self._call(
+            f"read the status of run {run!r}", client.hget(self.keys.run(run), "status")
+        )
+        return self._decode(data, Status, run)
+
+    async def publish_outcome(self, outcome: Outcome) -> None:
+        client = self._redis()
+        run = outcome.run
+        data = encode(outcome)
+        await self._call(
+            f"publish an outcome of run {run!r}",
+            self._outcome_script(
+                keys=[self.keys.outcomes(run)],
+                args=[outcome.revision, data, self.settings.history],
+                client=client,
+            ),
+        )
+
+    async def outcome(self, run: str, revision: int) -> Outcome | None:
+        validate_run_id(run)
+        client = self._redis()
+        data: bytes | None = await self._call(
+            f"read an outcome of run {run!r}", client.hget(self.keys.outcomes(run), str(revision))
+        )
+        return self._decode(data, Outcome, run)
+
+    async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
+        validate_run_id(run)
+        client = self._redis()
+        stored: dict[bytes, bytes] = await self._call(
+            f"read the outcomes of run {run!r}", client.hgetall(self.keys.outcomes(run))
+        )
+        numbered = sorted((int(field), data) for field, data in stored.items() if field.isdigit())
+        if limit:
+            numbered = numbered[-limit:]
+        found = [self._decode(data, Outcome, run) for _, data in numbered]
+        return [o for o in found if o is not None]
+
+    def _decode(self, data: bytes | None, kind: type[T_Message], run: str) -> T_Message | None:
+        if data is None:
+            return None
+        try:
+            return decode(data, kind)
+        except ProtocolError as exc:
+            log.warning("redis transport %s: skipping an unreadable %s of run %r: %s", self.url, kind.kind, run, exc)
+            return None
+
+
+__all__ = ["RedisTransport"]
