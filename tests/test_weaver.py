@@ -285,3 +285,34 @@ def test_ctrl_c_during_a_wait_returns_at_once(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("interrupted after ")
     assert float(done.stdout.split()[-1].rstrip("s")) < 30  # not the 60 s of the abandoned wait
+
+
+class _ReplyLostOnce:
+    """A real memory transport whose first successful put reports an outage, as when a reply is lost."""
+
+    def __init__(self, url: str) -> None:
+        self.inner = open_transport(url)
+        self.lost = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def put(self, revision: Revision) -> None:
+        await self.inner.put(revision)
+        if not self.lost:
+            self.lost = True
+            from weavelet_core.errors import TransportUnavailable
+
+            raise TransportUnavailable("connection reset before the reply arrived")
+
+
+def test_a_write_whose_reply_was_lost_is_not_stored_twice(url: str) -> None:
+    async def main() -> list[Revision]:
+        flaky = _ReplyLostOnce(url)
+        weaver = AsyncWeaver(transport=flaky)  # type: ignore[arg-type]
+        written = await weaver.set("lost-reply", {"lr": 0.5})
+        assert written.revision == 1
+        return await weaver.history("lost-reply")
+
+    history = anyio.run(main)
+    assert [(r.revision, r.config) for r in history] == [(1, {"lr": 0.5})]

@@ -115,9 +115,15 @@ class AsyncWeaver:
         transport = await self._ready()
         deadline = time.monotonic() + self.write_timeout
         delay = 0.005
+        # A write whose reply was lost may have landed: its id identifies it, so a retry never stores the
+        # same change twice.
+        unconfirmed: Revision | None = None
         while True:
             try:
                 current = await transport.latest(run)
+                if unconfirmed is not None and current is not None and current.id == unconfirmed.id:
+                    revision = unconfirmed
+                    break
                 base = current.config if current and not replace else {}
                 revision = Revision(
                     run=run,
@@ -125,6 +131,7 @@ class AsyncWeaver:
                     config=merge_config(base, changes),
                     author=self.author,
                 )
+                unconfirmed = revision
                 await transport.put(revision)
                 break
             except (RevisionConflict, TransportUnavailable) as exc:
