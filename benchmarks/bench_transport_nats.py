@@ -7,9 +7,7 @@ time (write, wait until the watcher has it, next):
 - raw KV: ``kv.put`` to a ``kv.watch`` watcher's ``updates()`` (what the transport builds on: the baseline);
 - weavelet: ``AsyncWeaver.set()`` called to ``NatsTransport.watch`` yielding the revision (another
   connection), and the same with the synchronous ``Weaver.set()`` (its event loop runs in a thread);
-- a bare ``NatsTransport.put`` of the next revision, and an optimistic set (merge onto the revision this
-  writer saw last, compare-and-set, re-read only on a conflict): what ``AsyncWeaver.set()`` would cost with
-  one round trip instead of ``latest()`` plus ``put()``;
+- a bare ``NatsTransport.put`` of the next revision (the transport without the Weaver's merge);
 - the duration of the write calls themselves.
 
 Usage: ``python benchmarks/bench_transport_nats.py [--count N]`` (default 1000 per figure, at least 500).
@@ -29,10 +27,9 @@ from collections.abc import Awaitable, Callable
 import nats
 from nats.js.kv import KeyValue
 
-from weavelet_core import AsyncWeaver, RevisionConflict, Weaver, open_transport
+from weavelet_core import AsyncWeaver, Weaver, open_transport
 from weavelet_core.protocol import Revision
 from weavelet_core.transport import Transport
-from weavelet_core.weaver import merge_config
 from weavelet_nats.embedded import NatsServer
 
 WARMUP = 50
@@ -137,37 +134,6 @@ async def bench_transport_put(url: str, count: int) -> tuple[list[float], list[f
         await transport.aclose()
 
 
-async def bench_optimistic_set(url: str, count: int) -> tuple[list[float], list[float]]:
-    """What ``AsyncWeaver.set()`` would cost if it merged onto the revision it last saw and wrote on top of it
-    (compare-and-set), reading the run only after a conflict: one round trip instead of two."""
-    transport: Transport = open_transport(url)
-    await transport.connect()
-    known: dict[str, Revision] = {}
-
-    async def write(i: int) -> None:
-        run = "bench-optimistic"
-        while True:
-            current = known.get(run) or await transport.latest(run)
-            revision = Revision(
-                run=run,
-                revision=(current.revision if current else 0) + 1,
-                config=merge_config(current.config if current else {}, {"lr": 0.1, "i": i}),
-                author="bench",
-            )
-            try:
-                await transport.put(revision)
-            except RevisionConflict:
-                known.pop(run, None)
-                continue
-            known[run] = revision
-            return
-
-    try:
-        return await _watched(url, "bench-optimistic", count, write)
-    finally:
-        await transport.aclose()
-
-
 def bench_sync_weaver(url: str, count: int) -> list[float]:
     """``Weaver.set()`` in this thread; the watcher runs on an event loop in another thread."""
     arrivals: dict[int, float] = {}
@@ -229,7 +195,6 @@ def main(argv: list[str]) -> int:
         kv = asyncio.run(bench_kv(url, count))
         weaver, set_times = asyncio.run(bench_async_weaver(url, count))
         put, put_times = asyncio.run(bench_transport_put(url, count))
-        optimistic, optimistic_times = asyncio.run(bench_optimistic_set(url, count))
         sync = bench_sync_weaver(url, count)
     baseline = percentile(kv, 50)
     print(f"NATS write-to-watch latency, loopback, {count} samples each after {WARMUP} warm-up, in ms")
@@ -239,9 +204,7 @@ def main(argv: list[str]) -> int:
     print(row("weavelet AsyncWeaver.set() -> watch yields", weaver, baseline))
     print(row("weavelet Weaver.set() (sync) -> watch yields", sync, baseline))
     print(row("weavelet NatsTransport.put() -> watch yields", put, baseline))
-    print(row("optimistic set (merge on the last seen) -> watch", optimistic, baseline))
     print(row("  (AsyncWeaver.set() call alone)", set_times, baseline))
-    print(row("  (optimistic set call alone)", optimistic_times, baseline))
     print(row("  (NatsTransport.put() call alone)", put_times, baseline))
     ratio = percentile(weaver, 50) / baseline
     verdict = "met" if ratio <= TARGET_RATIO else "NOT met"

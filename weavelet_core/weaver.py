@@ -80,6 +80,9 @@ class AsyncWeaver:
         self._connected = transport is not None
         self.author = author or default_author()
         self.write_timeout = write_timeout
+        # The newest revision this weaver wrote per run: the base of its next write, saving a read. A stale
+        # base only costs a compare-and-set conflict and a re-read, never a lost write.
+        self._last_written: dict[str, Revision] = {}
 
     @property
     def transport(self) -> Transport:
@@ -120,7 +123,9 @@ class AsyncWeaver:
         unconfirmed: Revision | None = None
         while True:
             try:
-                current = await transport.latest(run)
+                current = self._last_written.pop(run, None) if unconfirmed is None else None
+                if current is None:
+                    current = await transport.latest(run)
                 if unconfirmed is not None and current is not None and current.id == unconfirmed.id:
                     revision = unconfirmed
                     break
@@ -144,6 +149,7 @@ class AsyncWeaver:
                     ) from exc
                 await anyio.sleep(delay if isinstance(exc, TransportUnavailable) else 0)
                 delay = min(delay * 2, 0.5)
+        self._last_written[run] = revision
         if wait is None:
             return revision
         return await self.wait(run, revision.revision, timeout=wait)
