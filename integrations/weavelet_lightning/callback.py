@@ -1,0 +1,247 @@
+"""``WeaveletCallback``: change a running Lightning fit's optimizer and hyperparameters remotely."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, overload
+
+from weavelet_core.plugins import get_registry
+from weavelet_core.protocol import validate_run_id
+from weavelet_lightning import _compat
+from weavelet_lightning.host import LightningHost
+from weavelet_torch.applier import Applier, F, Validator, Verdict
+from weavelet_torch.link import Link
+
+if TYPE_CHECKING:
+    from pytorch_lightning import Callback as _CallbackBase
+else:
+    _CallbackBase = _compat.callback_base()
+
+log = logging.getLogger("weavelet_lightning")
+
+
+class WeaveletCallback(_CallbackBase):
+    """Makes a Lightning fit remotely reconfigurable through its weavelet.
+
+    ::
+
+        trainer = Trainer(callbacks=[WeaveletCallback(run="resnet-3")])
+        trainer.fit(model)
+        # elsewhere: weavelet set resnet-3 optimizer=adam lr=0.001
+
+    The weavelet sidecar starts when the fit starts and stops when it ends, fails or is interrupted. After each
+    optimizer step the callback applies the newest waiting revision (see :mod:`weavelet_torch.applier`) and
+    reports its outcome with the global step it took effect at, plus step, epoch, logged metrics and the active
+    optimizer in the run's status.
+
+    :param run: run id; default ``WEAVELET_RUN``, else a generated one (printed when the fit starts).
+    :param url: transport URL; default ``WEAVELET_URL``, else the per-user ``file://`` directory.
+    :param allow: keys a revision may set (default: the optimizer's hyperparameters, ``optimizer``,
+        ``param_groups.<i>.<key>``, ``stop``, ``checkpoint``); keys with a handler are always allowed.
+    :param optimizer_index: which optimizer revisions act on, when ``configure_optimizers`` returns several.
+    :param checkpoint_dir: where the ``checkpoint`` command saves (default: the ``ModelCheckpoint``
+        directory, else ``<default_root_dir>/checkpoints``).
+    :param check_every_n_steps: look for revisions every this many optimizer steps (1: every step). Under
+        multi-process training each look is one broadcast from rank 0.
+    :param report_interval: shortest time in seconds between two status reports.
+    :param start_timeout: how long the fit start waits for the sidecar to connect (it keeps trying afterwards).
+    :param process_options: more keyword arguments for :class:`~weavelet_core.WeaveletProcess`.
+
+    Multi-process training: only global rank 0 runs a weavelet; each revision is broadcast and every rank applies
+    it at the same global step. Checkpoints keep the active optimizer type and the last applied revision, so a
+    resumed fit recreates that optimizer before Lightning loads its state, and applies only newer revisions.
+    """
+
+    def __init__(
+        self,
+        run: str | None = None,
+        url: str | None = None,
+        *,
+        allow: Iterable[str] | None = None,
+        optimizer_index: int = 0,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        check_every_n_steps: int = 1,
+        report_interval: float = 1.0,
+        start_timeout: float = 10.0,
+        process_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be an integer >= 1, got {check_every_n_steps!r}")
+        if run is not None:
+            validate_run_id(run)  # a bad run id or URL fails here, not minutes later at fit start
+        if url is not None:
+            get_registry().resolve(url)
+        self._run, self._url = run, url
+        self._report_interval = report_interval
+        self._start_timeout = start_timeout
+        self._process_options = dict(process_options or {})
+        self.check_every_n_steps = check_every_n_steps
+        self.host = LightningHost(optimizer_index, checkpoint_dir)
+        self.applier = Applier(self.host, allow=allow)
+        self.link: Link | None = None
+        self.verdicts: list[Verdict] = []
+        self._restore_name: str | None = None
+        self._last_step = -1
+        self._active = False
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def run(self) -> str | None:
+        """The run id (known once the fit started, or when given)."""
+        return self.link.run if self.link is not None else self._run
+
+    @property
+    def process(self) -> Any:
+        """The :class:`~weavelet_core.WeaveletProcess` of the current fit (rank 0 only), or ``None``."""
+        return self.link.process if self.link is not None else None
+
+    @overload
+    def on(self, key: str, handler: None = None, *, validate: Validator | None = None) -> Callable[[F], F]: ...
+
+    @overload
+    def on(self, key: str, handler: F, *, validate: Validator | None = None) -> F: ...
+
+    def on(self, key: str, handler: F | None = None, *, validate: Validator | None = None) -> Any:
+        """Register ``handler(value)`` for a key of your own, e.g. ``@callback.on("grad_clip_val")``.
+
+        It runs (on every rank) when a revision changes the key; raising rejects the revision. ``validate``
+        runs before anything is applied. See :meth:`weavelet_torch.Applier.on`.
+        """
+        return self.applier.on(key, handler, validate=validate)
+
+    @property
+    def state_key(self) -> str:
+        return "WeaveletCallback"
+
+    # ----------------------------------------------------------------- checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.applier.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Runs before the strategy builds the optimizers (on_fit_start recreates the recorded type then), or,
+        # for strategies restoring after setup, after on_fit_start: then recreate at once. Either way it is
+        # before Lightning loads the optimizer state (restore_training_state).
+        self._restore_name = self.applier.load_state_dict(state_dict)
+        if self._active:
+            self._recreate()
+
+    def _recreate(self) -> None:
+        name, self._restore_name = self._restore_name, None
+        if name is None:
+            return
+        target_differs = name != self.applier.current_choice().name
+        refusal = self.host.swap_refusal()
+        if target_differs and refusal is not None:
+            log.warning("weavelet: cannot recreate optimizer %r from the checkpoint: %s", name, refusal)
+            return
+        if self.applier.recreate(name):
+            log.info("weavelet: recreated optimizer %r from the checkpoint before loading its state", name)
+
+    # ----------------------------------------------------------------- lifecycle hooks
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self.host.trainer = trainer
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.host.trainer = trainer
+        self._active = True
+        self._last_step = -1
+        self._recreate()
+        if trainer.is_global_zero:
+            self.link = Link(
+                self._run,
+                self._url,
+                report_interval=self._report_interval,
+                start_timeout=self._start_timeout,
+                process_options=self._process_options,
+            )
+            self.link.start(after=self.applier.applied_revision)
+            self._report(trainer, force=True)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Optimizer state is restored by now: reconcile with the newest desired revision before the first step.
+        self._last_step = trainer.global_step
+        self._check(trainer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The boundary: this hook runs after the batch's optimizer step is complete (backward, the AMP
+        # scaler's step and update, step-interval schedulers). global_step advances only when an optimizer
+        # step ran, so a batch inside a gradient-accumulation window (no step yet) is skipped, and the last,
+        # shorter window of an epoch is caught. on_before_optimizer_step would be too early: gradients not yet
+        # applied and the scaler not yet updated.
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        if step % self.check_every_n_steps == 0:
+            self._check(trainer)
+        link = self.link
+        if link is not None and link.report_due():
+            self._report(trainer, outputs=outputs)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish(trainer)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._finish(trainer)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._finish(trainer)
+
+    # ----------------------------------------------------------------- internals
+
+    def _check(self, trainer: Any) -> None:
+        distributed = trainer.world_size > 1
+        payload: tuple[int, dict[str, Any]] | None = None
+        if self.link is not None:
+            revision = self.link.poll()
+            if revision is not None:
+                payload = (revision.revision, revision.config)
+        if distributed:
+            payload = trainer.strategy.broadcast(payload, src=0)
+        if payload is None:
+            return
+        number, config = payload
+        verdict = self.applier.apply(number, config, step=trainer.global_step)
+        if distributed:
+            agreed = trainer.strategy.reduce_boolean_decision(verdict.result == "applied", all=True)
+            if verdict.result == "applied" and not agreed:
+                log.error("weavelet: revision %d was applied on rank 0 but rejected on another rank", number)
+                verdict.detail["ranks_agree"] = False
+        self.verdicts.append(verdict)
+        if self.link is not None:
+            self.link.settle(verdict, self.applier)
+
+    def _report(self, trainer: Any, *, outputs: Any = None, force: bool = False) -> None:
+        link = self.link
+        if link is None:
+            return
+        metrics: dict[str, Any] = dict(trainer.callback_metrics)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is not None and hasattr(loss, "numel") and "loss" not in metrics:
+            metrics["loss"] = loss.detach()
+        link.report(
+            step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            metrics=metrics,
+            optimizer=self.applier.describe() if trainer.strategy.optimizers else None,
+            force=force,
+        )
+
+    def _finish(self, trainer: Any) -> None:
+        was_active, self._active = self._active, False
+        link = self.link
+        if link is None or not was_active:
+            return
+        try:
+            self._report(trainer, force=True)
+        except Exception as exc:
+            log.debug("weavelet: final status report failed: %s", exc)
+        link.stop()

@@ -1,0 +1,83 @@
+"""The applier's view of a Lightning trainer: its optimizer, schedulers, checkpointing and stopping."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weavelet_torch.host import OptimizerHost
+from weavelet_torch.schedulers import walk
+
+
+class LightningHost(OptimizerHost):
+    """Reads and replaces ``trainer.strategy.optimizers[index]`` the way Lightning supports.
+
+    Assigning ``strategy.optimizers`` re-creates Lightning's ``LightningOptimizer`` wrappers, so
+    ``self.optimizers()`` in the module, the training loops, logging and checkpointing all use the new optimizer.
+    The schedulers in ``strategy.lr_scheduler_configs`` are the same objects, rebound to it by the applier.
+
+    :param index: which of the trainer's optimizers revisions act on (0 for the usual single optimizer).
+    :param checkpoint_dir: where the ``checkpoint`` command saves; default: the ``ModelCheckpoint`` callback's
+        directory, else ``<default_root_dir>/checkpoints``.
+    """
+
+    def __init__(self, index: int = 0, checkpoint_dir: str | os.PathLike[str] | None = None) -> None:
+        self.index = index
+        self.checkpoint_dir = checkpoint_dir
+        self.trainer: Any = None
+
+    def _strategy(self) -> Any:
+        if self.trainer is None:
+            raise RuntimeError("the weavelet callback is not attached to a running fit yet")
+        return self.trainer.strategy
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        optimizers = self._strategy().optimizers
+        if self.index >= len(optimizers):
+            raise RuntimeError(
+                f"the trainer has {len(optimizers)} optimizer(s); the weavelet callback was told to use "
+                f"optimizer_index={self.index}"
+            )
+        optimizer: torch.optim.Optimizer = optimizers[self.index]
+        return optimizer
+
+    def schedulers(self) -> Sequence[Any]:
+        optimizer = self.optimizer
+        return [
+            config.scheduler
+            for config in self._strategy().lr_scheduler_configs
+            if any(getattr(s, "optimizer", None) is optimizer for s in walk([config.scheduler]))
+        ]
+
+    def swap_refusal(self) -> str | None:
+        strategy = self._strategy()
+        if not strategy.lightning_restore_optimizer:
+            return (
+                f"the {type(strategy).__name__} strategy manages its own optimizer (it restores optimizer state "
+                "itself), so the optimizer cannot be replaced under it"
+            )
+        return None
+
+    def install(self, optimizer: torch.optim.Optimizer) -> None:
+        strategy = self._strategy()
+        optimizers = list(strategy.optimizers)
+        optimizers[self.index] = optimizer
+        strategy.optimizers = optimizers
+
+    def save_checkpoint(self, name: str) -> str:
+        trainer = self.trainer
+        directory = self.checkpoint_dir
+        if directory is None:
+            callback = getattr(trainer, "checkpoint_callback", None)
+            directory = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        path = Path(directory) / f"{name}.ckpt"
+        trainer.save_checkpoint(str(path))
+        return str(path)
+
+    def request_stop(self) -> None:
+        self.trainer.should_stop = True

@@ -1,0 +1,168 @@
+"""The trainer's link to its weavelet: run id, the sidecar process, and reporting what became of revisions."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import sys
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from weavelet_core.protocol import Revision, validate_run_id
+from weavelet_torch.applier import Applier, Verdict
+
+if TYPE_CHECKING:
+    from weavelet_core.process import WeaveletProcess
+
+log = logging.getLogger("weavelet_torch")
+
+RUN_ENV = "WEAVELET_RUN"
+
+
+def resolve_run(run: str | None) -> tuple[str, bool]:
+    """The run id to use: ``run``, else ``WEAVELET_RUN``, else a generated one; and whether it was generated.
+
+    An invalid id raises :class:`~weavelet_core.InvalidRunId` at once.
+    """
+    if run is None:
+        run = os.environ.get(RUN_ENV, "").strip() or None
+    if run is not None:
+        return validate_run_id(run), False
+    return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(3), True
+
+
+def announce(run: str, url: str) -> None:
+    """Tell the person starting the fit which run id to address (used when the id was generated)."""
+    from weavelet_core.plugins import mask_password
+
+    print(
+        f"weavelet: run id {run!r} at {mask_password(url)} (choose one with WEAVELET_RUN or run=...); "
+        f"change it live with: weavelet set {run} lr=0.001",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def metrics_of(values: Mapping[str, Any]) -> dict[str, float]:
+    """Scalar entries of ``values`` (floats, ints, one-element tensors) as finite floats."""
+    found: dict[str, float] = {}
+    for key, value in values.items():
+        try:
+            if hasattr(value, "numel"):
+                if value.numel() != 1:
+                    continue
+                value = value.item()
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if math.isfinite(number):
+            found[str(key)] = number
+    return found
+
+
+class Link:
+    """Owns the :class:`~weavelet_core.WeaveletProcess` of one run and reports verdicts through it.
+
+    :param run: run id (see :func:`resolve_run`).
+    :param url: transport URL (default: ``WEAVELET_URL`` or the per-user ``file://`` directory).
+    :param report_interval: shortest time between two status reports from :meth:`report`.
+    :param process_options: more keyword arguments for :class:`~weavelet_core.WeaveletProcess`.
+    """
+
+    def __init__(
+        self,
+        run: str | None,
+        url: str | None,
+        *,
+        report_interval: float = 1.0,
+        start_timeout: float = 10.0,
+        process_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.run, self.generated = resolve_run(run)
+        self.url = url
+        self.report_interval = report_interval
+        self.start_timeout = start_timeout
+        self.process_options = dict(process_options or {})
+        self.process: WeaveletProcess | None = None
+        self._next_report = 0.0
+
+    def start(self, after: int) -> WeaveletProcess:
+        """Create and start the process; revisions ``<= after`` are already applied. Idempotent."""
+        if self.process is not None:
+            return self.process
+        from weavelet_core.process import WeaveletProcess
+
+        process = WeaveletProcess(self.run, self.url, after=after, **self.process_options)
+        if self.generated:
+            announce(self.run, process.url)
+        self.process = process
+        process.start(timeout=self.start_timeout)
+        return process
+
+    def stop(self) -> None:
+        """Stop the process (bounded, idempotent, never raises)."""
+        process = self.process
+        if process is None:
+            return
+        try:
+            process.stop()
+        except Exception as exc:
+            log.warning("weavelet: stopping the weavelet of run %r failed: %s", self.run, exc)
+
+    def poll(self) -> Revision | None:
+        """The newest revision not yet handed out, or ``None`` (also when not started)."""
+        process = self.process
+        return process.poll() if process is not None else None
+
+    def settle(self, verdict: Verdict, applier: Applier) -> None:
+        """Report ``verdict`` as the revision's outcome, and the optimizer it left active."""
+        process = self.process
+        if process is None:
+            return
+        if verdict.result == "applied":
+            log.info(
+                "weavelet: run %r revision %d applied at step %s: %s",
+                self.run,
+                verdict.revision,
+                verdict.step,
+                verdict.message,
+            )
+        else:
+            log.warning(
+                "weavelet: run %r revision %d %s: %s", self.run, verdict.revision, verdict.result, verdict.message
+            )
+        process.report_outcome(
+            verdict.revision, verdict.result, step=verdict.step, message=verdict.message, detail=verdict.detail
+        )
+        process.report(optimizer=applier.describe())
+
+    def report_due(self) -> bool:
+        """Whether :meth:`report` would send now (lets callers skip gathering metrics)."""
+        return self.process is not None and time.monotonic() >= self._next_report
+
+    def report(
+        self,
+        *,
+        step: int | None = None,
+        epoch: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        optimizer: dict[str, object] | None = None,
+        force: bool = False,
+    ) -> None:
+        """Hand the status to the process, at most once per ``report_interval`` unless ``force``."""
+        process = self.process
+        if process is None:
+            return
+        now = time.monotonic()
+        if not force and now < self._next_report:
+            return
+        self._next_report = now + self.report_interval
+        process.report(
+            step=step,
+            epoch=epoch,
+            metrics=metrics_of(metrics) if metrics is not None else None,
+            optimizer=optimizer,
+        )
