@@ -569,3 +569,40 @@ def test_resume_with_an_optimizer_no_longer_available_says_so() -> None:
         applier.recreate(name)
     with pytest.raises(ValueError, match="format"):
         applier.load_state_dict({"format": 99})
+
+
+# ---------------------------------------------------------------------------------------- desired state across swaps
+
+
+def test_a_swap_leaves_unchanged_keys_of_the_old_optimizer_in_the_config() -> None:
+    """`set momentum=0.9`, later `set optimizer=adam`: the merged config still holds momentum, which Adam lacks."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    host = LoopHost(optimizer)
+    applier = Applier(host)
+    applied(applier.apply(1, {"momentum": 0.9}, step=1))
+
+    verdict = applied(applier.apply(2, {"momentum": 0.9, "optimizer": "adam", "lr": 0.001}, step=2))
+    assert isinstance(host.optimizer, torch.optim.Adam)
+    assert verdict.detail["not_applicable"] == ["momentum"]
+    assert "momentum kept in the config but not used by adam" in (verdict.message or "")
+    train_step(model, host.optimizer)
+
+    # Swapping back makes the desired momentum real again, though it did not change in this revision.
+    applied(applier.apply(3, {"momentum": 0.9, "optimizer": "sgd", "lr": 0.001}, step=3))
+    assert isinstance(host.optimizer, torch.optim.SGD)
+    assert host.optimizer.param_groups[0]["momentum"] == 0.9
+    assert host.optimizer.param_groups[0]["lr"] == 0.001
+
+
+def test_a_changed_key_the_new_optimizer_lacks_is_still_refused() -> None:
+    model = make_model()
+    host = LoopHost(torch.optim.SGD(model.parameters(), lr=0.1))
+    applier = Applier(host)
+    applied(applier.apply(1, {"momentum": 0.9}, step=1))
+    before = frozen(host.optimizer)
+
+    verdict = applier.apply(2, {"momentum": 0.5, "optimizer": "adam"}, step=2)
+    assert verdict.result == "rejected"
+    assert "momentum: not a hyperparameter of adam" in (verdict.message or "")
+    assert frozen(host.optimizer) == before

@@ -79,6 +79,7 @@ class _Plan:
     stop: bool
     changes: dict[str, list[Any]]
     new_optimizer: torch.optim.Optimizer | None = None
+    left_behind: list[str] = dataclasses.field(default_factory=list)
 
 
 def _same(a: object, b: object) -> bool:
@@ -246,6 +247,8 @@ class Applier:
         previous = (self.applied_revision, self.applied_config, self._installed, self._installed_name)
         snapshot = Snapshot(self.host.optimizer, self.host.schedulers())
         detail: dict[str, Any] = {"changes": plan.changes}
+        if plan.left_behind:
+            detail["not_applicable"] = plan.left_behind
         try:
             self._commit(plan)
             self.applied_revision, self.applied_config = revision, plan.flat
@@ -299,8 +302,12 @@ class Applier:
         per_group: dict[int, dict[str, Any]] = {}
         handlers: list[tuple[str, Handler, Any]] = []
         commands: dict[str, Any] = {}
+        left_behind: list[str] = []
         for key, value in flat.items():
             if key == cfg.OPTIMIZER:
+                continue
+            if swap and self._left_behind(key, value, old, target):
+                left_behind.append(key)
                 continue
             try:
                 if key in cfg.COMMANDS:
@@ -344,7 +351,10 @@ class Applier:
                 key = f"{cfg.PARAM_GROUPS}.{index}.{name}"
                 raw_new = flat.get(key, flat.get(name))
                 raw_old = old.get(key, old.get(name))
-                if (key in old or name in old) and _same(raw_old, raw_new):
+                unchanged = (key in old or name in old) and _same(raw_old, raw_new)
+                # On a swap, an unchanged desired value the old optimizer had no slot for (momentum when
+                # going from Adam back to SGD) is still the desired state of the new one.
+                if unchanged and not (swap and name not in group):
                     continue
                 values.setdefault(index, {})[name] = value
                 shown = key if key in flat else name
@@ -365,7 +375,19 @@ class Applier:
             checkpoint=fires.get(cfg.CHECKPOINT, False),
             stop=fires.get(cfg.STOP, False),
             changes=changes,
+            left_behind=left_behind,
         )
+
+    def _left_behind(self, key: str, value: Any, old: Mapping[str, Any], target: OptimizerChoice) -> bool:
+        """Whether ``key`` is an unchanged hyperparameter of the previous optimizer that ``target`` does not
+        take (``momentum`` after ``optimizer=adam``): it stays in the desired config for a later swap back,
+        and is not an error. A key changed in this revision is still checked, and refused if it does not
+        apply."""
+        parsed = cfg.group_key(key)
+        name = parsed[1] if parsed is not None else key
+        if key in cfg.COMMANDS or key in self._handlers or name in IMPLEMENTATION_FLAGS or target.accepts(name):
+            return False
+        return key in old and _same(old[key], value)
 
     def _check_hyper_key(self, key: str, name: str, target: OptimizerChoice) -> None:
         if target.accepts(name):
@@ -517,6 +539,8 @@ class Applier:
             parts.append(f"{key} {_fmt(before)} -> {_fmt(after)}")
         if plan.handlers:
             parts.append("handled " + ", ".join(key for key, _, _ in plan.handlers))
+        if plan.left_behind:
+            parts.append(f"{', '.join(plan.left_behind)} kept in the config but not used by {plan.target.name}")
         if "checkpoint" in detail:
             parts.append(f"checkpoint saved to {detail['checkpoint']}")
         if plan.stop:
