@@ -437,3 +437,20 @@ def test_weavelet_url_environment_variable_is_used(run_cli: CliRunner, tmp_path:
     assert done.returncode == 0, done.stderr
     assert (store / "runs" / "r" / "latest.json").is_file()
     assert not (tmp_path / "xdg-state" / "weavelet").exists()
+
+
+def test_checkpoint_and_stop_send_a_fresh_token_each_time(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    tokens = []
+    for _ in range(2):
+        code, out, _ = invoke(capsys, "--url", url, "checkpoint", "cmd", "--json")
+        assert code == 0
+        tokens.append(json.loads(out)["revision"]["config"]["checkpoint"])
+    assert tokens[0] != tokens[1]
+    assert all(isinstance(t, str) and t for t in tokens)
+    code, out, _ = invoke(capsys, "--url", url, "stop", "cmd")
+    assert code == 0
+    assert out.startswith("cmd: revision 3 stored (stop=")
+    code, out, _ = invoke(capsys, "--url", url, "get", "cmd", "--json")
+    config = json.loads(out)["config"]
+    assert set(config) == {"checkpoint", "stop"}
+    assert config["checkpoint"] == tokens[1]

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import json
 import os
+import secrets
 import sys
 import time
 import warnings
@@ -199,6 +200,16 @@ async def cmd_set(args: argparse.Namespace, out: TextIO) -> int:
         _error(f"revision {revision.revision} of run {args.run!r} was rejected: {outcome.message or 'no reason'}")
         return EXIT_ERROR
     return EXIT_OK
+
+
+async def cmd_command(args: argparse.Namespace, out: TextIO) -> int:
+    """``weavelet checkpoint RUN`` / ``weavelet stop RUN``: set the command's key to a fresh token.
+
+    A command acts when its token changes (the config is desired state), so each call sends a new one.
+    """
+    args.assignments = [f"{args.command}={secrets.token_hex(4)}"]
+    args.replace = False
+    return await cmd_set(args, out)
 
 
 async def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
@@ -528,6 +539,19 @@ def build_parser(load: Collection[str] = ()) -> argparse.ArgumentParser:
     )
     p.add_argument("--replace", action="store_true", help="replace the whole config instead of merging")
     p.set_defaults(handler=cmd_set, is_async=True)
+
+    for command, what in (("checkpoint", "save a checkpoint now"), ("stop", "end the fit gracefully")):
+        p = subparsers.add_parser(
+            command,
+            parents=[common, json_flag],
+            help=f"ask a running trainer to {what}",
+            description=f"Ask the run's trainer to {what}: sets {command}=<new token> in its desired config.",
+        )
+        p.add_argument("run", metavar="RUN", help="run id")
+        p.add_argument(
+            "--wait", type=_positive_float, metavar="S", help="wait up to S seconds for the trainer's outcome"
+        )
+        p.set_defaults(handler=cmd_command, is_async=True)
 
     p = subparsers.add_parser("get", parents=[common, json_flag], help="show a run's desired config")
     p.add_argument("run", metavar="RUN", help="run id")
