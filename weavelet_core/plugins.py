@@ -95,7 +95,9 @@ class PluginRegistry:
             try:
                 result = impl.function()
             except Exception as exc:
-                self.broken.append(BrokenPlugin(impl.plugin_name, package, f"{type(exc).__name__}: {exc}"))
+                broken = BrokenPlugin(impl.plugin_name, package, f"{type(exc).__name__}: {exc}")
+                if broken not in self.broken:
+                    self.broken.append(broken)
                 continue
             for spec in _as_list(result):
                 if not isinstance(spec, TransportSpec):
