@@ -48,16 +48,17 @@ class Driver(pl.Callback):
             if number in decided and number not in self.applied_at_batch:
                 self.applied_at_batch[number] = batch_idx
         step = trainer.global_step
-        if step in self.plan and not (self.sent and self.sent[-1] not in decided):
-            changes = self.plan.pop(step)
+        # The next planned revision goes out at its step, or later if the previous one is still undecided:
+        # in plan order, one at a time, so none supersedes another.
+        waiting = bool(self.sent) and self.sent[-1] not in decided
+        if not waiting and self.plan and min(self.plan) <= step:
+            changes = self.plan.pop(min(self.plan))
             self.sent.append(self.weaver.set(self.run, changes, replace=self.replace).revision)
             self._since = time.monotonic()
         if self.sent and self.sent[-1] not in decided:
             if time.monotonic() - self._since > PACE_TIMEOUT:
                 raise AssertionError(f"revision {self.sent[-1]} got no verdict in {PACE_TIMEOUT}s")
             time.sleep(0.01)
-        elif self.plan and min(self.plan) < step:  # a planned step was passed while waiting: send now
-            self.plan[step + 1] = self.plan.pop(min(self.plan))
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ class Loop:
         self, live: Attachment, weaver: Weaver, steps: int, plan: dict[int, dict[str, Any]], *, start: int = 0
     ) -> None:
         waiting: tuple[int, float] | None = None
+        pending = sorted(plan.items())
         for step in range(start + 1, start + steps + 1):
             batch = torch.randint(0, len(self.x), (32,))
             loss = torch.nn.functional.mse_loss(self.model(self.x[batch]), self.y[batch])
@@ -60,8 +61,10 @@ class Loop:
             verdict = live.poll(step, loss=loss)
             if waiting is not None and verdict is not None and verdict.revision == waiting[0]:
                 waiting = None
-            if step in plan:
-                waiting = (weaver.set(live.run, plan[step]).revision, time.monotonic())
+            # A planned revision goes out at its step, or once the previous one has its verdict: in order,
+            # one at a time, so none supersedes another however long delivery takes.
+            if waiting is None and pending and pending[0][0] <= step:
+                waiting = (weaver.set(live.run, pending.pop(0)[1]).revision, time.monotonic())
             if waiting is not None:
                 assert time.monotonic() - waiting[1] < WAIT, f"revision {waiting[0]} got no verdict"
                 time.sleep(0.01)
