@@ -151,3 +151,15 @@ def test_a_taken_port_is_refused_with_the_fix(start_server: StartServer, tmp_pat
     assert f"port {port}" in err
     assert "--port 0" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_killed_server_command_takes_its_nats_server_with_it(start_server: StartServer, tmp_path: Path) -> None:
+    import psutil
+
+    server = start_server(["--port", "0", "--store-dir", str(tmp_path / "store")])
+    server.wait_url()
+    children = psutil.Process(server.process.pid).children()
+    assert [c.name() for c in children] == ["nats-server"]
+    server.kill()  # SIGKILL: no chance to stop its child itself
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == [], "nats-server outlived the killed 'weavelet server'"

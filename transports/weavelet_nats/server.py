@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the server until SIGINT or SIGTERM; return the exit status (0 after a clean stop)."""
     store_dir: Path = (args.store_dir or default_store_dir()).expanduser().resolve()
     port, note = _choose_port(args.port)
-    server = NatsServer(store_dir, port=port)
+    server = NatsServer(store_dir, port=port, die_with_parent=True)
 
     stop = threading.Event()
 
