@@ -1,6 +1,28 @@
 """Every error weavelet raises on purpose derives from :class:`WeaveletError`.
 
-Messages are written for the person reading them: they name what is wrong and how to fix it.
+Messages are written for the person reading them: they name what is wrong and how to fix it. The hierarchy::
+
+    WeaveletError
+    +-- ProtocolError (ValueError)           a payload breaks the wire protocol
+    +-- InvalidRunId (ValueError)            a run id outside the safe character set
+    +-- RevisionConflict                     a compare-and-set write lost; re-read and write again
+    +-- StaleRevision (ValueError)           not newer than what is stored or applied
+    +-- PluginError                          a plugin is broken, missing or in conflict
+    |   +-- UnknownTransport (ValueError)
+    |   +-- MissingDriver (ImportError)
+    |   +-- DuplicateScheme
+    +-- TransportError                       the transport could not do what was asked
+    |   +-- TransportUnavailable (ConnectionError)   retry later
+    |   +-- AuthenticationFailed (PermissionError)   final: credentials refused
+    |   +-- PermissionDenied (PermissionError)       final: credentials lack a permission
+    |   +-- CorruptEntry                             the newest stored revision cannot be read
+    +-- RunOwned                             another trainer owns the run
+    +-- RunEnded                             the run's incarnation ended; nothing will answer
+    +-- WaitTimeout (TimeoutError)           a bounded wait ran out
+
+Which are final: ``AuthenticationFailed`` and ``PermissionDenied`` (same credentials, same answer),
+``ProtocolError``, ``InvalidRunId``, ``PluginError``. ``TransportUnavailable`` and ``RevisionConflict`` may
+succeed when retried.
 """
 
 from __future__ import annotations
@@ -76,3 +98,49 @@ class AuthenticationFailed(TransportError, PermissionError):
 
 class WaitTimeout(WeaveletError, TimeoutError):
     """A bounded wait ran out (for example waiting for a revision's outcome)."""
+
+
+class PermissionDenied(TransportError, PermissionError):
+    """The server accepted the credentials but they lack a permission this operation needs. Final.
+
+    The message names the subject or key and the permission needed.
+    """
+
+
+class CorruptEntry(TransportError):
+    """The newest stored revision of a run cannot be decoded (corrupt bytes, a newer protocol version).
+
+    It is never mistaken for "no revision". ``revision`` is the number the entry holds: the number the store
+    records for it, or, when even that is unreadable, one more than the newest readable revision before it.
+    Writers number on top of it: :meth:`weavelet_core.AsyncWeaver.set` with ``replace=True`` writes
+    ``revision + 1``; a merge (``replace=False``) refuses, since there is no config to merge onto.
+
+    Transports return instances (not raised) from ``watch`` and ``history`` in place of the unreadable entry.
+    """
+
+    def __init__(self, run: str, revision: int, reason: str) -> None:
+        super().__init__(
+            f"revision {revision} of run {run!r} cannot be read ({reason}); write a whole new config on top of it: "
+            f"weavelet set {run} --replace KEY=VALUE ... (Weaver.set(run, config, replace=True))"
+        )
+        self.run = run
+        self.revision = revision
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[CorruptEntry], tuple[str, int, str]]:
+        return (type(self), (self.run, self.revision, self.reason))
+
+
+class RunOwned(WeaveletError):
+    """Another live trainer owns the run: a second one is refused unless it takes over explicitly.
+
+    ``status`` is the owner's last :class:`~weavelet_core.protocol.Status`.
+    """
+
+    def __init__(self, message: str, status: object = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RunEnded(WeaveletError):
+    """The run has no live incarnation (its trainer stopped or failed): waiting for an outcome is pointless."""

@@ -24,9 +24,16 @@ from typing import Any, Literal, TypeVar
 
 from weavelet_core.errors import InvalidRunId, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""The version written. Version 2 added the outcome's ``revision_id`` and ``incarnation`` and the status's
+``incarnation``, ``started_at``, ``keepalive`` and ``last_outcome``."""
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+"""Versions a reader accepts: fields a version-1 message lacks take their defaults."""
 MAX_PAYLOAD_BYTES = 64 * 1024
 """Default cap on one encoded message. Larger payloads are refused on encode and on decode."""
+MAX_MESSAGE_CHARS = 2000
+"""Longest human-readable ``message`` an outcome or status carries; longer ones are cut by :func:`truncate`."""
+TRUNCATION_MARKER = " ... [{hidden} more characters]"
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 RUN_ID_RULE = "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit, without '..'"
@@ -91,6 +98,24 @@ def _now() -> float:
     return time.time()
 
 
+def truncate(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` if it has at most ``limit`` characters, else its start with a marker saying how much was cut.
+
+    The result never exceeds ``limit`` characters (``limit`` >= 40).
+    """
+    if len(text) <= limit:
+        return text
+    marker = TRUNCATION_MARKER.format(hidden=len(text) - limit)
+    keep = max(0, limit - len(marker))
+    marker = TRUNCATION_MARKER.format(hidden=len(text) - keep)
+    return text[:keep] + marker
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation id: 12 lowercase hex characters, unique per trainer start."""
+    return uuid.uuid4().hex[:12]
+
+
 @dataclasses.dataclass(frozen=True)
 class Revision:
     """One revision of a run's desired config: the whole config, not a diff.
@@ -123,7 +148,14 @@ class Revision:
 
 @dataclasses.dataclass(frozen=True)
 class Status:
-    """What the trainer and its weavelet report about a run. Coalesced: only the newest matters."""
+    """What the trainer and its weavelet report about a run. Coalesced: only the newest matters.
+
+    ``incarnation`` and ``started_at`` identify the trainer start that reports (empty and 0 from a version-1
+    writer); ``keepalive`` is the longest time in seconds between two of its heartbeats while it lives (0:
+    unknown), so a status older than a few keepalives is stale; ``last_outcome`` is the newest outcome this
+    incarnation reported (``revision``, ``revision_id``, ``result``, ``step``, ``message``), so a rejected newest
+    revision shows with its reason.
+    """
 
     run: str
     state: str = "created"
@@ -136,6 +168,10 @@ class Status:
     pid: int = dataclasses.field(default_factory=os.getpid)
     host: str = dataclasses.field(default_factory=socket.gethostname)
     message: str | None = None
+    incarnation: str = ""
+    started_at: float = 0.0
+    keepalive: float = 0.0
+    last_outcome: JsonObject | None = None
 
     kind = "status"
 
@@ -163,6 +199,18 @@ class Status:
         _require_str(self.host, "status.host")
         if self.message is not None:
             _require_str(self.message, "status.message")
+        _require_str(self.incarnation, "status.incarnation")
+        _require_number(self.started_at, "status.started_at")
+        _require_number(self.keepalive, "status.keepalive")
+        if self.last_outcome is not None:
+            if not isinstance(self.last_outcome, dict):
+                raise ProtocolError("status.last_outcome: expected an object or null", field="status.last_outcome")
+            _check_json_value(self.last_outcome, "status.last_outcome")
+
+    @property
+    def live(self) -> bool:
+        """Whether the reporting incarnation had not ended when it reported (``stopped``/``failed`` end it)."""
+        return self.state not in ("stopped", "failed")
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the last heartbeat."""
@@ -172,7 +220,12 @@ class Status:
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """What became of one revision: ``applied`` (at ``step``), ``rejected`` (with ``message``) or
-    ``superseded`` (a newer revision arrived before this one could be applied)."""
+    ``superseded`` (a newer revision arrived before this one could be applied).
+
+    ``revision_id`` is the :attr:`Revision.id` of the write it answers (empty when the entry could not be read,
+    or from a version-1 writer): a waiting writer matches on it, never on the number alone. ``incarnation`` is
+    the trainer start that decided it; outcomes of different incarnations for one revision are all kept.
+    """
 
     run: str
     revision: int
@@ -181,6 +234,8 @@ class Outcome:
     message: str | None = None
     detail: JsonObject = dataclasses.field(default_factory=dict)
     at: float = dataclasses.field(default_factory=_now)
+    revision_id: str = ""
+    incarnation: str = ""
 
     kind = "outcome"
 
@@ -200,6 +255,8 @@ class Outcome:
             raise ProtocolError("outcome.detail: expected an object", field="outcome.detail")
         _check_json_value(self.detail, "outcome.detail")
         _require_number(self.at, "outcome.at")
+        _require_str(self.revision_id, "outcome.revision_id")
+        _require_str(self.incarnation, "outcome.incarnation")
 
 
 Message = Revision | Status | Outcome
@@ -295,11 +352,11 @@ def from_dict(obj: object, expected: type[M]) -> M:
     if not isinstance(obj, dict):
         raise ProtocolError(f"{kind}: expected a JSON object, got {_json_type(obj)}")
     version = obj.get("v")
-    if version != PROTOCOL_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version not in READABLE_VERSIONS:
         if isinstance(version, int) and not isinstance(version, bool) and version > PROTOCOL_VERSION:
             hint = "upgrade weavelet on this side"
         else:
-            hint = f"expected {PROTOCOL_VERSION}"
+            hint = f"expected one of {', '.join(map(str, READABLE_VERSIONS))}"
         raise ProtocolError(f"{kind}.v: unsupported protocol version {version!r}; {hint}", field=f"{kind}.v")
     if obj.get("kind") != kind:
         raise ProtocolError(f"{kind}.kind: expected {kind!r}, got {obj.get('kind')!r}", field=f"{kind}.kind")
