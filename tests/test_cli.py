@@ -10,6 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -36,6 +37,26 @@ def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     code = cli.main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def answer_next_write(url: str, run: str, **fields: Any) -> threading.Thread:
+    """A stand-in trainer: once a revision of ``run`` is stored, publish an outcome answering it (by its id)."""
+
+    def go() -> None:
+        async def main() -> None:
+            async with open_transport(url) as transport:
+                with anyio.fail_after(20):
+                    while (revision := await transport.latest(run)) is None:
+                        await anyio.sleep(0.01)
+                await transport.publish_outcome(
+                    Outcome(run=run, revision=revision.revision, revision_id=revision.id, **fields)
+                )
+
+        anyio.run(main, backend="asyncio")
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
 
 
 def publish(url: str, *messages: Status | Outcome) -> None:
@@ -113,7 +134,7 @@ def test_set_get_merge_and_remove(capsys: pytest.CaptureFixture[str], url: str) 
     body = json.loads(out)
     assert body["revision"] == 2
     assert body["config"] == {"lr": 0.01, "optimizer": {"name": "sgd", "momentum": 0.9}}
-    assert body["v"] == 1
+    assert body["v"] == 2
     assert body["kind"] == "revision"
     # Removing a key that does not exist changes nothing and adds no empty object.
     invoke(capsys, "--url", url, "set", "r1", "optimizer.momentum=", "scheduler.gamma=")
@@ -135,19 +156,31 @@ def test_set_replace_drops_other_keys(capsys: pytest.CaptureFixture[str], url: s
     assert body["outcome"] is None
 
 
-def test_set_wait_reports_applied_outcome(capsys: pytest.CaptureFixture[str], url: str) -> None:
-    publish(url, Outcome(run="w", revision=1, result="applied", step=120))
+def test_set_wait_reports_applied_outcome_with_its_message(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    answer_next_write(url, "w", result="applied", step=120, message="lr 0.01 -> 0.1")
     code, out, err = invoke(capsys, "--url", url, "set", "w", "lr=0.1", "--wait", "10")
     assert code == 0, err
-    assert out.splitlines() == ["w: revision 1 stored (lr=0.1)", "w: revision 1 applied at step 120"]
+    assert out.splitlines() == ["w: revision 1 stored (lr=0.1)", "w: revision 1 applied at step 120: lr 0.01 -> 0.1"]
+
+
+def test_set_wait_ignores_an_outcome_of_another_write_with_the_same_number(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    # An outcome left for revision 1 by an earlier write (a store whose numbering restarted) is not the answer.
+    publish(url, Outcome(run="w", revision=1, revision_id="an-older-write", result="applied", step=184))
+    code, _, err = invoke(capsys, "--url", url, "set", "w", "lr=0.05", "--wait", "0.5")
+    assert code == 3
+    assert "no outcome for revision 1" in err
 
 
 def test_set_wait_rejected_exits_1_with_the_reason(capsys: pytest.CaptureFixture[str], url: str) -> None:
-    publish(url, Outcome(run="w", revision=1, result="rejected", message="unknown optimizer 'adamx'"))
+    answer_next_write(url, "w", result="rejected", message="unknown optimizer 'adamx'")
     code, out, err = invoke(capsys, "--url", url, "set", "w", "optimizer=adamx", "--wait", "10", "--json")
     assert code == 1
     assert json.loads(out)["outcome"]["result"] == "rejected"
-    assert err == "weavelet: error: revision 1 of run 'w' was rejected: unknown optimizer 'adamx'\n"
+    assert err == ""  # said once, on stdout (in the JSON here), not repeated on stderr
+    code, out, err = invoke(capsys, "--url", url, "set", "w", "optimizer=adamy", "--wait", "0.3")
+    assert code == 3  # the stand-in trainer answered once only
 
 
 def test_set_wait_timeout_exits_3_and_keeps_the_revision(capsys: pytest.CaptureFixture[str], url: str) -> None:
@@ -179,7 +212,8 @@ def test_status_shows_heartbeat_age_and_flags_stale(capsys: pytest.CaptureFixtur
     code, out, _ = invoke(capsys, "--url", url, "status", "s")
     assert code == 0
     assert re.search(r"^state      running  STALE: no heartbeat for 2m\d\ds$", out, re.MULTILINE), out
-    assert "applied    revision 1 (desired: revision 2, not applied yet)" in out
+    assert "applied    revision 1\n" in out
+    assert "desired    revision 2, not applied yet" in out
     assert "metrics    loss=0.25" in out
     code, out, _ = invoke(capsys, "--url", url, "status", "s", "--json", "--stale-after", "300")
     body = json.loads(out)
@@ -215,7 +249,7 @@ def test_history_shows_revisions_beside_outcomes(capsys: pytest.CaptureFixture[s
     code, out, _ = invoke(capsys, "--url", url, "history", "h")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["REV", "WRITTEN", "AUTHOR", "OUTCOME", "CHANGES"]
+    assert lines[0].split() == ["REV", "WRITTEN", "AUTHOR", "INCARNATION", "OUTCOME", "CHANGES"]
     assert "applied at step 0" in lines[1]
     assert lines[1].endswith("lr=0.1")
     assert "rejected: unknown optimizer 'adamx'" in lines[2]
@@ -439,18 +473,29 @@ def test_weavelet_url_environment_variable_is_used(run_cli: CliRunner, tmp_path:
     assert not (tmp_path / "xdg-state" / "weavelet").exists()
 
 
-def test_checkpoint_and_stop_send_a_fresh_token_each_time(capsys: pytest.CaptureFixture[str], url: str) -> None:
+def test_checkpoint_and_stop_send_a_fresh_token_for_the_live_incarnation(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    code, _, err = invoke(capsys, "--url", url, "stop", "cmd")
+    assert code == 1
+    assert "run 'cmd' has no trainer reporting; a stop command would act in no incarnation" in err
+    publish(url, Status(run="cmd", state="running", incarnation="abc123"))
     tokens = []
     for _ in range(2):
         code, out, _ = invoke(capsys, "--url", url, "checkpoint", "cmd", "--json")
         assert code == 0
         tokens.append(json.loads(out)["revision"]["config"]["checkpoint"])
     assert tokens[0] != tokens[1]
-    assert all(isinstance(t, str) and t for t in tokens)
+    assert all(t["incarnation"] == "abc123" and isinstance(t["token"], str) and t["token"] for t in tokens)
     code, out, _ = invoke(capsys, "--url", url, "stop", "cmd")
     assert code == 0
-    assert out.startswith("cmd: revision 3 stored (stop=")
+    assert out.startswith("cmd: revision 3 stored (stop.incarnation=\"abc123\" stop.token=")
     code, out, _ = invoke(capsys, "--url", url, "get", "cmd", "--json")
     config = json.loads(out)["config"]
     assert set(config) == {"checkpoint", "stop"}
     assert config["checkpoint"] == tokens[1]
+    publish(url, Status(run="cmd", state="stopped", incarnation="abc123", heartbeat=time.time() - 60))
+    code, _, err = invoke(capsys, "--url", url, "checkpoint", "cmd")
+    assert code == 1
+    assert "run 'cmd' has no live incarnation (incarnation abc123 ended stopped at step 0" in err
+    assert "A trainer started later does not act on commands written before it" in err

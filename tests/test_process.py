@@ -216,15 +216,16 @@ def test_after_skips_revisions_already_applied(make: Callable[..., WeaveletProce
     assert poll_until(process).revision == third.revision
 
 
-def test_a_late_start_reconciles_from_the_latest_revision(
+def test_a_late_start_that_adopts_reconciles_from_the_latest_revision(
     make: Callable[..., WeaveletProcess], weaver: Weaver, run: str
 ) -> None:
     for lr in (0.1, 0.2, 0.3):
         weaver.set(run, {"lr": lr})
-    process = make()
+    process = make(fresh="adopt")
     process.start(timeout=WAIT)
     latest = poll_until(process)
     assert latest.revision == 3
+    assert process.is_baseline(latest)  # stored before this start: its commands never act
     # The two never handed out get an outcome too (they never reached this trainer).
     assert wait_until(lambda: [o.result for o in weaver.outcomes(run)] == ["superseded"] * 2, WAIT)
 

@@ -109,9 +109,11 @@ def test_set_with_wait_returns_the_outcome(url: str) -> None:
         def trainer() -> None:
             async def go() -> None:
                 async with open_transport(url) as transport:
-                    await anyio.sleep(0.2)
+                    with anyio.fail_after(20):
+                        while (latest := await transport.latest("demo")) is None or latest.revision == 1:
+                            await anyio.sleep(0.01)
                     await transport.publish_outcome(
-                        Outcome(run="demo", revision=revision.revision + 1, result="applied", step=77)
+                        Outcome(run="demo", revision=latest.revision, revision_id=latest.id, result="applied", step=77)
                     )
 
             anyio.run(go, backend="asyncio")

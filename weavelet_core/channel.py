@@ -6,15 +6,19 @@ so that the death of either side reads as end-of-file or a broken pipe on the ot
 relies on the ``_reader``/``_writer``/``_thread`` attributes of ``multiprocessing.queues.Queue`` (stable since
 Python 3.4) and degrades to keeping the ends open where they are missing.
 
-- ``to_trainer`` (sidecar -> trainer): encoded :class:`~weavelet_core.protocol.Revision` messages. After each
+- ``to_trainer`` (sidecar -> trainer): ``{"t": "revision", "baseline": bool, "revision": {...}}`` messages, the
+  revision as its protocol JSON object and ``baseline`` true for the revision that was newest when the
+  incarnation claimed the run (its commands never act). After each
   put the sidecar increments ``version`` (a lock-free shared ``RawValue``; the sidecar is its only writer).
   The trainer compares it with the number of messages it has taken out, so its per-step check is one shared
   integer read and it touches the queue only when the counter moved.
 - ``to_sidecar`` (trainer -> sidecar): outcomes (each with a sequence number) and the stop request. The
   sidecar stores the sequence number of the last outcome it published in ``outcome_ack``, so that a trainer
-  whose sidecar died can send the unpublished ones again to the next sidecar: outcomes are never dropped.
-- ``events`` (sidecar -> trainer's supervisor thread, a one-way pipe): ``connected``, ``disconnected``,
-  ``failed`` with a message. Rare and small.
+  whose sidecar died can send the unpublished ones again to the next sidecar: outcomes are never dropped by a
+  restart. ``{"t": "final", "state": ..., "message": ...}`` sets the final status the stop publishes.
+- ``events`` (sidecar -> trainer's supervisor thread, a one-way pipe): ``claimed`` (with the revision to watch
+  after and the baseline), ``connected``, ``disconnected``, ``failed`` with a message and the error's name.
+  Rare and small.
 - ``status``: a :class:`StatusSlot`, the trainer's latest status as JSON in shared memory (latest wins).
 """
 
@@ -141,10 +145,10 @@ class Channel:
         self.to_trainer.put(data)
         self.version.value += 1
 
-    def send_event(self, event: str, message: str | None = None) -> None:
-        """In the sidecar: tell the trainer's supervisor about a connection change."""
-        with contextlib.suppress(OSError, ValueError):
-            self.events_writer.send_bytes(json.dumps({"event": event, "message": message}).encode())
+    def send_event(self, event: str, message: str | None = None, **fields: object) -> None:
+        """In the sidecar: tell the trainer's supervisor about a connection change (plain JSON ``fields``)."""
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self.events_writer.send_bytes(json.dumps({**fields, "event": event, "message": message}).encode())
 
 
 def _end(queue: Queue[bytes], name: str) -> multiprocessing.connection.Connection | None:

@@ -4,9 +4,9 @@
 ``history``, ``runs``, ``server`` and ``demo`` (the last two come from the ``nats`` and ``lightning`` extras).
 The transport URL is ``--url``, else ``WEAVELET_URL``, else the per-user ``file://`` directory.
 
-Exit status: 0 success; 1 an error (one line on stderr, ``weavelet: error: ...``), or a revision rejected by
-the trainer; 2 a usage error; 3 ``set --wait`` ran out of time (the revision is stored and stays desired);
-130 interrupted (Ctrl-C).
+Exit status: 0 success; 1 an error (one line on stderr, ``weavelet: error: ...``), a revision rejected by
+the trainer, or a run with no live incarnation to wait for; 2 a usage error; 3 ``set --wait`` ran out of time
+(the revision is stored and stays desired); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import json
 import os
-import secrets
 import sys
 import time
 import warnings
@@ -29,9 +28,9 @@ from typing import Any, TextIO
 
 import anyio
 
-from weavelet_core.errors import WaitTimeout, WeaveletError
+from weavelet_core.errors import CorruptEntry, RunEnded, WaitTimeout, WeaveletError
 from weavelet_core.plugins import URL_ENV, default_url, get_registry, mask_password
-from weavelet_core.protocol import Outcome, Status, to_dict, validate_run_id
+from weavelet_core.protocol import Outcome, Revision, Status, to_dict, validate_run_id
 from weavelet_core.weaver import AsyncWeaver
 
 PROG = "weavelet"
@@ -41,6 +40,9 @@ EXIT_USAGE = 2
 EXIT_WAIT_TIMEOUT = 3
 EXIT_INTERRUPTED = 130
 DEFAULT_STALE_AFTER = 30.0
+"""Staleness limit for a status that does not say its keepalive (a version-1 writer)."""
+STALE_KEEPALIVES = 3
+"""A status is stale after this many of its keepalives without a heartbeat (plus two seconds of slack)."""
 DEBUG_ENV = "WEAVELET_DEBUG"
 
 
@@ -144,11 +146,13 @@ def describe_changes(before: dict[str, Any] | None, after: dict[str, Any]) -> st
     return " ".join(parts) if parts else "(no change)"
 
 
-def _describe_outcome(outcome: Outcome | None) -> str:
+def _describe_outcome(outcome: Outcome | None, *, full: bool = False) -> str:
+    """``applied at step 12``, or ``rejected: why``; with ``full``, an applied outcome's message too."""
     if outcome is None:
         return "pending"
     if outcome.result == "applied":
-        return f"applied at step {outcome.step}" if outcome.step is not None else "applied"
+        head = f"applied at step {outcome.step}" if outcome.step is not None else "applied"
+        return f"{head}: {outcome.message}" if full and outcome.message else head
     if outcome.message:
         return f"{outcome.result}: {outcome.message}"
     return outcome.result
@@ -158,8 +162,12 @@ def _print_json(value: Any, out: TextIO) -> None:
     out.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
-def _is_stale(status: Status, stale_after: float, now: float) -> bool:
-    return status.state not in ("stopped", "failed") and status.age(now) > stale_after
+def _is_stale(status: Status, stale_after: float | None, now: float) -> bool:
+    """Whether a live status has gone without a heartbeat for too long: ``stale_after`` seconds when given,
+    else :data:`STALE_KEEPALIVES` of the status's own keepalive (plus 2 s), else :data:`DEFAULT_STALE_AFTER`."""
+    if stale_after is None:
+        stale_after = STALE_KEEPALIVES * status.keepalive + 2.0 if status.keepalive > 0 else DEFAULT_STALE_AFTER
+    return status.live and status.age(now) > stale_after
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -177,39 +185,62 @@ async def cmd_set(args: argparse.Namespace, out: TextIO) -> int:
     validate_run_id(args.run)
     changes = parse_assignments(args.assignments)
     async with _weaver(args) as weaver:
-        previous = await weaver.get(args.run)
+        previous: Revision | None
+        try:
+            previous = await weaver.get(args.run)
+        except CorruptEntry:
+            if not args.replace:
+                raise
+            previous = None
         revision = await weaver.set(args.run, changes, replace=args.replace)
-        if not args.json:
-            change = describe_changes(previous.config if previous else None, revision.config)
-            out.write(f"{args.run}: revision {revision.revision} stored ({change})\n")
-            out.flush()
-        outcome: Outcome | None = None
-        if args.wait is not None:
-            try:
-                outcome = await weaver.wait(args.run, revision.revision, timeout=args.wait)
-            except WaitTimeout as exc:
-                if args.json:
-                    _print_json({"revision": to_dict(revision), "outcome": None}, out)
-                _error(str(exc))
-                return EXIT_WAIT_TIMEOUT
+        return await _report_write(args, out, weaver, previous, revision)
+
+
+async def _report_write(
+    args: argparse.Namespace, out: TextIO, weaver: AsyncWeaver, previous: Revision | None, revision: Revision
+) -> int:
+    """Print what was stored, then (with ``--wait``) the outcome, with its message; return the exit status."""
+    if not args.json:
+        change = describe_changes(previous.config if previous else None, revision.config)
+        out.write(f"{args.run}: revision {revision.revision} stored ({change})\n")
+        out.flush()
+    outcome: Outcome | None = None
+    if args.wait is not None:
+        try:
+            outcome = await weaver.wait(args.run, revision.revision, timeout=args.wait, revision_id=revision.id)
+        except (WaitTimeout, RunEnded) as exc:
+            if args.json:
+                _print_json({"revision": to_dict(revision), "outcome": None, "error": str(exc)}, out)
+            _error(str(exc))
+            return EXIT_WAIT_TIMEOUT if isinstance(exc, WaitTimeout) else EXIT_ERROR
     if args.json:
         _print_json({"revision": to_dict(revision), "outcome": to_dict(outcome) if outcome else None}, out)
     elif outcome is not None:
-        out.write(f"{args.run}: revision {revision.revision} {_describe_outcome(outcome)}\n")
+        out.write(f"{args.run}: revision {revision.revision} {_describe_outcome(outcome, full=True)}\n")
+        commands = outcome.detail.get("commands")
+        if isinstance(commands, dict) and outcome.result != "applied":
+            for name, what in commands.items():
+                out.write(f"{args.run}: {name}: {what}\n")
     if outcome is not None and outcome.result == "rejected":
-        _error(f"revision {revision.revision} of run {args.run!r} was rejected: {outcome.message or 'no reason'}")
         return EXIT_ERROR
     return EXIT_OK
 
 
 async def cmd_command(args: argparse.Namespace, out: TextIO) -> int:
-    """``weavelet checkpoint RUN`` / ``weavelet stop RUN``: set the command's key to a fresh token.
+    """``weavelet checkpoint RUN`` / ``weavelet stop RUN``: send the command to the run's live incarnation.
 
-    A command acts when its token changes (the config is desired state), so each call sends a new one.
+    The command's key gets a fresh token naming the live incarnation (read from the run's status), so it acts
+    once, and never in a later incarnation. A run with no live incarnation is refused at once.
     """
-    args.assignments = [f"{args.command}={secrets.token_hex(4)}"]
-    args.replace = False
-    return await cmd_set(args, out)
+    validate_run_id(args.run)
+    async with _weaver(args) as weaver:
+        try:
+            previous: Revision | None = await weaver.get(args.run)
+        except CorruptEntry:
+            previous = None
+        revision = await weaver.command(args.run, args.command)
+        assert isinstance(revision, Revision)
+        return await _report_write(args, out, weaver, previous, revision)
 
 
 async def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
@@ -231,9 +262,14 @@ async def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
 
 async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     validate_run_id(args.run)
+    unreadable: CorruptEntry | None = None
     async with _weaver(args) as weaver:
         status = await weaver.status(args.run)
-        desired = await weaver.get(args.run)
+        desired: Revision | None
+        try:
+            desired = await weaver.get(args.run)
+        except CorruptEntry as exc:
+            desired, unreadable = None, exc
     if status is None:
         where = "" if desired is None else f" (its desired config is at revision {desired.revision})"
         raise CliError(
@@ -248,7 +284,8 @@ async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         body.update(
             heartbeat_age=round(age, 3),
             stale=stale,
-            desired_revision=desired.revision if desired else None,
+            desired_revision=desired.revision if desired else unreadable.revision if unreadable else None,
+            desired_unreadable=str(unreadable) if unreadable else None,
         )
         _print_json(body, out)
         return EXIT_OK
@@ -256,13 +293,27 @@ async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     lines = [
         f"run        {status.run}",
         f"state      {status.state}{flag}",
+    ]
+    if status.incarnation:
+        started = f", started {format_time(status.started_at)}" if status.started_at else ""
+        lines.append(f"incarnation {status.incarnation}{started}")
+    lines += [
         f"heartbeat  {format_age(age)} ago ({format_time(status.heartbeat)})",
         f"step       {status.step}   epoch {status.epoch}",
     ]
-    applied = f"applied    revision {status.applied_revision}"
-    if desired is not None and desired.revision > status.applied_revision:
-        applied += f" (desired: revision {desired.revision}, not applied yet)"
-    lines.append(applied)
+    lines.append(f"applied    revision {status.applied_revision}")
+    last = status.last_outcome or {}
+    if unreadable is not None:
+        lines.append(f"desired    {unreadable}")
+    elif desired is not None and desired.revision > status.applied_revision:
+        if last.get("revision") == desired.revision and last.get("result") == "rejected":
+            lines.append(f"desired    revision {desired.revision} REJECTED: {last.get('message') or 'no reason given'}")
+        elif last.get("revision") == desired.revision:
+            lines.append(f"desired    revision {desired.revision} {last.get('result')}")
+        else:
+            lines.append(f"desired    revision {desired.revision}, not applied yet")
+    if last and not (desired is not None and last.get("revision") == desired.revision):
+        lines.append(f"last       revision {last.get('revision')} {last.get('result')}: {last.get('message') or ''}")
     if status.optimizer is not None:
         lines.append(f"optimizer  {_value(status.optimizer)}")
     if status.metrics:
@@ -277,37 +328,50 @@ async def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
     validate_run_id(args.run)
     async with _weaver(args) as weaver:
-        revisions = await weaver.history(args.run, limit=args.limit)
-        outcomes = {o.revision: o for o in await weaver.outcomes(args.run)}
-    if not revisions:
+        entries = await weaver.history(args.run, limit=args.limit)
+        outcomes: dict[int, list[Outcome]] = {}
+        for outcome in await weaver.outcomes(args.run):
+            outcomes.setdefault(outcome.revision, []).append(outcome)
+    if not entries:
         raise _missing_run(args.run)
     if args.json:
         rows = [
             {
-                "revision": to_dict(r),
-                "outcome": to_dict(outcomes[r.revision]) if r.revision in outcomes else None,
+                "revision": to_dict(e) if isinstance(e, Revision) else None,
+                "unreadable": None if isinstance(e, Revision) else {"revision": e.revision, "reason": e.reason},
+                "outcome": to_dict(outcomes[e.revision][-1]) if e.revision in outcomes else None,
+                "outcomes": [to_dict(o) for o in outcomes.get(e.revision, [])],
             }
-            for r in revisions
+            for e in entries
         ]
         _print_json(rows, out)
         return EXIT_OK
-    table = [("REV", "WRITTEN", "AUTHOR", "OUTCOME", "CHANGES")]
+    table = [("REV", "WRITTEN", "AUTHOR", "INCARNATION", "OUTCOME", "CHANGES")]
     previous: dict[str, Any] | None = None
-    for revision in revisions:
-        table.append(
-            (
-                str(revision.revision),
-                format_time(revision.created_at),
-                revision.author or "?",
-                _describe_outcome(outcomes.get(revision.revision)),
-                (
-                    describe_changes(previous or {}, revision.config)
-                    if previous is not None or revision.revision == 1
-                    else _value(revision.config)  # older revisions were trimmed: show it whole
-                ),
+    for entry in entries:
+        answers: list[Outcome | None] = [*outcomes.get(entry.revision, [])] or [None]
+        if isinstance(entry, Revision):
+            written, author = format_time(entry.created_at), entry.author or "?"
+            changes = (
+                describe_changes(previous or {}, entry.config)
+                if previous is not None or entry.revision == 1
+                else _value(entry.config)  # older revisions were trimmed: show it whole
             )
-        )
-        previous = revision.config
+            previous = entry.config
+        else:
+            written, author, changes = "?", "?", f"UNREADABLE: {entry.reason}"
+            previous = None
+        for index, answer in enumerate(answers):
+            table.append(
+                (
+                    str(entry.revision) if index == 0 else "",
+                    written if index == 0 else "",
+                    author if index == 0 else "",
+                    (answer.incarnation or "-") if answer is not None else "-",
+                    _describe_outcome(answer),
+                    changes if index == 0 else "",
+                )
+            )
     _print_table(table, out)
     return EXIT_OK
 
@@ -318,12 +382,17 @@ async def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
         rows: list[dict[str, Any]] = []
         now = time.time()
         for name in names:
-            revision = await weaver.get(name)
+            number: int | None
+            try:
+                revision = await weaver.get(name)
+                number = revision.revision if revision else None
+            except CorruptEntry as exc:
+                number = exc.revision
             status = await weaver.status(name)
             rows.append(
                 {
                     "run": name,
-                    "revision": revision.revision if revision else None,
+                    "revision": number,
                     "state": status.state if status else None,
                     "applied_revision": status.applied_revision if status else None,
                     "heartbeat_age": round(status.age(now), 3) if status else None,
@@ -502,9 +571,10 @@ def build_parser(load: Collection[str] = ()) -> argparse.ArgumentParser:
     stale.add_argument(
         "--stale-after",
         type=_positive_float,
-        default=DEFAULT_STALE_AFTER,
+        default=None,
         metavar="S",
-        help=f"flag a running run as stale after S seconds without a heartbeat (default {DEFAULT_STALE_AFTER:g})",
+        help=f"flag a running run as stale after S seconds without a heartbeat (default: {STALE_KEEPALIVES} of "
+        "the run's keepalive intervals plus 2 s)",
     )
 
     parser = argparse.ArgumentParser(

@@ -8,6 +8,7 @@
        |                 +-------------------------+
        |                                           |
        +--stop--> stopped   starting|running --stop--> stopping --> stopped
+                                                          stopping --> failed   (the training loop raised)
                             starting|running --fatal error / restart limit--> failed
 
 ``stopped`` and ``failed`` are final. :meth:`Lifecycle.move` refuses any move not in :data:`TRANSITIONS`, so
@@ -38,7 +39,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     # starting -> starting: a restart attempt while a previous one has not connected yet.
     STARTING: frozenset({STARTING, RUNNING, STOPPING, FAILED}),
     RUNNING: frozenset({STARTING, STOPPING, FAILED}),
-    STOPPING: frozenset({STOPPED}),
+    # stopping -> failed: the trainer stops because its loop raised; the run ends failed, with the exception.
+    STOPPING: frozenset({STOPPED, FAILED}),
     STOPPED: frozenset(),
     FAILED: frozenset(),
 }

@@ -1,71 +1,108 @@
-"""The trainer's side of weavelet: :class:`WeaveletProcess` starts, supervises and stops the sidecar.
+"""The trainer's side of weavelet: :class:`WeaveletProcess`, one incarnation of a run.
 
-The trainer calls :meth:`WeaveletProcess.poll` at each optimizer-step boundary (one shared-integer read when
-nothing changed), applies what it returns, and tells the outcome with :meth:`WeaveletProcess.report_outcome`.
-:meth:`WeaveletProcess.report` hands over step, epoch, metrics and the active optimizer for the heartbeat.
-None of these ever blocks or raises: a dead, stalled or disconnected sidecar never holds training up.
+Each trainer start is a new **incarnation** of its run: an id (:attr:`WeaveletProcess.incarnation`) and a start
+time, carried in every status and outcome. The trainer calls :meth:`WeaveletProcess.poll` at each optimizer-step
+boundary (one shared-integer read when nothing changed), applies what it returns, and tells the outcome with
+:meth:`WeaveletProcess.report_outcome`; :meth:`WeaveletProcess.report` hands over step, epoch, metrics and the
+active optimizer. None of these ever blocks or raises: a dead, stalled or disconnected sidecar never holds
+training up.
 
-A supervisor thread restarts a sidecar that died (exponential backoff, a restart limit); the new sidecar
-reconciles from the newest revision, starting after the last one handed to the trainer, so no revision is
-handed out twice or silently skipped (skipped ones are reported ``superseded``).
+The jobs are split by module, each rule in one place:
+
+- :mod:`weavelet_core.supervisor`: spawning, restarting and stopping the sidecar (one escalation policy);
+- :mod:`weavelet_core.ledger`: outcomes kept until a sidecar stored them, bounded, fitted to the wire;
+- :mod:`weavelet_core.recorder`: the status and the one throttle on snapshots;
+- this module: the lifecycle, the incarnation and the per-step fast path.
+
+What the incarnation does at start (the sidecar carries it out on its first connection, see
+:mod:`weavelet_core.sidecar`):
+
+- **Ownership.** A second trainer on a run whose owner is live (a heartbeat younger than ``stale_after``) is
+  refused with :class:`~weavelet_core.RunOwned` naming the owner's pid, host and heartbeat age, unless
+  ``takeover=True``; a stale owner is taken over with a warning. An owner that was taken over stops its remote
+  control (state ``failed``, saying by whom) at its next heartbeat.
+- **Fresh start** (``resume=False``): the desired config an earlier incarnation left is not inherited silently.
+  ``fresh="reset"`` (default) writes a new, empty revision on top of it, so the store says what runs;
+  ``fresh="adopt"`` applies its hyperparameters. One line on stderr says what the store held and what was done.
+- **Resume** (``resume=True``, e.g. from a checkpoint): revisions newer than ``after`` are reconciled as before.
+- In every case, commands (``stop``, ``checkpoint``, ...) stored before the incarnation started never act in it:
+  the revision that was newest at start is handed out marked as the *baseline* (:meth:`is_baseline`).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
 import json
 import logging
 import math
 import multiprocessing
-import multiprocessing.connection
 import os
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
-from weavelet_core import exithooks, spawning
+from weavelet_core import exithooks
 from weavelet_core.channel import Channel
-from weavelet_core.errors import ProtocolError
-from weavelet_core.lifecycle import (
-    CREATED,
-    FAILED,
-    RUNNING,
-    STARTING,
-    STOPPED,
-    STOPPING,
-    Lifecycle,
-)
+from weavelet_core.errors import ProtocolError, RunOwned
+from weavelet_core.ledger import OutcomeLedger
+from weavelet_core.lifecycle import CREATED, FAILED, RUNNING, STARTING, STOPPED, STOPPING, Lifecycle
 from weavelet_core.plugins import default_url, get_registry, mask_password, open_transport
-from weavelet_core.protocol import OUTCOME_RESULTS, Outcome, Revision, decode, to_dict, validate_run_id
-from weavelet_core.sidecar import EXIT_FATAL, SidecarConfig
-from weavelet_core.sidecar import main as sidecar_main
+from weavelet_core.protocol import (
+    OUTCOME_RESULTS,
+    Outcome,
+    Revision,
+    from_dict,
+    new_incarnation,
+    truncate,
+    validate_run_id,
+)
+from weavelet_core.recorder import DEFAULT_INTERVAL, StatusRecorder
+from weavelet_core.sidecar import SidecarConfig
+from weavelet_core.supervisor import SidecarSupervisor
 
 log = logging.getLogger(__name__)
 
-STATUS_FLUSH_INTERVAL = 0.05
-"""Shortest time between two status snapshots handed to the sidecar; calls in between only record."""
+FreshPolicy = Literal["reset", "adopt"]
+FRESH_POLICIES: tuple[str, ...] = ("reset", "adopt")
+STATUS_FLUSH_INTERVAL = DEFAULT_INTERVAL
+"""Default shortest time between two status snapshots handed to the sidecar."""
+
+
+def default_stale_after(heartbeat_interval: float) -> float:
+    """Seconds without a heartbeat after which an owner counts as stale: ``max(10, 5 * heartbeat_interval)``."""
+    return max(10.0, 5.0 * heartbeat_interval)
 
 
 class WeaveletProcess:
-    """Runs the weavelet sidecar for one training run and is the trainer's channel to it.
+    """One incarnation of a run: runs its weavelet sidecar and is the trainer's channel to it.
 
     :param run: the run id (validated here: an invalid one raises :class:`~weavelet_core.InvalidRunId`).
     :param url: transport URL; default ``WEAVELET_URL`` or the per-user ``file://`` directory. Resolved here:
         an unknown scheme raises :class:`~weavelet_core.UnknownTransport`, a missing client library
         :class:`~weavelet_core.MissingDriver`. ``memory://`` is refused (it cannot cross processes).
     :param after: revisions ``<= after`` are already applied (resume from a checkpoint): never handed out.
-    :param heartbeat_interval: seconds between status publications.
-    :param connect_timeout: deadline of each connection attempt of the sidecar.
+    :param resume: whether this start continues an earlier incarnation from its checkpoint (default: ``after >
+        0``). A resume reconciles with newer revisions; a fresh start follows ``fresh``.
+    :param fresh: what a fresh start does with a desired config an earlier incarnation left: ``"reset"``
+        (default: write an empty revision on top, so nothing is inherited) or ``"adopt"`` (apply its
+        hyperparameters). Commands stored before the start never act, whichever is chosen.
+    :param takeover: take the run over from a live owner instead of being refused with ``RunOwned``.
+    :param stale_after: seconds without a heartbeat after which an owner may be taken over without
+        ``takeover`` (default :func:`default_stale_after`).
+    :param heartbeat_interval: seconds between status publications (the keepalive; default 1).
+    :param connect_timeout: deadline of each connection attempt of the sidecar, seconds.
     :param max_restarts: how many times a dead sidecar is restarted (``None``: without limit); when exceeded
         the state becomes ``failed`` and training goes on without remote control.
-    :param restart_backoff: ``(first, longest)`` delay before a restart, doubling per consecutive death.
+    :param restart_backoff: ``(first, longest)`` delay in seconds before a restart, doubling per death.
     :param transport_options: keyword arguments for the transport factory (plain, picklable values).
-    :param status_interval: shortest time between two status snapshots handed to the sidecar.
+    :param status_interval: shortest time in seconds between two status snapshots (default 0.5); the epoch,
+        the optimizer and outcomes are passed on at once.
     :param log_level: the sidecar's log level (default: the effective level of the ``weavelet_core`` logger).
+    :param incarnation: the incarnation id to use (default: a fresh one from
+        :func:`~weavelet_core.protocol.new_incarnation`); the ranks of one job do not need one each.
     """
 
     def __init__(
@@ -74,6 +111,10 @@ class WeaveletProcess:
         url: str | None = None,
         *,
         after: int = 0,
+        resume: bool | None = None,
+        fresh: FreshPolicy = "reset",
+        takeover: bool = False,
+        stale_after: float | None = None,
         heartbeat_interval: float = 1.0,
         connect_timeout: float = 10.0,
         max_restarts: int | None = 10,
@@ -81,6 +122,7 @@ class WeaveletProcess:
         transport_options: dict[str, object] | None = None,
         status_interval: float = STATUS_FLUSH_INTERVAL,
         log_level: int | None = None,
+        incarnation: str | None = None,
     ) -> None:
         self.run: str = validate_run_id(run)
         resolved = url or default_url()
@@ -105,51 +147,48 @@ class WeaveletProcess:
         _check_positive(low, "restart_backoff[0]")
         if high < low:
             raise ValueError(f"restart_backoff: longest delay {high} is shorter than the first {low}")
+        if fresh not in FRESH_POLICIES:
+            raise ValueError(f"fresh must be one of {', '.join(map(repr, FRESH_POLICIES))}, got {fresh!r}")
+        if stale_after is not None:
+            _check_positive(stale_after, "stale_after")
         self.heartbeat_interval = float(heartbeat_interval)
         self.connect_timeout = float(connect_timeout)
-        self.max_restarts = max_restarts
-        self.restart_backoff = (float(low), float(high))
-        self.status_interval = max(0.0, float(status_interval))
+        self.resume = bool(after > 0) if resume is None else bool(resume)
+        self.fresh: FreshPolicy = fresh
+        self.takeover = bool(takeover)
+        self.stale_after = float(stale_after) if stale_after is not None else default_stale_after(heartbeat_interval)
         self.log_level = log_level
+        self.incarnation = incarnation or new_incarnation()
+        self.started_at = time.time()
 
         self._lifecycle = Lifecycle()
         self._owner_pid = os.getpid()
-        self._ctx = multiprocessing.get_context("spawn")
-        self._lock = threading.RLock()  # guards the current sidecar and channel
+        self._supervisor = SidecarSupervisor(
+            self,
+            multiprocessing.get_context("spawn"),
+            max_restarts=max_restarts,
+            restart_backoff=(float(low), float(high)),
+        )
         self._stop_lock = threading.RLock()
         self._stop_owner: int | None = None
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._channel: Channel | None = None
-        self._supervisor: threading.Thread | None = None
-        self._wake_r = -1
-        self._wake_w = -1
-        self._stopping = False
         self._cleaned = False
         self._message: str | None = None
+        self._error: str | None = None
         self._connected = False
-        self.restarts = 0
+        self._claimed = False
+        self._claimed_baseline = 0
 
-        # Fast paths read these without a lock.
-        self._idle_version: Any = ctypes.c_uint64(0)
+        self._ledger = OutcomeLedger()
+        self._recorder = StatusRecorder(status_interval, applied=after)
+
+        # The fast path reads these without a lock.
+        self._idle_version: Any = _Counter()
         self._version: Any = self._idle_version
         self._seen = 0
         self._handed_out = after
-        self._applied = after
-
-        # Status, recorded by report() and flushed to the shared slot at most every status_interval.
-        self._step = 0
-        self._epoch = 0
-        self._metrics: dict[str, float] | None = None
-        self._optimizer: dict[str, object] | None = None
-        self._next_flush = 0.0
-        self._dirty = False
-        self._flush_lock = threading.Lock()
-
-        # Outcomes not yet confirmed published by a sidecar: (seq, message bytes).
-        self._outcome_seq = 0
-        self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._pending_lock = threading.Lock()
-        self._report_errors = 0
+        self._handed_id = ""
+        self._baseline = 0
+        self._held: list[tuple[Revision, bool]] = []
 
     # -- properties ------------------------------------------------------------------------------------
     @property
@@ -160,7 +199,7 @@ class WeaveletProcess:
     @property
     def applied_revision(self) -> int:
         """The last revision reported ``applied`` (or ``after``)."""
-        return self._applied
+        return self._recorder.applied
 
     @property
     def handed_out(self) -> int:
@@ -173,6 +212,11 @@ class WeaveletProcess:
         return self._message
 
     @property
+    def error(self) -> str | None:
+        """The name of the error that made the state ``failed`` (``"RunOwned"``, ...), if one did."""
+        return self._error
+
+    @property
     def connected(self) -> bool:
         """Whether the sidecar is connected to the transport now."""
         return self._connected and self._lifecycle.state == RUNNING
@@ -180,44 +224,46 @@ class WeaveletProcess:
     @property
     def pid(self) -> int | None:
         """The sidecar's process id, while one is running."""
-        process = self._process
-        return process.pid if process is not None and process.is_alive() else None
+        return self._supervisor.pid
+
+    @property
+    def restarts(self) -> int:
+        """How many times a dead sidecar was restarted."""
+        return self._supervisor.restarts
 
     @property
     def lifecycle(self) -> Lifecycle:
         return self._lifecycle
 
+    @property
+    def dropped_outcomes(self) -> int:
+        """Outcomes forgotten because more than the ledger's bound waited for a sidecar."""
+        return self._ledger.dropped
+
     # -- start -----------------------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
-        """Start the sidecar and wait at most ``timeout`` seconds for it to connect.
+        """Start the sidecar and wait at most ``timeout`` seconds for it to connect and claim the run.
 
-        If it has not connected by then (a transport outage), a warning is logged and ``start`` returns with
-        state ``starting``: the sidecar keeps trying in the background. Calling ``start`` on a started process
-        does nothing; a stopped or failed one cannot be started again (create a new one).
+        Raises :class:`~weavelet_core.RunOwned` when another live trainer owns the run (and ``takeover`` is
+        off). If the transport cannot be reached in time, a warning is logged and ``start`` returns with state
+        ``starting``: the sidecar keeps trying in the background. Calling ``start`` on a started process does
+        nothing; a stopped or failed one cannot be started again (create a new one).
         """
-        with self._lock:
-            state = self._lifecycle.state
-            if state in (STARTING, RUNNING):
-                return
-            if state != CREATED:
-                raise RuntimeError(
-                    f"weavelet for run {self.run!r} is {state}; a WeaveletProcess starts once: create a new one"
-                )
-            self._lifecycle.move(STARTING)
-            spawning.install()
-            self._wake_r, self._wake_w = os.pipe()
-            try:
-                self._spawn()
-            except BaseException as exc:
-                self._message = f"cannot start the weavelet sidecar: {exc}"
-                self._lifecycle.move(FAILED)
-                self._cleanup_pipes()
-                raise
-            exithooks.register(self)
-            self._supervisor = threading.Thread(
-                target=self._supervise, name=f"weavelet-supervisor-{self.run}", daemon=True
+        state = self._lifecycle.state
+        if state in (STARTING, RUNNING):
+            return
+        if state != CREATED:
+            raise RuntimeError(
+                f"weavelet for run {self.run!r} is {state}; a WeaveletProcess starts once: create a new one"
             )
+        self._lifecycle.move(STARTING)
+        try:
             self._supervisor.start()
+        except BaseException as exc:
+            self._message = f"cannot start the weavelet sidecar: {exc}"
+            self._lifecycle.move(FAILED)
+            raise
+        exithooks.register(self)
         if not self._lifecycle.wait_for((RUNNING, FAILED, STOPPING, STOPPED), timeout):
             log.warning(
                 "weavelet: run %r could not connect to %s within %.1fs%s; training continues and the weavelet "
@@ -227,11 +273,13 @@ class WeaveletProcess:
                 timeout,
                 f" ({self._message})" if self._message else "",
             )
+        elif self._lifecycle.state == FAILED and self._error == RunOwned.__name__:
+            self.stop()
+            raise RunOwned(self._message or f"run {self.run!r} is owned by another live trainer")
 
-    def _spawn(self) -> None:
-        """Start a sidecar with a fresh channel; carry unpublished outcomes and the status over."""
-        channel = Channel(self._ctx)
-        config = SidecarConfig(
+    # -- what the supervisor asks of us (supervisor.Owner) ---------------------------------------------
+    def sidecar_config(self) -> SidecarConfig:
+        return SidecarConfig(
             run=self.run,
             url=self.url,
             after=self._handed_out,
@@ -242,154 +290,70 @@ class WeaveletProcess:
             log_level=self.log_level
             if self.log_level is not None
             else logging.getLogger("weavelet_core").getEffectiveLevel(),
+            incarnation=self.incarnation,
+            started_at=self.started_at,
+            resume=self.resume,
+            fresh=self.fresh,
+            takeover=self.takeover,
+            stale_after=self.stale_after,
+            claimed=self._claimed,
+            baseline=self._claimed_baseline,
         )
-        process = self._ctx.Process(
-            target=sidecar_main,
-            args=(config, channel),
-            name=f"{spawning.SIDECAR_NAME_PREFIX}-{self.run}",
-            daemon=True,
-        )
-        process.start()
-        channel.after_spawn()
-        with self._pending_lock:
-            carried = [data for _seq, data in self._pending]
-        for data in carried:
+
+    def attach_channel(self, channel: Channel) -> None:
+        for data in self._ledger.pending():
             channel.to_sidecar.put(data)
-        self._channel = channel
-        self._process = process
         self._seen = 0
         self._version = channel.version
         self._connected = False
-        self._flush_status(time.monotonic())
+        self._recorder.flush(channel.status)
 
-    # -- supervision -----------------------------------------------------------------------------------
-    def _supervise(self) -> None:
-        try:
-            self._supervise_loop()
-        except Exception as exc:  # a bug here must not pass silently: remote control would quietly stop
-            if not self._stopping:
-                log.exception("weavelet: the supervisor of run %r failed", self.run)
-                self._fail(f"the weavelet supervisor failed: {exc!r}")
+    def detach_channel(self, channel: Channel) -> None:
+        self._ledger.ack(int(channel.outcome_ack.value))
+        self._version = self._idle_version
+        self._seen = 0
+        self._held = []
 
-    def _supervise_loop(self) -> None:
-        consecutive = 0
-        while True:
-            with self._lock:
-                process, channel = self._process, self._channel
-            if self._stopping or process is None or channel is None:
-                return
-            started = time.monotonic()
-            events_open = True
-            while True:
-                waitables: list[Any] = [process.sentinel, self._wake_r]
-                if events_open:
-                    waitables.append(channel.events_reader)
-                try:
-                    ready = multiprocessing.connection.wait(waitables)
-                except (OSError, ValueError):  # closed under us: only stop() does that
-                    return
-                if self._stopping:
-                    return
-                if events_open and channel.events_reader in ready:
-                    events_open = self._read_events(channel)
-                if process.sentinel in ready:
-                    break
-            code = _exit_code(process, timeout=1.0)
-            if self._stopping:
-                return
-            if code == EXIT_FATAL:
-                self._fail(self._message or "the weavelet sidecar stopped on a fatal error")
-                return
-            if time.monotonic() - started > 10 * self.restart_backoff[1]:
-                consecutive = 0
-            if self.max_restarts is not None and self.restarts >= self.max_restarts:
-                self._fail(
-                    f"the weavelet sidecar died {self.restarts + 1} times (last exit code {code}); the restart "
-                    f"limit is {self.max_restarts}: remote control of run {self.run!r} is off, training goes on"
-                )
-                return
-            low, high = self.restart_backoff
-            delay = min(low * (2**consecutive), high)
-            consecutive += 1
-            log.warning(
-                "weavelet: the sidecar of run %r exited (code %s); restarting in %.1fs (restart %d of %s); "
-                "training is not affected",
-                self.run,
-                code,
-                delay,
-                self.restarts + 1,
-                self.max_restarts if self.max_restarts is not None else "unlimited",
-            )
-            self._connected = False
-            self._lifecycle.move_if((RUNNING,), STARTING)
-            with contextlib.suppress(OSError):
-                multiprocessing.connection.wait([self._wake_r], timeout=delay)
-            with self._lock:
-                if self._stopping:
-                    return
-                self._retire(channel)
-                self._process = self._channel = None
-                try:
-                    self._spawn()
-                except Exception as exc:
-                    self._fail(f"cannot restart the weavelet sidecar: {exc}")
-                    return
-                self.restarts += 1
-
-    def _read_events(self, channel: Channel) -> bool:
-        """Handle the sidecar's events; return ``False`` once its end of the pipe is closed."""
-        reader = channel.events_reader
-        try:
-            while reader.poll():
-                data = reader.recv_bytes()
-                try:
-                    event = json.loads(data)
-                except ValueError:
-                    continue
-                if not isinstance(event, dict):
-                    continue
-                self._on_event(str(event.get("event")), event.get("message"))
-        except (EOFError, OSError):
-            return False
-        return True
-
-    def _on_event(self, event: str, message: object) -> None:
+    def on_event(self, event: str, payload: dict[str, Any]) -> None:
+        message = payload.get("message")
         text = message if isinstance(message, str) else None
-        if event == "connected":
+        if event == "claimed":
+            self._claimed = True
+            after, baseline = payload.get("after"), payload.get("baseline")
+            with self._supervisor.lock:
+                if isinstance(after, int) and after > self._handed_out and not self._held:
+                    self._handed_out = after  # a fresh start's reset revision: a restarted sidecar starts after it
+                if isinstance(baseline, int):
+                    self._claimed_baseline = baseline
+        elif event == "connected":
             self._connected = True
             self._message = None
             self._lifecycle.move_if((STARTING,), RUNNING)
         elif event in ("disconnected", "failed"):
             self._connected = False
             self._message = text
+            error = payload.get("error")
+            if event == "failed" and isinstance(error, str):
+                self._error = error
 
-    def _fail(self, message: str) -> None:
-        self._message = message
-        log.error("weavelet: run %r: %s", self.run, message)
-        with self._lock:
-            moved = self._lifecycle.move_if((STARTING, RUNNING), FAILED)
-            if moved:
-                process, channel = self._process, self._channel
-                if process is not None:
-                    process.join(0.1)
-                if channel is not None:
-                    self._retire(channel)
-                self._process = None
-                self._channel = None
+    def on_restarting(self) -> None:
+        self._connected = False
+        self._lifecycle.move_if((RUNNING,), STARTING)
 
-    def _retire(self, channel: Channel) -> None:
-        """Stop using ``channel`` (its sidecar is gone)."""
-        self._prune_pending(int(channel.outcome_ack.value))
-        self._version = self._idle_version
-        self._seen = 0
-        channel.close()
+    def on_fail(self, message: str) -> None:
+        self._message = message or self._message or "the weavelet sidecar stopped on a fatal error"
+        log.error("weavelet: run %r: %s", self.run, self._message)
+        if self._lifecycle.move_if((STARTING, RUNNING), FAILED):
+            self._supervisor.abandon()
 
     # -- stop ------------------------------------------------------------------------------------------
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the sidecar within ``timeout`` seconds; idempotent. Does nothing in a forked child process.
+    def stop(self, timeout: float = 5.0, *, error: BaseException | str | None = None) -> None:
+        """End this incarnation within ``timeout`` seconds; idempotent. Does nothing in a forked child.
 
-        The sidecar publishes pending outcomes and a final ``stopped`` status, then exits. One that does not
-        exit in time is terminated, then killed. Queues are closed and their threads joined.
+        The sidecar publishes pending outcomes and a final status, then exits; one that does not exit in time
+        is terminated, then killed. With ``error`` (the exception that ended the training loop, or a message)
+        the final state is ``failed`` and the status message carries the exception's type and message;
+        otherwise it is ``stopped``.
         """
         if os.getpid() != self._owner_pid:
             return  # a forked copy (a DataLoader worker, say) must not stop its parent's sidecar
@@ -400,60 +364,36 @@ class WeaveletProcess:
         with self._stop_lock:
             self._stop_owner = me
             try:
-                self._stop(deadline)
+                self._stop(deadline, error)
             finally:
                 self._stop_owner = None
 
-    def _stop(self, deadline: float) -> None:
+    def _stop(self, deadline: float, error: BaseException | str | None) -> None:
         state = self._lifecycle.state
         if state == CREATED:
             self._lifecycle.move(STOPPED)
             return
         if self._cleaned:
             return
-        self._stopping = True
+        reason = describe_error(error) if error is not None else None
+        if reason is not None:
+            self._message = reason
         if state in (STARTING, RUNNING):
             self._lifecycle.move(STOPPING)
-        if self._wake_w >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
-        supervisor = self._supervisor
-        if supervisor is not None and supervisor is not threading.current_thread():
-            supervisor.join(max(0.05, min(1.0, deadline - time.monotonic())))
-        with self._lock:
-            process, channel = self._process, self._channel
-            if process is not None and channel is not None:
-                self._flush_status(time.monotonic(), force=True)
-                remaining = max(0.0, deadline - time.monotonic())
-                with contextlib.suppress(Exception):
-                    message = {"t": "stop", "timeout": round(remaining * 0.6, 3)}
-                    channel.to_sidecar.put(json.dumps(message).encode())
-                process.join(max(0.05, remaining * 0.8))
-                if process.is_alive():
-                    log.warning("weavelet: sidecar of run %r did not stop in time; terminating it", self.run)
-                    process.terminate()
-                    process.join(max(0.05, (deadline - time.monotonic()) * 0.5))
-                if process.is_alive():
-                    process.kill()  # cannot be refused, even by a stopped (SIGSTOP) process
-                    process.join(min(1.0, max(0.1, deadline - time.monotonic())))
-                self._retire(channel)
-                if process.exitcode is not None:
-                    process.close()
-            self._process = None
-            self._channel = None
-        if supervisor is not None and supervisor.is_alive() and supervisor is not threading.current_thread():
-            supervisor.join(max(0.05, deadline - time.monotonic()))
-        self._cleanup_pipes()
-        self._cleaned = True
-        self._lifecycle.move_if((STOPPING,), STOPPED)
-        exithooks.unregister(self)
 
-    def _cleanup_pipes(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._wake_r = self._wake_w = -1
+        def before_stop() -> None:
+            channel = self._supervisor.channel
+            if channel is None:
+                return
+            self._recorder.flush(channel.status)
+            if reason is not None:
+                with contextlib.suppress(Exception):
+                    channel.to_sidecar.put(json.dumps({"t": "final", "state": FAILED, "message": reason}).encode())
+
+        self._supervisor.stop(deadline, before_stop)
+        self._cleaned = True
+        self._lifecycle.move_if((STOPPING,), FAILED if reason is not None else STOPPED)
+        exithooks.unregister(self)
 
     # -- the trainer's per-step calls ------------------------------------------------------------------
     def poll(self) -> Revision | None:
@@ -470,19 +410,24 @@ class WeaveletProcess:
             log.debug("weavelet: poll failed: %s", exc)
             return None
 
+    def is_baseline(self, revision: Revision | int) -> bool:
+        """Whether ``revision`` was the newest stored when this incarnation started (its commands never act)."""
+        number = revision if isinstance(revision, int) else revision.revision
+        return number == self._baseline and number > 0
+
     def _drain(self) -> Revision | None:
-        if not self._lock.acquire(blocking=False):
+        lock = self._supervisor.lock
+        if not lock.acquire(blocking=False):
             return None  # a restart or stop is in progress; the next poll looks again
         try:
-            return self._drain_locked()
+            channel = self._supervisor.channel
+            return None if channel is None else self._drain_channel(channel)
         finally:
-            self._lock.release()
+            lock.release()
 
-    def _drain_locked(self) -> Revision | None:
-        channel = self._channel
-        if channel is None:
-            return None
-        received: list[Revision] = []
+    def _drain_channel(self, channel: Channel) -> Revision | None:
+        received = self._held
+        self._held = []
         while True:
             try:
                 data = channel.to_trainer.get_nowait()
@@ -490,27 +435,41 @@ class WeaveletProcess:
                 break
             self._seen += 1
             try:
-                revision = decode(data, Revision)
-            except ProtocolError as exc:
-                log.error("weavelet: run %r: dropped an unreadable revision from the sidecar: %s", self.run, exc)
+                message = json.loads(data)
+                if not isinstance(message, dict) or message.get("t") != "revision":
+                    raise ProtocolError("not a revision message")
+                revision = from_dict(message.get("revision"), Revision)
+            except (ValueError, ProtocolError) as exc:
+                log.error("weavelet: run %r: dropped an unreadable message from the sidecar: %s", self.run, exc)
                 continue
             if revision.run == self.run and revision.revision > self._handed_out:
-                received.append(revision)
+                received.append((revision, bool(message.get("baseline"))))
         if not received:
             return None
-        received.sort(key=lambda r: r.revision)
-        newest = received[-1]
-        for older in received[:-1]:
-            if older.revision < newest.revision:
-                self._send_outcome(
-                    Outcome(
-                        run=self.run,
-                        revision=older.revision,
-                        result="superseded",
-                        message=f"revision {newest.revision} arrived before revision {older.revision} was applied",
-                    )
+        received.sort(key=lambda item: item[0].revision)
+        # The baseline (the revision newest when this incarnation started) is handed out on its own, before
+        # anything newer: its commands must be recorded as not ours before a newer revision's are judged.
+        cut = next((i for i, (_, baseline) in enumerate(received) if baseline), None)
+        if cut is not None and cut < len(received) - 1:
+            self._held = received[cut + 1 :]
+            self._seen -= len(self._held)  # makes the next poll's one-integer check look again
+            received = received[: cut + 1]
+        newest, baseline = received[-1]
+        for older, _ in received[:-1]:
+            self._send(
+                Outcome(
+                    run=self.run,
+                    revision=older.revision,
+                    revision_id=older.id,
+                    incarnation=self.incarnation,
+                    result="superseded",
+                    message=f"revision {newest.revision} arrived before revision {older.revision} was applied",
                 )
+            )
+        if baseline:
+            self._baseline = newest.revision
         self._handed_out = newest.revision
+        self._handed_id = newest.id
         return newest
 
     def report_outcome(
@@ -520,128 +479,82 @@ class WeaveletProcess:
         *,
         step: int | None = None,
         message: str | None = None,
-        detail: dict[str, object] | None = None,
+        detail: Mapping[str, object] | None = None,
     ) -> None:
         """Report what became of a revision :meth:`poll` returned: ``"applied"`` (at ``step``) or
         ``"rejected"`` (with ``message``). Never blocks, never raises; the outcome is kept until a sidecar has
-        published it (also across sidecar restarts)."""
+        published it (also across sidecar restarts). Messages longer than
+        :data:`~weavelet_core.protocol.MAX_MESSAGE_CHARS` are cut with a marker."""
         try:
             if result not in OUTCOME_RESULTS:
                 raise ProtocolError(f"result must be one of {', '.join(OUTCOME_RESULTS)}, got {result!r}")
+            text = truncate(message) if isinstance(message, str) else message
+            revision_id = self._handed_id if revision == self._handed_out else ""
             try:
                 outcome = Outcome(
-                    run=self.run, revision=revision, result=result, step=step, message=message, detail=detail or {}
+                    run=self.run,
+                    revision=revision,
+                    revision_id=revision_id,
+                    incarnation=self.incarnation,
+                    result=result,
+                    step=step,
+                    message=text,
+                    detail=dict(detail or {}),
                 )
             except ProtocolError as exc:
-                if detail:
-                    outcome = Outcome(
-                        run=self.run,
-                        revision=revision,
-                        result=result,
-                        step=step,
-                        message=f"{message or ''} (detail dropped: {exc})".strip(),
-                    )
-                else:
+                if not detail:
                     raise
-            if result == "applied" and revision > self._applied:
-                self._applied = revision
-            if step is not None and step > self._step:
-                self._step = step
-            self._send_outcome(outcome)
-            self._flush_status(time.monotonic(), force=True)
+                outcome = Outcome(
+                    run=self.run,
+                    revision=revision,
+                    revision_id=revision_id,
+                    incarnation=self.incarnation,
+                    result=result,
+                    step=step,
+                    message=truncate(f"{text or ''} (detail dropped: {exc})".strip()),
+                )
+            self._recorder.record_outcome(outcome)
+            self._send(outcome)
+            self._recorder.flush(self._supervisor.channel.status if self._supervisor.channel else None)
         except Exception as exc:
-            self._report_errors += 1
+            self._recorder.errors += 1
             log.error("weavelet: run %r: cannot report outcome of revision %r: %s", self.run, revision, exc)
 
-    def _send_outcome(self, outcome: Outcome) -> None:
-        self._outcome_seq += 1
-        seq = self._outcome_seq
-        data = json.dumps({"t": "outcome", "seq": seq, "outcome": to_dict(outcome)}).encode()
-        with self._pending_lock:
-            self._pending.append((seq, data))
-        channel = self._channel
+    def _send(self, outcome: Outcome) -> None:
+        data = self._ledger.add(outcome)
+        channel = self._supervisor.channel
         if channel is not None:
-            self._prune_pending(int(channel.outcome_ack.value))
+            self._ledger.ack(int(channel.outcome_ack.value))
             with contextlib.suppress(Exception):
                 channel.to_sidecar.put(data)
 
-    def _prune_pending(self, ack: int) -> None:
-        """Forget outcomes up to sequence number ``ack``: a sidecar has published them."""
-        with self._pending_lock:
-            while self._pending and self._pending[0][0] <= ack:
-                self._pending.popleft()
+    def report_due(self) -> bool:
+        """Whether a status snapshot is due: lets callers skip gathering metrics until it is."""
+        return self._recorder.due()
 
     def report(
         self,
         *,
         step: int | None = None,
         epoch: int | None = None,
-        metrics: dict[str, float] | None = None,
+        metrics: Mapping[str, Any] | None = None,
         optimizer: dict[str, object] | None = None,
+        force: bool = False,
     ) -> None:
-        """Record the trainer's status for the heartbeat (latest wins). Never blocks, never raises.
+        """Record the trainer's status (latest wins). Never blocks, never raises.
 
-        ``None`` leaves a field as it was. The snapshot the sidecar publishes is refreshed at most every
-        ``status_interval`` seconds, and at once when the epoch or the optimizer changes; :meth:`stop` and
-        :meth:`report_outcome` refresh it too.
+        ``None`` leaves a field as it was. Metrics may be numbers or one-element tensors; others are left out.
+        A snapshot goes to the sidecar when one is due (every ``status_interval``), at once when the epoch or
+        the optimizer changed, or with ``force``.
         """
         try:
-            urgent = False
-            if step is not None:
-                self._step = step
-            if epoch is not None:
-                urgent = epoch != self._epoch
-                self._epoch = epoch
-            if metrics is not None:
-                self._metrics = metrics
-            if optimizer is not None:
-                try:
-                    urgent = urgent or optimizer != self._optimizer
-                except Exception:
-                    urgent = True
-                self._optimizer = optimizer
-            now = time.monotonic()
-            if urgent or now >= self._next_flush:
-                self._flush_status(now)
-            else:
-                self._dirty = True
-        except Exception as exc:  # odd values (arrays compared with !=) must not reach the training loop
-            self._report_errors += 1
+            urgent = self._recorder.record(step=step, epoch=epoch, metrics=metrics, optimizer=optimizer)
+            if urgent or force:
+                channel = self._supervisor.channel
+                self._recorder.flush(channel.status if channel is not None else None)
+        except Exception as exc:  # odd values must not reach the training loop
+            self._recorder.errors += 1
             log.debug("weavelet: report failed: %s", exc)
-
-    def _flush_status(self, now: float, *, force: bool = False) -> None:
-        """Write the recorded status into the shared slot. Never blocks (skips if another thread writes)."""
-        channel = self._channel
-        if channel is None:
-            self._dirty = True
-            return
-        if not self._flush_lock.acquire(blocking=False):
-            self._dirty = True
-            return
-        try:
-            self._next_flush = now + self.status_interval
-            self._dirty = False
-            fields: dict[str, Any] = {
-                "step": _non_negative_int(self._step),
-                "epoch": _non_negative_int(self._epoch),
-                "applied_revision": self._applied,
-                "metrics": _clean_metrics(self._metrics),
-                "optimizer": self._optimizer,
-            }
-            try:
-                data = json.dumps(fields, allow_nan=False, default=str).encode()
-            except (TypeError, ValueError):
-                fields["optimizer"] = None
-                data = json.dumps(fields, allow_nan=False, default=str).encode()
-            if not channel.status.write(data):
-                fields["metrics"], fields["optimizer"] = {}, None
-                channel.status.write(json.dumps(fields).encode())
-        except Exception as exc:
-            if not force:
-                self._report_errors += 1
-                log.debug("weavelet: status snapshot failed: %s", exc)
-        finally:
-            self._flush_lock.release()
 
     # -- context manager -------------------------------------------------------------------------------
     def __enter__(self) -> WeaveletProcess:
@@ -651,21 +564,27 @@ class WeaveletProcess:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.stop()
+        self.stop(error=exc if exc is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit)) else None)
 
     def __repr__(self) -> str:
-        return f"<WeaveletProcess run={self.run!r} url={mask_password(self.url)!r} state={self.state}>"
+        return (
+            f"<WeaveletProcess run={self.run!r} incarnation={self.incarnation} url={mask_password(self.url)!r} "
+            f"state={self.state}>"
+        )
 
 
-def _exit_code(process: multiprocessing.process.BaseProcess, timeout: float) -> int | None:
-    """The exit code of a process whose sentinel fired. The sentinel can fire a moment before the process
-    can be reaped (its files are closed first), so ``join`` alone may return with no exit code yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        process.join(0.01)
-        if process.exitcode is not None or time.monotonic() >= deadline:
-            return process.exitcode
-        time.sleep(0.01)
+class _Counter:
+    """The version counter read while no sidecar runs: always 0."""
+
+    value = 0
+
+
+def describe_error(error: BaseException | str) -> str:
+    """``"TypeName: message"`` of an exception (or the text itself), cut to the message cap."""
+    if isinstance(error, BaseException):
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        return truncate(f"the training loop raised {text}")
+    return truncate(error)
 
 
 def _check_int(value: object, name: str, *, minimum: int) -> None:
@@ -678,28 +597,4 @@ def _check_positive(value: object, name: str) -> None:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
-def _non_negative_int(value: object) -> int:
-    try:
-        number: int = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError, OverflowError):
-        return 0
-    return max(0, number)
-
-
-def _clean_metrics(metrics: dict[str, float] | None) -> dict[str, float]:
-    """Metrics as finite floats keyed by strings; anything else (NaN loss, tensors that will not convert)
-    is left out rather than breaking the heartbeat."""
-    if not metrics:
-        return {}
-    clean: dict[str, float] = {}
-    for key, value in list(metrics.items()):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(number):
-            clean[str(key)] = number
-    return clean
-
-
-__all__ = ["WeaveletProcess"]
+__all__ = ["FRESH_POLICIES", "FreshPolicy", "WeaveletProcess", "default_stale_after", "describe_error"]

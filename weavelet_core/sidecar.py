@@ -3,18 +3,29 @@
 It runs :func:`main` in a ``spawn``-started process and never imports torch or Lightning. It
 
 - connects with a deadline (``connect_timeout``) and, after any outage, reconnects forever with backoff;
+- on the first connection of its incarnation, **claims** the run: refuses to take it from another live owner
+  (:class:`~weavelet_core.RunOwned`, exit :data:`EXIT_FATAL`) unless told to take over or the owner is stale;
+  then applies the fresh-start policy (see :mod:`weavelet_core.process`) and prints one line on stderr saying
+  what the store held and what was done with it. Until the claim succeeds it publishes nothing;
 - watches its run's desired config from the last revision it forwarded (so a reconnect or a restart
-  reconciles from the newest revision), validates each revision and forwards only newer ones to the trainer;
-  revisions it skips over are reported ``superseded`` unless they already have an outcome;
-- publishes every outcome the trainer reports, in order, retrying until it is stored, and the trainer's status
-  as a heartbeat (every ``heartbeat_interval`` seconds);
+  reconciles from the newest revision), validates each revision and forwards only newer ones to the trainer,
+  the one that was newest at the claim marked as the *baseline*; an entry that cannot be read is reported
+  ``rejected`` with the reason; stored revisions it skips over are reported ``superseded`` unless they
+  already have an outcome;
+- publishes every outcome the trainer reports, in order, retrying outages until it is stored; an outcome the
+  store refuses for good (it cannot be encoded) is dropped with a log line and never blocks those behind it;
+- publishes the trainer's status as a heartbeat (every ``heartbeat_interval`` seconds, the status's
+  ``keepalive``) and, before each, checks that the run is still its own: a newer live incarnation (one that
+  took over) ends this one's remote control without overwriting the new owner's status;
 - exits by itself within a second when the trainer dies (parent-process sentinel plus a ``getppid`` check),
   publishing a ``failed`` status that says so when the transport allows;
 - on the trainer's stop request, SIGTERM or SIGINT publishes what is pending and a final ``stopped`` status
   (bounded), then exits.
 
-Exit codes: :data:`EXIT_OK`, :data:`EXIT_FATAL` (authentication refused or driver missing: retrying cannot
-help), :data:`EXIT_ORPHANED` (the trainer died).
+Exit codes: :data:`EXIT_OK`, :data:`EXIT_FATAL` (authentication or permission refused, driver missing, run
+owned by another trainer: retrying cannot help), :data:`EXIT_ORPHANED` (the trainer died).
+
+Every loop over revisions is bounded and yields to the event loop, so the parent watch always gets to run.
 """
 
 from __future__ import annotations
@@ -36,9 +47,17 @@ import anyio
 import anyio.abc
 
 from weavelet_core.channel import Channel, reader_fileno
-from weavelet_core.errors import AuthenticationFailed, PluginError, ProtocolError
+from weavelet_core.errors import (
+    AuthenticationFailed,
+    CorruptEntry,
+    PermissionDenied,
+    PluginError,
+    ProtocolError,
+    RevisionConflict,
+    RunOwned,
+)
 from weavelet_core.plugins import mask_password, open_transport
-from weavelet_core.protocol import Outcome, Revision, Status, encode, from_dict
+from weavelet_core.protocol import Outcome, Revision, Status, encode, from_dict, to_dict, truncate
 from weavelet_core.transport import Transport
 
 log = logging.getLogger("weavelet_core.sidecar")
@@ -51,8 +70,10 @@ PARENT_CHECK_INTERVAL = 0.25
 RECONNECT_DELAY = (0.1, 5.0)
 ORPHAN_FINAL_TIMEOUT = 0.5
 SIGNAL_FINAL_TIMEOUT = 2.0
-MAX_SUPERSEDE_SCAN = 1000
-"""At most this many skipped revision numbers are checked for a missing outcome on each forward."""
+MAX_SUPERSEDE_SCAN = 100
+"""At most this many skipped stored revisions are checked for a missing outcome on each forward."""
+FINAL_ERRORS = (AuthenticationFailed, PermissionDenied, PluginError, RunOwned)
+"""Errors that retrying cannot fix: the sidecar exits with :data:`EXIT_FATAL`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +88,14 @@ class SidecarConfig:
     transport_options: dict[str, Any]
     trainer_pid: int
     log_level: int = logging.WARNING
+    incarnation: str = ""
+    started_at: float = 0.0
+    resume: bool = False
+    fresh: str = "reset"
+    takeover: bool = False
+    stale_after: float = 10.0
+    claimed: bool = False
+    baseline: int = 0
 
 
 class _Stop(Exception):
@@ -94,6 +123,9 @@ class Sidecar:
         self._cancel: anyio.CancelScope | None = None
         self._original_ppid = os.getppid()
         self._outage_since: float | None = None
+        self.claimed = config.claimed
+        self.baseline = config.baseline
+        self.last_outcome_seen: dict[str, Any] | None = None
 
     # -- entry -----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -116,12 +148,13 @@ class Sidecar:
         """Publish pending outcomes and the final status, within ``final_timeout``; close the transport."""
         with anyio.move_on_after(self.final_timeout, shield=True):
             transport = self.transport
-            if transport is None and self.exit_code != EXIT_FATAL:
+            if transport is None and self.exit_code != EXIT_FATAL and self.claimed:
                 transport = await self._open_once()
             if transport is not None:
                 try:
                     await self._publish_outbox(transport)
-                    await transport.publish_status(self._status(self.final_state, self.final_message))
+                    if self.claimed:  # never overwrite the status of a run this incarnation does not own
+                        await transport.publish_status(self._status(self.final_state, self.final_message))
                 except Exception as exc:
                     log.warning("weavelet: could not publish the final status of run %r: %s", self.run_id, exc)
         if self.transport is not None:
@@ -197,10 +230,16 @@ class Sidecar:
                 outcome = from_dict(message["outcome"], Outcome)
                 self.outbox.append((int(message["seq"]), outcome))
                 self._kick.set()
+            elif kind == "final":
+                assert isinstance(message, dict)
+                self.final_state = "failed" if message.get("state") == "failed" else "stopped"
+                text = message.get("message")
+                self.final_message = truncate(text) if isinstance(text, str) else None
             elif kind == "stop":
                 assert isinstance(message, dict)
                 timeout = float(message.get("timeout", SIGNAL_FINAL_TIMEOUT))
-                self._shutdown("stopped", EXIT_OK, timeout if math.isfinite(timeout) else SIGNAL_FINAL_TIMEOUT)
+                timeout = timeout if math.isfinite(timeout) else SIGNAL_FINAL_TIMEOUT
+                self._shutdown(self.final_state, EXIT_OK, timeout, self.final_message)
             else:
                 log.error("weavelet: ignoring an unknown message from the trainer: %.200r", data)
         except (ValueError, KeyError, TypeError, AssertionError, ProtocolError) as exc:
@@ -216,7 +255,7 @@ class Sidecar:
                 transport = open_transport(self.config.url, **self.config.transport_options)
                 with anyio.fail_after(self.config.connect_timeout):
                     await transport.connect()
-            except (AuthenticationFailed, PluginError) as exc:
+            except FINAL_ERRORS as exc:
                 await self._close_quietly(transport)
                 self._fatal(exc)
                 return
@@ -224,6 +263,21 @@ class Sidecar:
                 await self._close_quietly(transport)
                 reason = f"no answer within {self.config.connect_timeout:g}s" if isinstance(exc, TimeoutError) else exc
                 self._lost(f"cannot connect to {self.url}: {reason}", delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, high)
+                continue
+            try:
+                if not self.claimed:
+                    with anyio.fail_after(max(self.config.connect_timeout, 5.0)):
+                        await self._claim(transport)
+            except FINAL_ERRORS as exc:
+                await self._close_quietly(transport)
+                self._fatal(exc)
+                return
+            except Exception as exc:
+                await self._close_quietly(transport)
+                reason = f"no answer within {self.config.connect_timeout:g}s" if isinstance(exc, TimeoutError) else exc
+                self._lost(f"cannot claim run {self.run_id!r} on {self.url}: {reason}", delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, high)
                 continue
@@ -248,7 +302,7 @@ class Sidecar:
             self.transport = None
             await self._close_quietly(transport)
             error = failure[0] if failure else RuntimeError("transport tasks ended")
-            if isinstance(error, (AuthenticationFailed, PluginError)):
+            if isinstance(error, FINAL_ERRORS):
                 self._fatal(error)
                 return
             self._lost(f"lost {self.url}: {error}", delay)
@@ -275,10 +329,10 @@ class Sidecar:
         self.channel.send_event("disconnected", message)
 
     def _fatal(self, exc: BaseException) -> None:
-        message = str(exc) or f"{self.url} refused the credentials ({type(exc).__name__})"
+        message = truncate(str(exc) or f"{self.url} refused the credentials ({type(exc).__name__})")
         log.error("weavelet: %s; remote control of run %r is off", message, self.run_id)
-        self.channel.send_event("failed", message)
-        self._shutdown("failed", EXIT_FATAL, 0.0, message)
+        self.channel.send_event("failed", message, error=type(exc).__name__)
+        self._shutdown("failed", EXIT_FATAL, 0.0 if not self.claimed else SIGNAL_FINAL_TIMEOUT, message)
 
     @staticmethod
     async def _close_quietly(transport: Transport | None) -> None:
@@ -286,15 +340,137 @@ class Sidecar:
             with anyio.move_on_after(1.0, shield=True), contextlib.suppress(Exception):
                 await transport.aclose()
 
+    # -- claiming the run ----------------------------------------------------------------------------
+    async def _claim(self, transport: Transport) -> None:
+        """Take ownership of the run for this incarnation and apply the fresh-start policy (once)."""
+        config = self.config
+        current = await transport.status(self.run_id)
+        if current is not None and current.incarnation and current.incarnation != config.incarnation and current.live:
+            age = current.age()
+            owner = (
+                f"pid {current.pid} on host {current.host}, incarnation {current.incarnation}, "
+                f"last heartbeat {age:.1f}s ago"
+            )
+            if config.takeover:
+                log.warning("weavelet: run %r: taking over from a live trainer (%s) as asked", self.run_id, owner)
+            elif age <= config.stale_after:
+                raise RunOwned(
+                    f"run {self.run_id!r} is owned by a live trainer ({owner}); stop it first "
+                    f"(weavelet stop {self.run_id}), use another run id, or take over explicitly (takeover=True); "
+                    f"an owner without a heartbeat for {config.stale_after:g}s is taken over without asking"
+                )
+            else:
+                log.warning(
+                    "weavelet: run %r: taking over from a stale trainer (%s; the limit is %gs)",
+                    self.run_id,
+                    owner,
+                    config.stale_after,
+                )
+        try:
+            latest: Revision | None = await transport.latest(self.run_id)
+            number = latest.revision if latest is not None else 0
+            unreadable: CorruptEntry | None = None
+        except CorruptEntry as exc:
+            latest, number, unreadable = None, exc.revision, exc
+        line = await self._start_policy(transport, latest, number, unreadable)
+        self.claimed = True
+        await transport.publish_status(self._status("running"))
+        self.channel.send_event("claimed", line, after=self.last_forwarded, baseline=self.baseline)
+        print(f"weavelet: run {self.run_id!r}, incarnation {config.incarnation}: {line}", file=sys.stderr, flush=True)
+
+    async def _start_policy(
+        self, transport: Transport, latest: Revision | None, number: int, unreadable: CorruptEntry | None
+    ) -> str:
+        """Carry out the fresh-start or resume policy; return the line that tells what was done."""
+        config = self.config
+        held = (
+            f"revision {number} ({_describe(latest.config)})"
+            if latest is not None
+            else f"revision {number}, which cannot be read ({unreadable.reason})"
+            if unreadable is not None
+            else ""
+        )
+        ignored = "commands stored before this start are not carried out"
+        if config.resume:
+            if number <= config.after:
+                return f"resuming after revision {config.after}; the store holds nothing newer"
+            self.baseline = number
+            return f"resuming after revision {config.after}; newer {held} is reconciled at the next step ({ignored})"
+        if number == 0:
+            return "fresh start; the store held no desired config"
+        if config.fresh == "adopt" and latest is not None:
+            self.baseline = number
+            return f"fresh start; adopting {held} as asked (fresh='adopt'); {ignored}"
+        if latest is not None and not latest.config:
+            self.last_forwarded = max(self.last_forwarded, number)
+            return f"fresh start; the store held revision {number} with an empty config"
+        cleared = await self._write_reset(transport, number)
+        return (
+            f"fresh start; the store held {held} from an earlier incarnation; not inherited: cleared it with "
+            f"revision {cleared} (fresh='reset'; fresh='adopt' applies it instead)"
+        )
+
+    async def _write_reset(self, transport: Transport, number: int) -> int:
+        """Write an empty revision on top of ``number`` (compare-and-set, re-read on conflict); return its number."""
+        for _attempt in range(20):
+            revision = Revision(
+                run=self.run_id,
+                revision=number + 1,
+                config={},
+                author=f"weavelet (fresh start of incarnation {self.config.incarnation})",
+            )
+            try:
+                await transport.put(revision)
+            except RevisionConflict as exc:
+                number = exc.current
+                await anyio.sleep(0.01)
+                continue
+            self.last_forwarded = revision.revision
+            self._queue_outcome(
+                Outcome(
+                    run=self.run_id,
+                    revision=revision.revision,
+                    revision_id=revision.id,
+                    incarnation=self.config.incarnation,
+                    result="applied",
+                    step=0,
+                    message="fresh start: the desired config an earlier incarnation left was cleared; the training "
+                    "script's own settings are in effect",
+                )
+            )
+            return revision.revision
+        raise RevisionConflict(self.run_id, number, number)
+
+    # -- desired config --------------------------------------------------------------------------------
     async def _watch_revisions(self, transport: Transport) -> None:
         await self._supersede_skipped(transport)
         watcher = transport.watch(self.run_id, after=self.last_forwarded)
         try:
-            async for revision in watcher:
-                await self._forward(transport, revision)
+            async for entry in watcher:
+                if isinstance(entry, CorruptEntry):
+                    self._unreadable(entry)
+                else:
+                    await self._forward(transport, entry)
+                await anyio.lowlevel.checkpoint()
         finally:
             with anyio.move_on_after(1.0, shield=True), contextlib.suppress(Exception):
                 await watcher.aclose()  # type: ignore[attr-defined]
+
+    def _unreadable(self, entry: CorruptEntry) -> None:
+        """Report an entry that cannot be decoded as a rejection of its number (it is never applied)."""
+        if entry.revision <= self.last_forwarded:
+            return
+        log.error("weavelet: run %r: %s", self.run_id, entry)
+        self._queue_outcome(
+            Outcome(
+                run=self.run_id,
+                revision=entry.revision,
+                incarnation=self.config.incarnation,
+                result="rejected",
+                message=truncate(f"not applied: {entry}"),
+            )
+        )
+        self.last_forwarded = entry.revision
 
     async def _forward(self, transport: Transport, revision: object) -> None:
         if not isinstance(revision, Revision):
@@ -315,9 +491,22 @@ class Sidecar:
             return
         skipped_from = self.last_forwarded + 1
         try:
-            data = encode(revision)
-        except ProtocolError as exc:
-            self._queue_outcome(Outcome(run=self.run_id, revision=number, result="rejected", message=str(exc)))
+            encode(revision)
+            data = json.dumps(
+                {"t": "revision", "baseline": number == self.baseline, "revision": to_dict(revision)},
+                ensure_ascii=False,
+            ).encode()
+        except (ProtocolError, ValueError, TypeError) as exc:
+            self._queue_outcome(
+                Outcome(
+                    run=self.run_id,
+                    revision=number,
+                    revision_id=revision.id,
+                    incarnation=self.config.incarnation,
+                    result="rejected",
+                    message=truncate(str(exc)),
+                )
+            )
             log.error("weavelet: revision %d of run %r rejected: %s", number, self.run_id, exc)
         else:
             self.channel.forward(data)
@@ -328,25 +517,50 @@ class Sidecar:
         await self._supersede_skipped(transport)
 
     async def _supersede_skipped(self, transport: Transport) -> None:
-        """Report ``superseded`` for skipped revisions (``unscanned`` ranges) that never reached the trainer
-        and have no outcome yet, at most the last :data:`MAX_SUPERSEDE_SCAN` of each range. A range leaves
-        ``unscanned`` only once fully checked, so an outage in the middle is resumed after reconnecting."""
+        """Report ``superseded`` for skipped stored revisions (``unscanned`` ranges) that never reached the
+        trainer and have no outcome yet, at most the newest :data:`MAX_SUPERSEDE_SCAN` of each range. A range
+        leaves ``unscanned`` only once fully checked, so an outage in the middle is resumed after reconnecting.
+        Only revisions the store still holds are looked at: a number that was never written (a jump) has no
+        revision to answer."""
         while self.unscanned:
             first, number = self.unscanned[0]
             await self._supersede_range(transport, first, number)
             self.unscanned.pop(0)
 
     async def _supersede_range(self, transport: Transport, first: int, number: int) -> None:
-        for skipped in range(max(first, number - MAX_SUPERSEDE_SCAN), number):
-            if await transport.outcome(self.run_id, skipped) is None:
-                self._queue_outcome(
-                    Outcome(
-                        run=self.run_id,
-                        revision=skipped,
-                        result="superseded",
-                        message=f"revision {number} arrived before revision {skipped} was applied",
-                    )
+        stored = [
+            entry
+            for entry in await transport.history(self.run_id, limit=MAX_SUPERSEDE_SCAN + 1)
+            if first <= entry.revision < number
+        ]
+        for entry in stored[-MAX_SUPERSEDE_SCAN:]:
+            await anyio.lowlevel.checkpoint()
+            if await transport.outcome(self.run_id, entry.revision) is not None:
+                continue
+            if isinstance(entry, CorruptEntry):
+                self._unreadable_skipped(entry)
+                continue
+            self._queue_outcome(
+                Outcome(
+                    run=self.run_id,
+                    revision=entry.revision,
+                    revision_id=entry.id,
+                    incarnation=self.config.incarnation,
+                    result="superseded",
+                    message=f"revision {number} arrived before revision {entry.revision} was applied",
                 )
+            )
+
+    def _unreadable_skipped(self, entry: CorruptEntry) -> None:
+        self._queue_outcome(
+            Outcome(
+                run=self.run_id,
+                revision=entry.revision,
+                incarnation=self.config.incarnation,
+                result="rejected",
+                message=truncate(f"not applied: {entry}"),
+            )
+        )
 
     def _queue_outcome(self, outcome: Outcome) -> None:
         self.outbox.append((None, outcome))
@@ -355,18 +569,46 @@ class Sidecar:
     async def _publish_loop(self, transport: Transport) -> None:
         while True:
             await self._publish_outbox(transport)
+            await self._check_owner(transport)
             await transport.publish_status(self._status("running"))
             with anyio.move_on_after(self.config.heartbeat_interval):
                 await self._kick.wait()
             self._kick = anyio.Event()
 
+    async def _check_owner(self, transport: Transport) -> None:
+        """Raise ``RunOwned`` if a newer live incarnation publishes this run's status (it took the run over)."""
+        current = await transport.status(self.run_id)
+        if (
+            current is None
+            or not current.incarnation
+            or current.incarnation == self.config.incarnation
+            or not current.live
+            or current.started_at <= self.config.started_at
+        ):
+            return
+        self.claimed = False  # the status is the new owner's now: never overwrite it
+        raise RunOwned(
+            f"run {self.run_id!r} was taken over by incarnation {current.incarnation} (pid {current.pid} on host "
+            f"{current.host}); this trainer trains on without remote control"
+        )
+
     async def _publish_outbox(self, transport: Transport) -> None:
         while self.outbox:
             seq, outcome = self.outbox[0]
-            await transport.publish_outcome(outcome)
+            try:
+                await transport.publish_outcome(outcome)
+            except (ProtocolError, ValueError, TypeError) as exc:
+                # The store refuses it for good: drop it, never block the outcomes behind it.
+                log.error(
+                    "weavelet: run %r: the outcome of revision %d cannot be stored and is dropped: %s",
+                    self.run_id,
+                    outcome.revision,
+                    exc,
+                )
             self.outbox.pop(0)
             if seq is not None:
                 self.channel.outcome_ack.value = seq
+            await anyio.lowlevel.checkpoint()
 
     def _status(self, state: str, message: str | None = None) -> Status:
         snapshot = self.channel.status.read()
@@ -378,6 +620,11 @@ class Sidecar:
             except ValueError as exc:
                 log.debug("weavelet: unreadable status snapshot: %s", exc)
         fields = self._last_status
+        identity: dict[str, Any] = {
+            "incarnation": self.config.incarnation,
+            "started_at": self.config.started_at,
+            "keepalive": self.config.heartbeat_interval,
+        }
         try:
             return Status(
                 run=self.run_id,
@@ -390,14 +637,29 @@ class Sidecar:
                 optimizer=fields.get("optimizer"),
                 metrics=fields.get("metrics", {}),
                 heartbeat=time.time(),
+                last_outcome=fields.get("last_outcome"),
+                **identity,
             )
         except (ProtocolError, ValueError, TypeError) as exc:
             log.warning(
                 "weavelet: status of run %r not publishable (%s); sending the lifecycle state only", self.run_id, exc
             )
             return Status(
-                run=self.run_id, state=state, pid=self.config.trainer_pid, message=message, heartbeat=time.time()
+                run=self.run_id,
+                state=state,
+                pid=self.config.trainer_pid,
+                message=message,
+                heartbeat=time.time(),
+                **identity,
             )
+
+
+def _describe(config: dict[str, Any], limit: int = 200) -> str:
+    """``key=value, ...`` of a config's top-level keys, cut to ``limit`` characters."""
+    if not config:
+        return "empty"
+    text = ", ".join(f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in config.items())
+    return truncate(text, limit)
 
 
 def _configure_logging(level: int) -> None:

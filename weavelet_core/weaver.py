@@ -1,7 +1,13 @@
 """The control side: write desired-config revisions, read status, history and outcomes.
 
 :class:`AsyncWeaver` is the asyncio API; :class:`Weaver` wraps it for synchronous code (it runs an event loop
-in a background thread). Both are context managers.
+in a background daemon thread, so a script that never closes its ``Weaver`` still exits at once). Both are
+context managers.
+
+Outcome identity: every revision carries a unique ``id``, and every outcome the ``id`` of the write it answers.
+:meth:`AsyncWeaver.wait` matches on the id, so an outcome of an older write that happened to get the same number
+(a store whose numbering was reset) is never taken for the answer. Every public timeout holds to within about a
+second, also against a stopped server: each transport call runs under the caller's deadline.
 """
 
 from __future__ import annotations
@@ -10,21 +16,30 @@ import contextlib
 import copy
 import getpass
 import os
+import random
+import secrets
 import socket
+import threading
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import anyio
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 
-from weavelet_core.errors import RevisionConflict, TransportUnavailable, WaitTimeout
+from weavelet_core.errors import CorruptEntry, RevisionConflict, RunEnded, TransportUnavailable, WaitTimeout
 from weavelet_core.plugins import default_url, mask_password, open_transport
 from weavelet_core.protocol import JsonObject, Outcome, Revision, Status, validate_run_id
-from weavelet_core.transport import Transport
+from weavelet_core.transport import Entry, Transport
+
+T = TypeVar("T")
 
 DEFAULT_WRITE_TIMEOUT = 10.0
+STATUS_RECHECK = 1.0
+"""Seconds between two looks at the run's status while waiting for an outcome (has its incarnation ended?)."""
+COMMAND_TOKEN_BYTES = 8
 
 
 def default_author() -> str:
@@ -108,37 +123,62 @@ class AsyncWeaver:
         """Write a new revision: ``changes`` merged onto the current desired config (or replacing it).
 
         Concurrent writers never lose a write: on a compare-and-set conflict the merge is redone on top of the
-        newer revision. Outages are retried until ``write_timeout``. Without ``wait`` returns the stored
-        :class:`Revision`; with ``wait`` (seconds) returns its :class:`Outcome`, or raises
-        :class:`WaitTimeout` saying what the run was last seen doing.
+        newer revision, after a short randomised backoff. Outages are retried until ``write_timeout`` (seconds),
+        which holds even against a stopped server. Without ``wait`` returns the stored :class:`Revision`; with
+        ``wait`` (seconds) returns its :class:`Outcome` (see :meth:`wait`).
+
+        Raises :class:`~weavelet_core.CorruptEntry` when the newest stored revision cannot be read and
+        ``replace`` is false (there is nothing to merge onto; ``replace=True`` writes on top of it),
+        :class:`~weavelet_core.TransportUnavailable` when the write did not go through in time,
+        :class:`~weavelet_core.RevisionConflict` when other writers kept winning until then.
         """
         validate_run_id(run)
         if not isinstance(changes, Mapping):
             raise TypeError(f"changes must be a mapping of config keys to values, got {type(changes).__name__}")
-        transport = await self._ready()
         deadline = time.monotonic() + self.write_timeout
+        revision: Revision | None = None
+        with anyio.move_on_after(self.write_timeout) as scope:
+            revision = await self._write(run, changes, replace, deadline)
+        if revision is None or scope.cancelled_caught:
+            raise TransportUnavailable(
+                f"could not write run {run!r} to {mask_password(self.url)} within {self.write_timeout:g}s: no "
+                "answer; the write may or may not have been stored (check with weavelet get)"
+            )
+        self._last_written[run] = revision
+        if wait is None:
+            return revision
+        return await self.wait(run, revision.revision, timeout=wait, revision_id=revision.id)
+
+    async def _write(self, run: str, changes: Mapping[str, Any], replace: bool, deadline: float) -> Revision:
+        transport = await self._ready()
         delay = 0.005
         # A write whose reply was lost may have landed: its id identifies it, so a retry never stores the
         # same change twice.
         unconfirmed: Revision | None = None
         while True:
             try:
-                current = self._last_written.pop(run, None) if unconfirmed is None else None
+                current: Revision | None = self._last_written.pop(run, None) if unconfirmed is None else None
+                number: int
                 if current is None:
-                    current = await transport.latest(run)
+                    try:
+                        current = await transport.latest(run)
+                    except CorruptEntry as exc:
+                        if not replace:
+                            raise
+                        current, number = None, exc.revision
+                    else:
+                        number = current.revision if current else 0
+                else:
+                    number = current.revision
                 if unconfirmed is not None and current is not None and current.id == unconfirmed.id:
-                    revision = unconfirmed
-                    break
+                    return unconfirmed
                 base = current.config if current and not replace else {}
                 revision = Revision(
-                    run=run,
-                    revision=(current.revision if current else 0) + 1,
-                    config=merge_config(base, changes),
-                    author=self.author,
+                    run=run, revision=number + 1, config=merge_config(base, changes), author=self.author
                 )
                 unconfirmed = revision
                 await transport.put(revision)
-                break
+                return revision
             except (RevisionConflict, TransportUnavailable) as exc:
                 if time.monotonic() + delay > deadline:
                     if isinstance(exc, RevisionConflict):
@@ -147,34 +187,80 @@ class AsyncWeaver:
                         f"could not write run {run!r} to {mask_password(self.url)} within "
                         f"{self.write_timeout:g}s: {exc}"
                     ) from exc
-                await anyio.sleep(delay if isinstance(exc, TransportUnavailable) else 0)
+                # Randomised, growing backoff for conflicts too: racing writers spread out instead of
+                # hammering the store in lockstep.
+                await anyio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)
-        self._last_written[run] = revision
-        if wait is None:
-            return revision
-        return await self.wait(run, revision.revision, timeout=wait)
 
-    async def wait(self, run: str, revision: int, *, timeout: float) -> Outcome:
-        """Wait up to ``timeout`` seconds for the outcome of ``revision``."""
+    async def command(
+        self, run: str, name: str, *, wait: float | None = None, incarnation: str | None = None
+    ) -> Revision | Outcome:
+        """Send the command ``name`` (``"stop"``, ``"checkpoint"``, ...) to the run's live incarnation.
+
+        Writes ``{name: {"token": <fresh>, "incarnation": <live id>}}``: a command acts once, and only in the
+        incarnation that was live when it was written, never in a later one. ``incarnation`` names it
+        explicitly; by default it is read from the run's status. Raises :class:`~weavelet_core.RunEnded` when
+        the run has no live incarnation (nothing would act on the command). ``wait`` as in :meth:`set`.
+        """
+        validate_run_id(run)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"command name must be a non-empty string, got {name!r}")
+        if incarnation is None:
+            status = await self.status(run)
+            if status is None or not status.live or not status.incarnation:
+                raise RunEnded(_not_live(run, status, f"a {name} command would act in no incarnation"))
+            incarnation = status.incarnation
+        token = {"token": secrets.token_hex(COMMAND_TOKEN_BYTES), "incarnation": incarnation}
+        if wait is None:
+            return await self.set(run, {name: token})
+        return await self.set(run, {name: token}, wait=wait)
+
+    async def wait(self, run: str, revision: int, *, timeout: float, revision_id: str | None = None) -> Outcome:
+        """Wait up to ``timeout`` seconds for the outcome of ``revision`` and return it.
+
+        With ``revision_id`` (the :attr:`Revision.id` of the write) only an outcome answering that write
+        counts. Raises :class:`~weavelet_core.RunEnded` at once when the run's incarnation has ended (stopped or
+        failed) without answering, and :class:`~weavelet_core.WaitTimeout` when the time runs out, saying what
+        the run was last seen doing. The revision stays desired in either case.
+        """
         transport = await self._ready()
         deadline = time.monotonic() + timeout
         interval = 0.01
+        next_status = 0.0
         while True:
             with contextlib.suppress(TransportUnavailable):
-                found = await transport.outcome(run, revision)
-                if found is not None:
+                found = await self._bounded(transport.outcome(run, revision), deadline)
+                if found is not None and _answers(found, revision_id):
                     return found
+            now = time.monotonic()
+            if now >= next_status:
+                next_status = now + STATUS_RECHECK
+                with contextlib.suppress(TransportUnavailable):
+                    status = await self._bounded(transport.status(run), deadline)
+                    if status is not None and not status.live:
+                        found = await self._bounded(transport.outcome(run, revision), deadline)
+                        if found is not None and _answers(found, revision_id):
+                            return found
+                        raise RunEnded(_not_live(run, status, f"revision {revision} will not be answered"))
             if time.monotonic() >= deadline:
                 raise WaitTimeout(await self._explain_missing_outcome(run, revision, timeout))
             await anyio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
             interval = min(interval * 1.5, 0.1)
 
+    @staticmethod
+    async def _bounded(call: Awaitable[T], deadline: float) -> T:
+        """``await call``, giving up (``TransportUnavailable``) a second past ``deadline``."""
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic()) + 1.0):
+            return await call
+        raise TransportUnavailable("no answer from the transport in time")
+
     async def _explain_missing_outcome(self, run: str, revision: int, timeout: float) -> str:
         head = f"no outcome for revision {revision} of run {run!r} within {timeout:g}s"
         try:
-            status = await self._transport.status(run)
-        except TransportUnavailable as exc:
-            return f"{head}; the transport is unreachable ({exc})"
+            with anyio.fail_after(1.0):
+                status = await self._transport.status(run)
+        except (TransportUnavailable, TimeoutError) as exc:
+            return f"{head}; the transport is unreachable ({exc or 'no answer'})"
         if status is None:
             return (
                 f"{head}; no trainer has reported for this run yet: is it running with weavelet, against "
@@ -187,7 +273,8 @@ class AsyncWeaver:
         )
 
     async def get(self, run: str) -> Revision | None:
-        """The run's newest desired revision, or ``None``."""
+        """The run's newest desired revision, or ``None``; raises :class:`~weavelet_core.CorruptEntry` when it
+        cannot be read."""
         validate_run_id(run)
         return await (await self._ready()).latest(run)
 
@@ -196,13 +283,13 @@ class AsyncWeaver:
         validate_run_id(run)
         return await (await self._ready()).status(run)
 
-    async def history(self, run: str, *, limit: int | None = None) -> list[Revision]:
-        """The run's revisions, oldest first."""
+    async def history(self, run: str, *, limit: int | None = None) -> list[Entry]:
+        """The run's revisions, oldest first; an unreadable one appears as a :class:`~weavelet_core.CorruptEntry`."""
         validate_run_id(run)
         return await (await self._ready()).history(run, limit=limit)
 
     async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
-        """The run's outcomes, by revision, oldest first."""
+        """The run's outcomes of every incarnation, ordered by revision then time, oldest first."""
         validate_run_id(run)
         return await (await self._ready()).outcomes(run, limit=limit)
 
@@ -229,6 +316,73 @@ class AsyncWeaver:
         await self.aclose()
 
 
+def _answers(outcome: Outcome, revision_id: str | None) -> bool:
+    """Whether ``outcome`` answers the write with ``revision_id`` (any write when ``None``)."""
+    return revision_id is None or outcome.revision_id == revision_id
+
+
+def _not_live(run: str, status: Status | None, consequence: str) -> str:
+    if status is None:
+        return f"run {run!r} has no trainer reporting; {consequence}. Start the trainer first"
+    ended = f"{status.age():.0f}s ago" if status.heartbeat else "earlier"
+    who = f"incarnation {status.incarnation}" if status.incarnation else "its trainer"
+    reason = f": {status.message}" if status.message else ""
+    return (
+        f"run {run!r} has no live incarnation ({who} ended {status.state} at step {status.step}, {ended}{reason}); "
+        f"{consequence}. A trainer started later does not act on commands written before it"
+    )
+
+
+class _LoopThread:
+    """An asyncio event loop in a daemon thread, reached through a :class:`BlockingPortal`.
+
+    A daemon thread, unlike anyio's ``start_blocking_portal`` (a non-daemon pool thread that interpreter exit
+    waits for), never keeps a process alive: a script that forgets to close its ``Weaver`` exits at once.
+    """
+
+    def __init__(self, name: str = "weavelet-weaver") -> None:
+        self._ready = threading.Event()
+        self._portal: BlockingPortal | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10.0) or self._portal is None:
+            raise RuntimeError(f"the weaver's event loop did not start: {self._error!r}")
+        self.portal: BlockingPortal = self._portal
+
+    def _main(self) -> None:
+        try:
+            anyio.run(self._serve, backend="asyncio")
+        except BaseException as exc:  # reported by __init__
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        async with BlockingPortal() as portal:
+            self._portal = portal
+            self._ready.set()
+            await portal.sleep_until_stopped()
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return self.portal.call(fn, *args)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Cancel what still runs and end the loop within ``timeout`` seconds. Idempotent."""
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(Exception):
+            future = self.portal.start_task_soon(self.portal.stop, True)
+            future.result(timeout)
+        self._thread.join(timeout)
+
+
+def _close_at_exit(loop: _LoopThread, weaver: AsyncWeaver) -> None:
+    """Close a ``Weaver`` nobody closed, bounded, when it is collected or at interpreter exit."""
+    with contextlib.suppress(Exception):
+        loop.portal.start_task_soon(weaver.aclose).result(2.0)
+    loop.close(timeout=2.0)
+
+
 class Weaver:
     """Synchronous :class:`AsyncWeaver`: same arguments, same methods, blocking calls.
 
@@ -240,14 +394,15 @@ class Weaver:
     """
 
     def __init__(self, url: str | None = None, **kwargs: Any) -> None:
-        self._portal_cm = start_blocking_portal(backend="asyncio")
-        self._portal: BlockingPortal = self._portal_cm.__enter__()
+        self._loop = _LoopThread()
         try:
-            self._async: AsyncWeaver = self._portal.call(self._build, url, kwargs)
+            self._async: AsyncWeaver = self._loop.call(self._build, url, kwargs)
         except BaseException:
-            self._portal_cm.__exit__(None, None, None)
+            self._loop.close()
             raise
+        self._portal = self._loop.portal
         self._closed = False
+        self._finalizer = weakref.finalize(self, _close_at_exit, self._loop, self._async)
 
     @staticmethod
     async def _build(url: str | None, kwargs: dict[str, Any]) -> AsyncWeaver:
@@ -277,9 +432,15 @@ class Weaver:
 
         return self._portal.call(call)
 
-    def wait(self, run: str, revision: int, *, timeout: float) -> Outcome:
+    def wait(self, run: str, revision: int, *, timeout: float, revision_id: str | None = None) -> Outcome:
         """See :meth:`AsyncWeaver.wait`."""
-        return self._portal.call(lambda: self._async.wait(run, revision, timeout=timeout))
+        return self._portal.call(lambda: self._async.wait(run, revision, timeout=timeout, revision_id=revision_id))
+
+    def command(
+        self, run: str, name: str, *, wait: float | None = None, incarnation: str | None = None
+    ) -> Revision | Outcome:
+        """See :meth:`AsyncWeaver.command`."""
+        return self._portal.call(lambda: self._async.command(run, name, wait=wait, incarnation=incarnation))
 
     def get(self, run: str) -> Revision | None:
         return self._portal.call(self._async.get, run)
@@ -287,7 +448,7 @@ class Weaver:
     def status(self, run: str) -> Status | None:
         return self._portal.call(self._async.status, run)
 
-    def history(self, run: str, *, limit: int | None = None) -> list[Revision]:
+    def history(self, run: str, *, limit: int | None = None) -> list[Entry]:
         return self._portal.call(lambda: self._async.history(run, limit=limit))
 
     def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
@@ -300,17 +461,15 @@ class Weaver:
         return self._portal.call(self._async.runs)
 
     def close(self) -> None:
-        """Close the transport and stop the background event loop. Idempotent."""
+        """Close the transport and stop the background event loop, within a few seconds. Idempotent.
+
+        Calls still running (a ``set(wait=...)`` interrupted by Ctrl-C) are cancelled, not waited out.
+        """
         if self._closed:
             return
         self._closed = True
-        try:
-            self._portal.call(self._async.aclose)
-        finally:
-            # Cancel calls still running, such as a set(wait=...) interrupted by Ctrl-C, instead of waiting them out.
-            with contextlib.suppress(RuntimeError):
-                self._portal.call(self._portal.stop, True)
-            self._portal_cm.__exit__(None, None, None)
+        self._finalizer.detach()
+        _close_at_exit(self._loop, self._async)
 
     def __enter__(self) -> Weaver:
         return self

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, overload
 
+from weavelet_core.errors import RunOwned
 from weavelet_core.plugins import get_registry
 from weavelet_core.protocol import validate_run_id
 from weavelet_lightning import _compat
 from weavelet_lightning.host import LightningHost
 from weavelet_torch.applier import Applier, F, Validator, Verdict
+from weavelet_torch.attach import KEPT_VERDICTS
 from weavelet_torch.link import Link
 
 if TYPE_CHECKING:
@@ -47,7 +50,16 @@ class WeaveletCallback(_CallbackBase):
         multi-process training each look is one broadcast from rank 0.
     :param report_interval: shortest time in seconds between two status reports.
     :param start_timeout: how long the fit start waits for the sidecar to connect (it keeps trying afterwards).
+    :param fresh: what a fresh fit (not resumed from a checkpoint) does with a desired config an earlier
+        incarnation of the run left: ``"reset"`` (default: clear it with a new, empty revision) or ``"adopt"``
+        (apply its hyperparameters). Commands stored before the fit started never act. One line on stderr says
+        what happened.
+    :param takeover: take the run over from another live trainer instead of failing the fit start with
+        :class:`~weavelet_core.RunOwned` (a stale one is taken over anyway, with a warning).
     :param process_options: more keyword arguments for :class:`~weavelet_core.WeaveletProcess`.
+
+    Each fit is a new incarnation of the run. A fit that raises ends the run ``failed``, with the exception's
+    type and message in its status; Ctrl-C ends it ``stopped``.
 
     Multi-process training: only global rank 0 runs a weavelet; each revision is broadcast and every rank applies
     it at the same global step. Checkpoints keep the active optimizer type and the last applied revision, so a
@@ -65,9 +77,13 @@ class WeaveletCallback(_CallbackBase):
         check_every_n_steps: int = 1,
         report_interval: float = 1.0,
         start_timeout: float = 10.0,
+        fresh: str = "reset",
+        takeover: bool = False,
         process_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if fresh not in ("reset", "adopt"):
+            raise ValueError(f"fresh must be 'reset' or 'adopt', got {fresh!r}")
         if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be an integer >= 1, got {check_every_n_steps!r}")
         if run is not None:
@@ -78,11 +94,14 @@ class WeaveletCallback(_CallbackBase):
         self._report_interval = report_interval
         self._start_timeout = start_timeout
         self._process_options = dict(process_options or {})
+        self._fresh, self._takeover = fresh, bool(takeover)
+        self._resumed = False
         self.check_every_n_steps = check_every_n_steps
         self.host = LightningHost(optimizer_index, checkpoint_dir)
         self.applier = Applier(self.host, allow=allow)
         self.link: Link | None = None
-        self.verdicts: list[Verdict] = []
+        #: The newest verdicts, at most ``KEPT_VERDICTS`` (older ones are in the run's history).
+        self.verdicts: collections.deque[Verdict] = collections.deque(maxlen=KEPT_VERDICTS)
         self._restore_name: str | None = None
         self._last_step = -1
         self._active = False
@@ -127,6 +146,7 @@ class WeaveletCallback(_CallbackBase):
         # for strategies restoring after setup, after on_fit_start: then recreate at once. Either way it is
         # before Lightning loads the optimizer state (restore_training_state).
         self._restore_name = self.applier.load_state_dict(state_dict)
+        self._resumed = True
         if self._active:
             self._recreate()
 
@@ -153,16 +173,30 @@ class WeaveletCallback(_CallbackBase):
         self._active = True
         self._last_step = -1
         self._recreate()
+        refusal: str | None = None
         if trainer.is_global_zero:
             self.link = Link(
                 self._run,
                 self._url,
                 report_interval=self._report_interval,
                 start_timeout=self._start_timeout,
+                fresh=self._fresh,
+                takeover=self._takeover,
                 process_options=self._process_options,
             )
-            self.link.start(after=self.applier.applied_revision)
-            self._report(trainer, force=True)
+            resume = self._resumed or getattr(trainer, "ckpt_path", None) is not None
+            try:
+                process = self.link.start(after=self.applier.applied_revision, resume=resume)
+            except RunOwned as exc:
+                refusal = str(exc)
+            else:
+                self.applier.incarnation = process.incarnation
+                self._report(trainer, force=True)
+        if trainer.world_size > 1:  # every rank learns the incarnation, and fails together if refused
+            self.applier.incarnation, refusal = trainer.strategy.broadcast((self.applier.incarnation, refusal), src=0)
+        if refusal is not None:
+            self._active = False
+            raise RunOwned(refusal)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Optimizer state is restored by now: reconcile with the newest desired revision before the first step.
@@ -189,7 +223,7 @@ class WeaveletCallback(_CallbackBase):
         self._finish(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._finish(trainer)
+        self._finish(trainer, error=exception)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
@@ -199,17 +233,17 @@ class WeaveletCallback(_CallbackBase):
 
     def _check(self, trainer: Any) -> None:
         distributed = trainer.world_size > 1
-        payload: tuple[int, dict[str, Any]] | None = None
+        payload: tuple[int, dict[str, Any], bool] | None = None
         if self.link is not None:
             revision = self.link.poll()
             if revision is not None:
-                payload = (revision.revision, revision.config)
+                payload = (revision.revision, revision.config, self.link.is_baseline(revision))
         if distributed:
             payload = trainer.strategy.broadcast(payload, src=0)
         if payload is None:
             return
-        number, config = payload
-        verdict = self.applier.apply(number, config, step=trainer.global_step)
+        number, config, baseline = payload
+        verdict = self.applier.apply(number, config, step=trainer.global_step, baseline=baseline)
         if distributed:
             agreed = trainer.strategy.reduce_boolean_decision(verdict.result == "applied", all=True)
             if verdict.result == "applied" and not agreed:
@@ -235,7 +269,7 @@ class WeaveletCallback(_CallbackBase):
             force=force,
         )
 
-    def _finish(self, trainer: Any) -> None:
+    def _finish(self, trainer: Any, error: BaseException | None = None) -> None:
         was_active, self._active = self._active, False
         link = self.link
         if link is None or not was_active:
@@ -244,4 +278,4 @@ class WeaveletCallback(_CallbackBase):
             self._report(trainer, force=True)
         except Exception as exc:
             log.debug("weavelet: final status report failed: %s", exc)
-        link.stop()
+        link.stop(error=error)

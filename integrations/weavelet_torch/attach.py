@@ -19,6 +19,7 @@ the outcome; with nothing waiting it costs one shared-integer read plus a clock 
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,9 @@ import torch
 from weavelet_torch.applier import Applier, F, Validator, Verdict
 from weavelet_torch.host import OptimizerHost
 from weavelet_torch.link import Link
+
+KEPT_VERDICTS = 64
+"""How many verdicts :attr:`Attachment.verdicts` keeps (memory stays flat however many revisions arrive)."""
 
 CheckpointFn = Callable[[str], str]
 """``save(name) -> path``: save a checkpoint now (``name`` is unique per revision) and return its path."""
@@ -95,10 +99,18 @@ class Attachment:
         state: Mapping[str, Any] | None = None,
         report_interval: float = 1.0,
         start_timeout: float = 10.0,
+        fresh: str = "reset",
+        takeover: bool = False,
         process_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.link = Link(
-            run, url, report_interval=report_interval, start_timeout=start_timeout, process_options=process_options
+            run,
+            url,
+            report_interval=report_interval,
+            start_timeout=start_timeout,
+            fresh=fresh,
+            takeover=takeover,
+            process_options=process_options,
         )
         self._model = model
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -108,7 +120,9 @@ class Attachment:
         self.host = LoopHost(optimizer, schedulers, save_checkpoint=save)
         self.applier = Applier(self.host, allow=allow)
         self._step = 0
-        self.verdicts: list[Verdict] = []
+        self._resume = state is not None
+        #: The newest verdicts, at most :data:`KEPT_VERDICTS` (older ones are in the run's history).
+        self.verdicts: collections.deque[Verdict] = collections.deque(maxlen=KEPT_VERDICTS)
         if state is not None:
             name = self.applier.load_state_dict(state)
             if name is not None:
@@ -146,15 +160,18 @@ class Attachment:
         return self.applier.on(key, handler, validate=validate)
 
     def start(self) -> Attachment:
-        """Start the weavelet sidecar (bounded by ``start_timeout``; an outage never blocks the loop)."""
-        self.link.start(after=self.applier.applied_revision)
+        """Start this incarnation's weavelet sidecar (bounded by ``start_timeout``; an outage never blocks the
+        loop). Raises :class:`~weavelet_core.RunOwned` when another live trainer owns the run."""
+        process = self.link.start(after=self.applier.applied_revision, resume=self._resume)
+        self.applier.incarnation = process.incarnation
         self.link.report(step=self._step, optimizer=self.applier.describe(), force=True)
         return self
 
-    def close(self) -> None:
-        """Stop the sidecar; idempotent, bounded, never raises."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Stop the sidecar; idempotent, bounded, never raises. With ``error`` (the exception that ended the
+        loop) the run's final state is ``failed`` with the exception's type and message."""
         self.link.report(step=self._step, optimizer=self.applier.describe(), force=True)
-        self.link.stop()
+        self.link.stop(error=error)
 
     def poll(
         self, step: int, *, epoch: int | None = None, loss: Any = None, metrics: Mapping[str, Any] | None = None
@@ -169,7 +186,9 @@ class Attachment:
         verdict = None
         revision = self.link.poll()
         if revision is not None:
-            verdict = self.applier.apply(revision.revision, revision.config, step=step)
+            verdict = self.applier.apply(
+                revision.revision, revision.config, step=step, baseline=self.link.is_baseline(revision)
+            )
             self.verdicts.append(verdict)
             self.link.settle(verdict, self.applier)
         if self.link.report_due():
@@ -216,7 +235,7 @@ class Attachment:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        self.close(error=exc)
 
 
 def attach(
@@ -232,6 +251,8 @@ def attach(
     state: Mapping[str, Any] | None = None,
     report_interval: float = 1.0,
     start_timeout: float = 10.0,
+    fresh: str = "reset",
+    takeover: bool = False,
     process_options: Mapping[str, Any] | None = None,
 ) -> Attachment:
     """Make a plain training loop remotely reconfigurable; use the result as a context manager.
@@ -250,9 +271,16 @@ def attach(
     :param state: what :meth:`Attachment.state_dict` returned before, to resume: the optimizer is recreated with
         the type that was active (load its saved state into ``attachment.optimizer`` afterwards), and
         revisions already applied are not applied again.
-    :param report_interval: shortest time between two status reports from :meth:`Attachment.poll`.
+    :param report_interval: shortest time in seconds between two status reports from :meth:`Attachment.poll`.
     :param start_timeout: how long starting waits for the sidecar to connect (it keeps trying afterwards).
+    :param fresh: what a fresh start (no ``state``) does with a desired config an earlier incarnation of the run
+        left: ``"reset"`` (default: clear it with a new, empty revision) or ``"adopt"`` (apply its
+        hyperparameters). Commands stored before the start never act. One line on stderr says what happened.
+    :param takeover: take the run over from another live trainer instead of raising
+        :class:`~weavelet_core.RunOwned` (a stale one is taken over anyway, with a warning).
     :param process_options: more keyword arguments for :class:`~weavelet_core.WeaveletProcess`.
+
+    Leaving the ``with`` block by an exception ends the run ``failed``, with the exception in its status.
     """
     return Attachment(
         optimizer,
@@ -266,5 +294,7 @@ def attach(
         state=state,
         report_interval=report_interval,
         start_timeout=start_timeout,
+        fresh=fresh,
+        takeover=takeover,
         process_options=process_options,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 import sys
@@ -48,19 +47,16 @@ def announce(run: str, url: str) -> None:
 
 def metrics_of(values: Mapping[str, Any]) -> dict[str, float]:
     """Scalar entries of ``values`` (floats, ints, one-element tensors) as finite floats."""
-    found: dict[str, float] = {}
-    for key, value in values.items():
-        try:
-            if hasattr(value, "numel"):
-                if value.numel() != 1:
-                    continue
-                value = value.item()
-            number = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            continue
-        if math.isfinite(number):
-            found[str(key)] = number
-    return found
+    from weavelet_core.recorder import clean_metrics
+
+    return clean_metrics(values)
+
+
+def loop_error(exc: BaseException | None) -> BaseException | None:
+    """The exception that should end the run ``failed``: ``None`` for none, Ctrl-C and ``SystemExit``."""
+    if exc is None or isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        return None
+    return exc
 
 
 class Link:
@@ -68,7 +64,11 @@ class Link:
 
     :param run: run id (see :func:`resolve_run`).
     :param url: transport URL (default: ``WEAVELET_URL`` or the per-user ``file://`` directory).
-    :param report_interval: shortest time between two status reports from :meth:`report`.
+    :param report_interval: shortest time in seconds between two status snapshots (the process's
+        ``status_interval``, its one throttle).
+    :param fresh: what a fresh start does with a desired config an earlier incarnation left (``"reset"`` or
+        ``"adopt"``; see :class:`~weavelet_core.WeaveletProcess`).
+    :param takeover: take the run over from a live owner instead of failing with ``RunOwned``.
     :param process_options: more keyword arguments for :class:`~weavelet_core.WeaveletProcess`.
     """
 
@@ -79,36 +79,52 @@ class Link:
         *,
         report_interval: float = 1.0,
         start_timeout: float = 10.0,
+        fresh: str = "reset",
+        takeover: bool = False,
         process_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.run, self.generated = resolve_run(run)
         self.url = url
         self.report_interval = report_interval
         self.start_timeout = start_timeout
-        self.process_options = dict(process_options or {})
+        self.process_options: dict[str, Any] = {
+            "status_interval": report_interval,
+            "fresh": fresh,
+            "takeover": takeover,
+            **dict(process_options or {}),
+        }
         self.process: WeaveletProcess | None = None
-        self._next_report = 0.0
 
-    def start(self, after: int) -> WeaveletProcess:
-        """Create and start the process; revisions ``<= after`` are already applied. Idempotent."""
+    def start(self, after: int, *, resume: bool | None = None) -> WeaveletProcess:
+        """Create and start the process; revisions ``<= after`` are already applied. Idempotent.
+
+        ``resume`` says whether this start continues from a checkpoint (default: ``after > 0``). Raises
+        :class:`~weavelet_core.RunOwned` when another live trainer owns the run.
+        """
         if self.process is not None:
             return self.process
         from weavelet_core.process import WeaveletProcess
 
-        process = WeaveletProcess(self.run, self.url, after=after, **self.process_options)
+        process = WeaveletProcess(self.run, self.url, after=after, resume=resume, **self.process_options)
         if self.generated:
             announce(self.run, process.url)
         self.process = process
         process.start(timeout=self.start_timeout)
         return process
 
-    def stop(self) -> None:
-        """Stop the process (bounded, idempotent, never raises)."""
+    @property
+    def incarnation(self) -> str:
+        """This start's incarnation id (empty before :meth:`start`)."""
+        process = self.process
+        return process.incarnation if process is not None else ""
+
+    def stop(self, error: BaseException | None = None) -> None:
+        """Stop the process (bounded, idempotent, never raises); with ``error`` the run ends ``failed``."""
         process = self.process
         if process is None:
             return
         try:
-            process.stop()
+            process.stop(error=loop_error(error))
         except Exception as exc:
             log.warning("weavelet: stopping the weavelet of run %r failed: %s", self.run, exc)
 
@@ -116,6 +132,11 @@ class Link:
         """The newest revision not yet handed out, or ``None`` (also when not started)."""
         process = self.process
         return process.poll() if process is not None else None
+
+    def is_baseline(self, revision: Revision) -> bool:
+        """Whether ``revision`` was stored before this incarnation started (its commands never act)."""
+        process = self.process
+        return process is not None and process.is_baseline(revision)
 
     def settle(self, verdict: Verdict, applier: Applier) -> None:
         """Report ``verdict`` as the revision's outcome, and the optimizer it left active."""
@@ -140,8 +161,9 @@ class Link:
         process.report(optimizer=applier.describe())
 
     def report_due(self) -> bool:
-        """Whether :meth:`report` would send now (lets callers skip gathering metrics)."""
-        return self.process is not None and time.monotonic() >= self._next_report
+        """Whether a status snapshot is due (lets callers skip gathering metrics)."""
+        process = self.process
+        return process is not None and process.report_due()
 
     def report(
         self,
@@ -152,17 +174,8 @@ class Link:
         optimizer: dict[str, object] | None = None,
         force: bool = False,
     ) -> None:
-        """Hand the status to the process, at most once per ``report_interval`` unless ``force``."""
+        """Hand the status to the process (it writes a snapshot when one is due, or with ``force``)."""
         process = self.process
         if process is None:
             return
-        now = time.monotonic()
-        if not force and now < self._next_report:
-            return
-        self._next_report = now + self.report_interval
-        process.report(
-            step=step,
-            epoch=epoch,
-            metrics=metrics_of(metrics) if metrics is not None else None,
-            optimizer=optimizer,
-        )
+        process.report(step=step, epoch=epoch, metrics=metrics, optimizer=optimizer, force=force)

@@ -1,0 +1,93 @@
+"""The outcome ledger: outcomes the trainer reported, kept until a sidecar confirms it stored them.
+
+Each outcome gets a sequence number. The sidecar stores the number of the last outcome it published in the
+channel's ``outcome_ack``; :meth:`OutcomeLedger.ack` forgets everything up to it. What is still pending when a
+sidecar dies is handed to the next one (:meth:`OutcomeLedger.pending`), so an outcome is never dropped by a
+restart.
+
+Bounds, so that a stalled sidecar (SIGSTOP) never grows the trainer's memory without limit:
+
+- every outcome is made to fit the wire: its message is cut to
+  :data:`~weavelet_core.protocol.MAX_MESSAGE_CHARS` characters with a marker, and a detail that still does not
+  fit is replaced by ``{"dropped": "<why>"}`` (:func:`fit_outcome`);
+- at most ``max_pending`` outcomes wait; beyond that the oldest is forgotten and counted in
+  :attr:`OutcomeLedger.dropped`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import threading
+
+from weavelet_core.errors import ProtocolError
+from weavelet_core.protocol import MAX_MESSAGE_CHARS, Outcome, encode, to_dict, truncate
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 4096
+"""Default bound on outcomes waiting for a sidecar to publish them."""
+
+
+def fit_outcome(outcome: Outcome) -> Outcome:
+    """``outcome`` cut so that it encodes within the payload cap: message truncated, detail dropped if needed."""
+    message = outcome.message
+    if message is not None and len(message) > MAX_MESSAGE_CHARS:
+        outcome = dataclasses.replace(outcome, message=truncate(message))
+    try:
+        encode(outcome)
+        return outcome
+    except ProtocolError as exc:
+        why = f"the detail did not fit the payload cap ({exc})"
+        return dataclasses.replace(outcome, detail={"dropped": truncate(why, 300)})
+
+
+class OutcomeLedger:
+    """Sequence-numbered outcomes waiting to be published (thread-safe, bounded).
+
+    :param max_pending: how many unpublished outcomes are kept at most (default :data:`MAX_PENDING`).
+    """
+
+    def __init__(self, max_pending: int = MAX_PENDING) -> None:
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._seq = 0
+        self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def add(self, outcome: Outcome) -> bytes:
+        """Record ``outcome`` (fitted to the wire) and return the channel message that carries it."""
+        fitted = fit_outcome(outcome)
+        with self._lock:
+            self._seq += 1
+            data = json.dumps({"t": "outcome", "seq": self._seq, "outcome": to_dict(fitted)}).encode()
+            self._pending.append((self._seq, data))
+            while len(self._pending) > self.max_pending:
+                self._pending.popleft()
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    log.error(
+                        "weavelet: %d outcome(s) dropped: no sidecar published them (more than %d waiting)",
+                        self.dropped,
+                        self.max_pending,
+                    )
+        return data
+
+    def ack(self, seq: int) -> None:
+        """Forget outcomes up to sequence number ``seq``: a sidecar has published them."""
+        with self._lock:
+            while self._pending and self._pending[0][0] <= seq:
+                self._pending.popleft()
+
+    def pending(self) -> list[bytes]:
+        """The channel messages of the outcomes not yet confirmed, oldest first."""
+        with self._lock:
+            return [data for _seq, data in self._pending]
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+__all__ = ["MAX_PENDING", "OutcomeLedger", "fit_outcome"]
