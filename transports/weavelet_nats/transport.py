@@ -416,6 +416,8 @@ class NatsTransport(Transport):
 
     def _permission_error(self, action: str, denial: _Denial, subject: str) -> PermissionDenied:
         shown = subject if subject and subject.lower() == denial.subject else denial.subject
+        if shown.startswith("_inbox."):
+            shown = "_INBOX.>"  # the client's reply subjects (the server's text is lowercased)
         if denial.kind == "publish":
             needed, rule = "publish", f'publish: {{ allow: ["{shown}"] }}'
         else:
@@ -423,7 +425,8 @@ class NatsTransport(Transport):
         return PermissionDenied(
             f"NATS server {self.settings.display}: permission denied to {action}: the user may not {needed} to "
             f"{shown!r}; grant it in the server's authorization block ({rule}; weavelet needs publish on "
-            f"$JS.API.> and $KV.{self.settings.prefix}-*.> and subscribe on _INBOX.>, see docs/nats.md)"
+            f"$JS.API.> and $KV.{self.settings.prefix}-desired.>, $KV.{self.settings.prefix}-status.>, "
+            f"$KV.{self.settings.prefix}-outcomes.> and subscribe on _INBOX.>, see docs/nats.md)"
         )
 
     def _decode(self, data: bytes | None, kind: type[M], what: str) -> M | None:
@@ -483,6 +486,7 @@ class NatsTransport(Transport):
         watcher = await kv.watch(keys, include_history=include_history)
         found: list[KeyValue.Entry] = []
         try:
+            assert watcher._sub is not None
             info = await watcher._sub.consumer_info()
             pending = int(info.num_pending or 0) + int(info.delivered.consumer_seq or 0)
             while pending > 0:
@@ -703,7 +707,7 @@ class NatsTransport(Transport):
         ):
             current = await self._entry(outcomes, newest_key)
             stored = None if current is None else self._decode(current.value, Outcome, "outcome")
-            if current is not None and stored is not None and not stored.incarnation:
+            if current is not None and current.value and stored is not None and not stored.incarnation:
                 legacy_key = f"{newest_key}.{incarnation_token('')}"
                 if legacy_key != own_key and await self._entry(outcomes, legacy_key) is None:
                     await outcomes.put(legacy_key, current.value)  # a version-1 outcome keeps its own record
