@@ -4,7 +4,8 @@ Layout (``PREFIX`` is ``weavelet`` unless the URL says ``?prefix=``)::
 
     PREFIX-desired    key RUNKEY            every revision of the run's desired config (history: 64 by default)
     PREFIX-status     key RUNKEY            the run's latest status
-    PREFIX-outcomes   key RUNKEY.REVISION   the outcome of one revision
+    PREFIX-outcomes   key RUNKEY.REVISION   the newest outcome of one revision (greatest ``at``)
+                      key RUNKEY.REVISION.INC   one incarnation's outcome of it (see :func:`incarnation_token`)
 
 ``RUNKEY`` is the run id with each ``.`` written as ``=`` (a ``.`` separates tokens in NATS subjects).
 Buckets use file storage and are created on first connect if missing.
@@ -17,6 +18,12 @@ every callback set. The first connect has a deadline, and its error names the ca
 or TLS. While the connection is down every call fails at once with :class:`TransportUnavailable` (nothing is
 buffered to be sent later); ``watch`` iterators wait, then recreate their watcher after the reconnect and
 re-read the newest revision.
+
+A value that does not decode as a revision is a :class:`~weavelet_core.errors.CorruptEntry` numbered by the
+integer ``revision`` of its JSON, else one past the entry before it; writers number on top of it. A permission
+violation the server reports (asynchronously, to the error callback) cancels the calls it concerns, which raise
+:class:`~weavelet_core.errors.PermissionDenied`. ``runs()`` reads the buckets' stream subjects, never
+``KeyValue.keys()`` (which can end early); listings read until the consumer has nothing pending.
 """
 
 from __future__ import annotations

@@ -6,13 +6,20 @@ Key layout (prefix ``weavelet:`` by default, see :class:`weavelet_redis.config.K
     weavelet:run:RUN                 hash    revision -> newest number, status -> latest status (JSON)
     weavelet:run:RUN:revisions       stream  one entry per revision: revision, data (JSON); MAXLEN ~ history
     weavelet:run:RUN:status          stream  every published status: data (JSON); MAXLEN ~ status_history
-    weavelet:run:RUN:outcomes        hash    revision number -> outcome (JSON), the newest ``history`` kept
+    weavelet:run:RUN:outcomes        hash    N -> newest outcome of revision N; N:INCARNATION -> that
+                                             incarnation's outcome; N# -> incarnations kept (JSON)
+    weavelet:run:RUN:outcomes:index  zset    revision numbers with outcomes (the newest ``history`` kept)
 
 A write is a Lua script (compare-and-set on the stream's newest ``revision`` field, ``XADD``, record the
 number), so two writers never both win. A watcher reads the newest entry (``XREVRANGE COUNT 1``), then waits
 with ``XREAD BLOCK`` from the id of the last entry it read, on its own connection. After a lost connection it
 reconnects with backoff, re-reads the newest entry and resumes from its last id; revisions are delivered only
 when newer than the last one delivered, so nothing is delivered twice even if the server lost its data.
+
+An entry whose data does not decode is a :class:`~weavelet_core.errors.CorruptEntry` numbered by its ``revision``
+field (see :func:`entry_number`); the compare-and-set script numbers it the same way. ``NOPERM`` is
+:class:`~weavelet_core.errors.PermissionDenied`. Calls are plain awaits on redis-py, so a caller's cancel
+scope (``anyio.fail_after``) ends them at once, also against a stopped server.
 """
 
 from __future__ import annotations
