@@ -27,10 +27,11 @@ local function numbered(fields)
   return nil
 end
 local current = '0'
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 65)
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #newest > 0 then
   current = numbered(newest[1][2])
   if current == nil then
+    newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 65)
     current = tostring(#newest)
     for i = 2, #newest do
       local found = numbered(newest[i][2])
