@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,9 +17,9 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 
-from weavelet_core.errors import TransportError, TransportUnavailable
+from weavelet_core.errors import CorruptEntry, RevisionConflict, TransportError, TransportUnavailable
 from weavelet_core.plugins import open_transport
-from weavelet_core.protocol import Outcome, Revision, Status
+from weavelet_core.protocol import Outcome, Revision, Status, encode
 from weavelet_core.weaver import AsyncWeaver
 from weavelet_file.transport import FileTransport, path_from_url
 
@@ -282,3 +283,130 @@ def test_default_store_is_the_state_directory(tmp_path: Path, monkeypatch: pytes
     _run(_write, None, "demo", {"lr": 0.1})
     assert (tmp_path / "state" / "runs" / "demo" / "latest.json").is_file()
     assert os.listdir(tmp_path / "state") == ["runs"]
+
+
+# -- revision numbers that jump ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jump", [10**7, 2**63 - 1], ids=["1e7", "2**63-1"])
+@pytest.mark.parametrize("where", ["latest.json", "revision-file"])
+def test_a_jump_in_revision_numbers_is_followed_at_once_without_blocking(tmp_path: Path, jump: int, where: str) -> None:
+    """A revision number far ahead (written by hand, or a bug elsewhere) must not make any method walk the numbers
+    in between: the watch delivers it within a poll or two while another task keeps running."""
+    url = (tmp_path / "store").as_uri()
+    run_dir = tmp_path / "store" / "runs" / "demo"
+
+    async def go() -> None:
+        async with open_transport(url, poll_interval=0.02) as transport:
+            assert isinstance(transport, FileTransport)
+            await transport.put(Revision(run="demo", revision=1, config={"n": 1}))
+            ticks = 0
+            stop = anyio.Event()
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while not stop.is_set():
+                    ticks += 1
+                    await anyio.sleep(0.005)
+
+            jumped = Revision(run="demo", revision=jump, config={"n": "far"})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ticker)
+                watcher = transport.watch("demo")
+                with anyio.fail_after(2):
+                    assert (await watcher.__anext__()).revision == 1
+                if where == "latest.json":
+                    (run_dir / "latest.json").write_bytes(encode(jumped))
+                else:  # a revision file of that number, and a damaged latest.json pointing nowhere
+                    (run_dir / "revisions" / f"{jump:020d}.json").write_bytes(encode(jumped))
+                    (run_dir / "latest.json").write_bytes(b"{torn")
+                before = ticks
+                started = time.monotonic()
+                with anyio.fail_after(2):
+                    got = await watcher.__anext__()
+                assert time.monotonic() - started < 1.0
+                assert got == jumped
+                assert ticks > before, "the concurrent task kept running"
+                assert await transport.latest("demo") == jumped
+                assert [e.revision for e in await transport.history("demo")] == [1, jump]
+                assert [e.revision for e in await transport.history("demo", limit=1)] == [jump]
+                # Writers number on top of it, and the watch follows.
+                following = Revision(run="demo", revision=jump + 1, config={"n": "next"})
+                await transport.put(following)
+                with anyio.fail_after(2):
+                    assert await watcher.__anext__() == following
+                await transport.publish_outcome(Outcome(run="demo", revision=jump, result="applied", step=1))
+                outcome = await transport.outcome("demo", jump)
+                assert outcome is not None
+                assert outcome.revision == jump
+                await watcher.aclose()  # type: ignore[attr-defined]
+                stop.set()
+
+    _run(go)
+
+
+def test_a_corrupt_latest_file_showing_a_number_is_that_revision(tmp_path: Path) -> None:
+    """latest.json of a newer protocol version: reported as that revision, never the older revision file."""
+    url = (tmp_path / "store").as_uri()
+    _run(_write, url, "demo", {"lr": 0.1})
+    latest_path = tmp_path / "store" / "runs" / "demo" / "latest.json"
+    latest_path.write_text(json.dumps({"v": 3, "kind": "revision", "run": "demo", "revision": 7, "config": {}}))
+
+    async def go() -> None:
+        async with open_transport(url) as transport:
+            with pytest.raises(CorruptEntry) as info:
+                await transport.latest("demo")
+            assert info.value.revision == 7
+            assert "unsupported protocol version 3" in info.value.reason
+            assert str(latest_path) in info.value.reason
+            with pytest.raises(RevisionConflict) as conflict:
+                await transport.put(Revision(run="demo", revision=2, config={}))
+            assert conflict.value.current == 7
+            await transport.put(Revision(run="demo", revision=8, config={"lr": 0.2}))
+            history = await transport.history("demo")
+            assert [(type(e).__name__, e.revision) for e in history] == [("Revision", 1), ("Revision", 8)]
+
+    _run(go)
+
+
+def test_version_1_outcome_files_still_read(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+    outcomes_dir = tmp_path / "store" / "runs" / "demo" / "outcomes"
+    outcomes_dir.mkdir(parents=True)
+    v1 = {"v": 1, "kind": "outcome", "run": "demo", "revision": 1, "result": "applied", "step": 4, "at": 100.0}
+    (outcomes_dir / f"{1:020d}.json").write_text(json.dumps(v1))
+
+    async def go() -> None:
+        async with open_transport(url) as transport:
+            legacy = await transport.outcome("demo", 1)
+            assert legacy is not None
+            assert (legacy.result, legacy.step, legacy.incarnation, legacy.revision_id) == ("applied", 4, "", "")
+            odd = Outcome(run="demo", revision=1, result="rejected", at=200.0, incarnation="../not a/file name")
+            await transport.publish_outcome(odd)
+            assert await transport.outcomes("demo") == [legacy, odd]
+            assert await transport.outcome("demo", 1) == odd
+            names = sorted(p.name for p in outcomes_dir.iterdir() if p.name != f"{1:020d}.json")
+            assert len(names) == 1
+            assert names[0].startswith(f"{1:020d}.%")
+
+    _run(go)
+
+
+def test_outcomes_are_bounded_per_revision_and_per_run(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+
+    async def go() -> None:
+        async with open_transport(url, history=3) as transport:
+            for incarnation in range(12):
+                await transport.publish_outcome(
+                    Outcome(
+                        run="demo", revision=1, result="applied", at=1000.0 + incarnation, incarnation=f"i{incarnation}"
+                    )
+                )
+            kept = await transport.outcomes("demo")
+            assert [o.incarnation for o in kept] == [f"i{n}" for n in range(4, 12)]
+            for number in range(2, 6):
+                await transport.publish_outcome(Outcome(run="demo", revision=number, result="applied"))
+            assert [o.revision for o in await transport.outcomes("demo")] == [3, 4, 5]
+
+    _run(go)

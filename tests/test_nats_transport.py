@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 
 from weavelet_core import open_transport
-from weavelet_core.errors import InvalidRunId, TransportUnavailable
+from weavelet_core.errors import CorruptEntry, InvalidRunId, RevisionConflict, TransportUnavailable
 from weavelet_core.plugins import get_registry
-from weavelet_core.protocol import Revision
+from weavelet_core.protocol import Outcome, Revision, Status
 from weavelet_core.testing import TransportConformance
 from weavelet_core.testing.nats import NatsServer
+from weavelet_core.transport import Transport
 from weavelet_nats.transport import NatsTransport, key_run, run_key
 from weavelet_nats.url import InvalidNatsUrl, parse_url
+
+
+async def _put_raw(transport: Transport, run: str, data: bytes) -> None:
+    """Store ``data`` as the newest value of the run's key, as a foreign or newer writer could."""
+    assert isinstance(transport, NatsTransport)
+    await transport._kv("desired").put(run_key(run), data)
 
 
 class TestNatsTransport(TransportConformance):
     @pytest.fixture
     def transport_url(self, nats_url: str) -> str:
         return nats_url
+
+    async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
+        await _put_raw(transport, run, data)  # the key stores no number apart from the payload
 
 
 class TestNatsTransportWithPrefix(TransportConformance):
@@ -30,6 +42,9 @@ class TestNatsTransportWithPrefix(TransportConformance):
     @pytest.fixture
     def transport_url(self, nats_url: str) -> str:
         return f"{nats_url}?prefix=other-{uuid.uuid4().hex[:6]}&history=50"
+
+    async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
+        await _put_raw(transport, run, data)
 
 
 # -- URL parsing -----------------------------------------------------------------------------------------
@@ -173,3 +188,75 @@ async def test_history_keeps_the_newest_revisions_up_to_the_bucket_limit(nats_se
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_runs_lists_every_run_every_time(nats_server: NatsServer) -> None:
+    """nats-py's ``keys()`` can end early and return part of a bucket (nats.py #995, #842); ``runs()`` does not
+    rely on it: 200 listings in a row all see every run (with revisions, with a status, with both)."""
+    prefix = f"runs-{uuid.uuid4().hex[:6]}"
+    transport = open_transport(f"{nats_server.url}?prefix={prefix}")
+    await transport.connect()
+    try:
+        await transport.put(Revision(run="a.1", revision=1, config={}))
+        await transport.publish_status(Status(run="b", state="running"))
+        await transport.put(Revision(run="c", revision=1, config={}))
+        await transport.publish_status(Status(run="c", state="running"))
+        for number in range(2, 5):
+            await transport.put(Revision(run="a.1", revision=number, config={}))
+        started = time.monotonic()
+        for attempt in range(200):
+            assert await transport.runs() == ["a.1", "b", "c"], f"listing {attempt} was incomplete"
+        assert time.monotonic() - started < 20
+    finally:
+        await transport.aclose()
+
+
+@pytest.mark.anyio
+async def test_runs_leaves_out_deleted_keys(nats_server: NatsServer) -> None:
+    prefix = f"runs-{uuid.uuid4().hex[:6]}"
+    transport = open_transport(f"{nats_server.url}?prefix={prefix}")
+    await transport.connect()
+    try:
+        assert isinstance(transport, NatsTransport)
+        await transport.put(Revision(run="kept", revision=1, config={}))
+        await transport.put(Revision(run="gone", revision=1, config={}))
+        await transport._kv("desired").delete(run_key("gone"))
+        assert await transport.runs() == ["kept"]
+    finally:
+        await transport.aclose()
+
+
+@pytest.mark.anyio
+async def test_unreadable_newest_entry_numbers_from_the_json_it_still_shows(nats_url: str) -> None:
+    """An entry of a newer protocol version keeps the number it shows, however far ahead; writers continue there."""
+    run = f"json-{uuid.uuid4().hex[:8]}"
+    async with open_transport(nats_url) as transport:
+        await transport.put(Revision(run=run, revision=1, config={}))
+        await _put_raw(transport, run, b'{"v": 9, "revision": 41, "whatever": true}')
+        with pytest.raises(CorruptEntry) as info:
+            await transport.latest(run)
+        assert info.value.revision == 41
+        assert "unsupported protocol version 9" in info.value.reason
+        with pytest.raises(RevisionConflict) as conflict:
+            await transport.put(Revision(run=run, revision=2, config={}))
+        assert conflict.value.current == 41
+        await transport.put(Revision(run=run, revision=42, config={"ok": True}))
+        assert [e.revision for e in await transport.history(run)] == [1, 41, 42]
+
+
+@pytest.mark.anyio
+async def test_version_1_outcomes_still_read_and_are_kept_beside_new_ones(nats_url: str) -> None:
+    run = f"v1-{uuid.uuid4().hex[:8]}"
+    async with open_transport(nats_url) as transport:
+        assert isinstance(transport, NatsTransport)
+        v1 = {"v": 1, "kind": "outcome", "run": run, "revision": 1, "result": "applied", "step": 4, "at": 100.5}
+        await transport._kv("outcomes").put(f"{run_key(run)}.1", json.dumps(v1).encode())
+        legacy = await transport.outcome(run, 1)
+        assert legacy is not None
+        assert (legacy.result, legacy.incarnation, legacy.at) == ("applied", "", 100.5)
+        assert await transport.outcomes(run) == [legacy]
+        newer = Outcome(run=run, revision=1, result="rejected", message="x", at=200.0, incarnation="i2")
+        await transport.publish_outcome(newer)
+        assert await transport.outcomes(run) == [legacy, newer]
+        assert await transport.outcome(run, 1) == newer

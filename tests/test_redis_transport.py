@@ -16,11 +16,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from weavelet_core import AsyncWeaver, Outcome, Revision, Status, open_transport
-from weavelet_core.errors import RevisionConflict, TransportUnavailable
+from weavelet_core.errors import CorruptEntry, RevisionConflict, TransportUnavailable
 from weavelet_core.plugins import get_registry
 from weavelet_core.protocol import encode
 from weavelet_core.testing import TransportConformance
 from weavelet_core.testing.redis import RedisServer, TlsFiles, free_port, with_query
+from weavelet_core.transport import Transport
 from weavelet_redis.config import KeyLayout, parse_url
 from weavelet_redis.transport import RedisTransport
 
@@ -37,6 +38,15 @@ class TestRedisTransport(TransportConformance):
     @pytest.fixture
     def transport_url(self, redis_url: str) -> str:
         return redis_url
+
+    async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
+        assert isinstance(transport, RedisTransport)
+        client = aioredis.Redis.from_url(transport.settings.driver_url)
+        try:
+            await client.xadd(transport.keys.revisions(run), {"revision": number, "data": data})
+            await client.sadd(transport.keys.runs(), run)
+        finally:
+            await client.aclose()
 
 
 @pytest.fixture
@@ -193,24 +203,75 @@ async def test_history_is_capped_and_keeps_the_newest(redis_url: str) -> None:
     assert [o.revision for o in outcomes] == list(range(21, 31))
 
 
-async def test_entries_that_do_not_decode_are_skipped(
+async def test_entries_that_do_not_decode_are_reported_in_place(
     transport: RedisTransport, raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     run = _run()
     keys = transport.keys
     await transport.put(Revision(run=run, revision=1, config={"ok": True}))
-    # A foreign writer appends garbage, a revision of another run, and a pickle-looking blob.
+    # A foreign writer appends garbage, a revision of another run, a pickle-looking blob, an entry without a
+    # revision field: each keeps its place and its number, none is passed on as a revision.
     await raw.xadd(keys.revisions(run), {"revision": 2, "data": b"{not json"})
     other = encode(Revision(run="someone-else", revision=3, config={}))
     await raw.xadd(keys.revisions(run), {"revision": 3, "data": other})
     await raw.xadd(keys.revisions(run), {"revision": 4, "data": b"\x80\x04\x95cos\nsystem\n"})
+    await raw.xadd(keys.revisions(run), {"data": b"no number"})
     await raw.hset(keys.run(run), "status", b"[]")
     await raw.hset(keys.outcomes(run), "1", b"null")
-    assert [r.revision for r in await transport.history(run)] == [1]
-    assert await transport.latest(run) is None  # the newest entry is unreadable: nothing is passed on
+    history = await transport.history(run)
+    assert [(type(e).__name__, e.revision) for e in history] == [
+        ("Revision", 1),
+        ("CorruptEntry", 2),
+        ("CorruptEntry", 3),
+        ("CorruptEntry", 4),
+        ("CorruptEntry", 5),
+    ]
+    assert [e.revision for e in await transport.history(run, limit=1)] == [5]
+    with pytest.raises(CorruptEntry) as info:
+        await transport.latest(run)  # the newest entry is unreadable: reported, never "no revision"
+    assert info.value.revision == 5
     assert await transport.status(run) is None
     assert await transport.outcome(run, 1) is None
-    assert "skipping" in caplog.text
+    assert "unreadable" in caplog.text
+    # The compare-and-set script numbers the entry without a field the same way.
+    with pytest.raises(RevisionConflict) as conflict:
+        await transport.put(Revision(run=run, revision=2, config={}))
+    assert conflict.value.current == 5
+    await transport.put(Revision(run=run, revision=6, config={"ok": 6}))
+    latest = await transport.latest(run)
+    assert latest is not None
+    assert latest.config == {"ok": 6}
+
+
+async def test_version_1_outcomes_still_read_and_are_kept_beside_new_ones(
+    transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    run = _run()
+    v1 = {"v": 1, "kind": "outcome", "run": run, "revision": 1, "result": "applied", "step": 4, "at": 100.5}
+    await raw.hset(transport.keys.outcomes(run), "1", json.dumps(v1))
+    legacy = await transport.outcome(run, 1)
+    assert legacy is not None
+    assert (legacy.result, legacy.incarnation, legacy.at) == ("applied", "", 100.5)
+    assert await transport.outcomes(run) == [legacy]
+    newer = Outcome(run=run, revision=1, result="rejected", message="x", at=200.0, incarnation="i2")
+    await transport.publish_outcome(newer)
+    assert await transport.outcomes(run) == [legacy, newer]
+    assert await transport.outcome(run, 1) == newer
+
+
+async def test_outcome_storage_is_bounded(redis_url: str, raw: aioredis.Redis) -> None:
+    run = _run()
+    async with open_transport(redis_url, history=3) as t:
+        assert isinstance(t, RedisTransport)
+        for n in range(12):
+            await t.publish_outcome(Outcome(run=run, revision=1, result="applied", at=1000.0 + n, incarnation=f"i{n}"))
+        assert [o.incarnation for o in await t.outcomes(run)] == [f"i{n}" for n in range(4, 12)]
+        for number in range(2, 7):
+            await t.publish_outcome(Outcome(run=run, revision=number, result="applied", incarnation="i"))
+        assert [o.revision for o in await t.outcomes(run)] == [4, 5, 6]
+        fields = await raw.hkeys(t.keys.outcomes(run))
+        assert sorted(fields) == sorted(f"{n}{suffix}".encode() for n in (4, 5, 6) for suffix in ("", "#", ":i"))
+        assert await raw.zcard(t.keys.outcome_index(run)) == 3
 
 
 async def test_watch_ends_when_the_transport_is_closed(redis_url: str) -> None:

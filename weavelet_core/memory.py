@@ -3,6 +3,12 @@
 All transports opened on the same ``memory://NAME`` inside one Python process share one store, also across
 threads and event loops. Nothing crosses a process boundary: a weavelet sidecar (its own process) cannot use
 it; use ``file://`` for that.
+
+Revisions are kept as the encoded bytes a network store would hold, with the number the store records for each
+(as Redis records a stream field), and decoded on write: an entry stored with :meth:`MemoryTransport.put_raw`
+that does not decode is a :class:`~weavelet_core.errors.CorruptEntry` under that number. Outcomes are kept per
+``(revision, incarnation)``: those of the newest ``history`` revisions, at most
+:data:`OUTCOME_INCARNATIONS` incarnations (the newest) per revision.
 """
 
 from __future__ import annotations
@@ -13,20 +19,36 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from weavelet_core.errors import RevisionConflict, TransportUnavailable
+from weavelet_core.errors import CorruptEntry, ProtocolError, RevisionConflict, TransportUnavailable
 from weavelet_core.hookspecs import hookimpl
-from weavelet_core.protocol import Outcome, Revision, Status, encode, validate_run_id
+from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
 from weavelet_core.specs import TransportSpec
-from weavelet_core.transport import Transport
+from weavelet_core.transport import Entry, Transport
 
 DEFAULT_HISTORY = 1000
+OUTCOME_INCARNATIONS = 8
+"""Outcomes kept per revision, one per incarnation: the newest (greatest ``at``) this many."""
+
+
+def decode_stored(run: str, number: int, data: bytes) -> Entry:
+    """The entry a store holds under revision ``number`` of ``run``: the decoded revision, or a
+    :class:`CorruptEntry` when ``data`` does not decode or names another run or number."""
+    try:
+        revision = decode(data, Revision)
+    except ProtocolError as exc:
+        return CorruptEntry(run, number, str(exc))
+    if revision.run != run:
+        return CorruptEntry(run, number, f"it is stored under run {run!r} but names run {revision.run!r}")
+    if revision.revision != number:
+        return CorruptEntry(run, number, f"it is stored as revision {number} but names revision {revision.revision}")
+    return revision
 
 
 @dataclasses.dataclass
 class _Run:
-    revisions: list[Revision] = dataclasses.field(default_factory=list)
+    revisions: list[tuple[int, Entry]] = dataclasses.field(default_factory=list)
     status: Status | None = None
-    outcomes: dict[int, Outcome] = dataclasses.field(default_factory=dict)
+    outcomes: dict[tuple[int, str], Outcome] = dataclasses.field(default_factory=dict)
 
 
 class _Store:
@@ -62,7 +84,7 @@ class MemoryTransport(Transport):
         self.url = url
         self._name = url.split("://", 1)[1]
         self._store = _store_for(self._name)
-        self._history = history
+        self._history = max(1, int(history))
         self._closed = False
 
     def _check_open(self) -> None:
@@ -71,25 +93,39 @@ class MemoryTransport(Transport):
 
     async def put(self, revision: Revision) -> None:
         self._check_open()
-        encode(revision)  # the same size cap as every other transport
+        self._append(revision.run, revision.revision, revision, expected=revision.revision - 1)
+
+    def _append(self, run: str, number: int, entry: Entry, *, expected: int | None) -> None:
+        if isinstance(entry, Revision):
+            encode(entry)  # the same size cap as every other transport
         store = self._store
         with store.lock:
-            run = store.runs.setdefault(revision.run, _Run())
-            current = run.revisions[-1].revision if run.revisions else 0
-            if current != revision.revision - 1:
-                raise RevisionConflict(revision.run, revision.revision - 1, current)
-            run.revisions.append(revision)
-            del run.revisions[: -self._history]
+            state = store.runs.setdefault(run, _Run())
+            current = state.revisions[-1][0] if state.revisions else 0
+            if expected is not None and current != expected:
+                raise RevisionConflict(run, expected, current)
+            state.revisions.append((number, entry))
+            del state.revisions[: -self._history]
         store.notify()
+
+    async def put_raw(self, run: str, number: int, data: bytes) -> None:
+        """Store ``data`` as revision ``number`` of ``run``, without any check (for tests of unreadable
+        entries: ``data`` that does not decode is read back as a :class:`CorruptEntry` numbered ``number``)."""
+        self._check_open()
+        validate_run_id(run)
+        self._append(run, number, decode_stored(run, number, data), expected=None)
 
     async def latest(self, run: str) -> Revision | None:
         self._check_open()
         validate_run_id(run)
         with self._store.lock:
             state = self._store.runs.get(run)
-            return state.revisions[-1] if state and state.revisions else None
+            newest = state.revisions[-1][1] if state and state.revisions else None
+        if isinstance(newest, CorruptEntry):
+            raise newest
+        return newest
 
-    async def watch(self, run: str, *, after: int = 0) -> AsyncIterator[Revision]:
+    async def watch(self, run: str, *, after: int = 0) -> AsyncIterator[Entry]:
         self._check_open()
         validate_run_id(run)
         loop = asyncio.get_running_loop()
@@ -107,25 +143,27 @@ class MemoryTransport(Transport):
                     state = store.runs.get(run)
                     revisions = list(state.revisions) if state else []
                 if first:
-                    pending = revisions[-1:] if revisions and revisions[-1].revision > last else []
+                    pending = revisions[-1:] if revisions and revisions[-1][0] > last else []
                     first = False
                 else:
-                    pending = [r for r in revisions if r.revision > last]
-                for revision in pending:
-                    last = revision.revision
-                    yield revision
+                    pending = [r for r in revisions if r[0] > last]
+                for number, entry in pending:
+                    if number <= last:
+                        continue
+                    last = number
+                    yield entry
                 if not pending:
                     await event.wait()
         finally:
             with store.lock:
                 store.waiters.discard(waiter)
 
-    async def history(self, run: str, *, limit: int | None = None) -> list[Revision]:
+    async def history(self, run: str, *, limit: int | None = None) -> list[Entry]:
         self._check_open()
         validate_run_id(run)
         with self._store.lock:
             state = self._store.runs.get(run)
-            revisions = list(state.revisions) if state else []
+            revisions = [entry for _, entry in state.revisions] if state else []
         return revisions[-limit:] if limit else revisions
 
     async def runs(self) -> list[str]:
@@ -150,21 +188,31 @@ class MemoryTransport(Transport):
         self._check_open()
         encode(outcome)
         with self._store.lock:
-            self._store.runs.setdefault(outcome.run, _Run()).outcomes[outcome.revision] = outcome
+            outcomes = self._store.runs.setdefault(outcome.run, _Run()).outcomes
+            outcomes[(outcome.revision, outcome.incarnation)] = outcome
+            same = sorted((o.at, key) for key, o in outcomes.items() if key[0] == outcome.revision)
+            for _, key in same[:-OUTCOME_INCARNATIONS]:
+                del outcomes[key]
+            numbers = sorted({key[0] for key in outcomes})
+            if len(numbers) > self._history:
+                oldest_kept = numbers[-self._history]
+                for key in [key for key in outcomes if key[0] < oldest_kept]:
+                    del outcomes[key]
 
     async def outcome(self, run: str, revision: int) -> Outcome | None:
         self._check_open()
         validate_run_id(run)
         with self._store.lock:
             state = self._store.runs.get(run)
-            return state.outcomes.get(revision) if state else None
+            found = [o for key, o in state.outcomes.items() if key[0] == revision] if state else []
+        return max(found, key=lambda o: o.at, default=None)
 
     async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
         self._check_open()
         validate_run_id(run)
         with self._store.lock:
             state = self._store.runs.get(run)
-            found = [state.outcomes[k] for k in sorted(state.outcomes)] if state else []
+            found = sorted(state.outcomes.values(), key=lambda o: (o.revision, o.at)) if state else []
         return found[-limit:] if limit else found
 
     async def aclose(self) -> None:

@@ -4,7 +4,9 @@ Layout, one directory per run::
 
     DIR/runs/RUN/latest.json                 the newest revision (replaced atomically)
     DIR/runs/RUN/revisions/<20 digits>.json  every kept revision
-    DIR/runs/RUN/outcomes/<20 digits>.json   one outcome per revision
+    DIR/runs/RUN/outcomes/<20 digits>.<incarnation>.json
+                                             the outcome of one revision from one incarnation (an outcome
+                                             without incarnation, as version 1 wrote: <20 digits>.json)
     DIR/runs/RUN/status.json                 the latest status
     DIR/runs/RUN/.lock                       serialises compare-and-set writers (flock)
 
@@ -12,14 +14,23 @@ Every file is written to a temporary file in the same directory, flushed, fsynce
 target, so a reader (or a writer that crashed half-way) never sees a torn file: the previous revision stays
 readable. Watching polls ``latest.json``'s ``stat`` (default every 50 ms), which also works on shared
 filesystems where inotify sees no remote writes.
+
+A revision file that does not decode is a :class:`~weavelet_core.errors.CorruptEntry` numbered by its file
+name; a damaged ``latest.json`` falls back to the newest revision file, or is a ``CorruptEntry`` numbered by
+the ``revision`` it still shows. Loops over revisions go over the files that exist (one directory listing),
+never over the numbers between two revisions, however far apart. Kept: the newest ``history`` revisions, and
+the outcomes of the newest ``history`` revisions, at most :data:`OUTCOME_INCARNATIONS` per revision.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,11 +39,18 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 import anyio
+import anyio.lowlevel
 import filelock
 
-from weavelet_core.errors import ProtocolError, RevisionConflict, TransportError, TransportUnavailable
+from weavelet_core.errors import (
+    CorruptEntry,
+    ProtocolError,
+    RevisionConflict,
+    TransportError,
+    TransportUnavailable,
+)
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
-from weavelet_core.transport import Transport
+from weavelet_core.transport import Entry, Transport
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +58,10 @@ DEFAULT_HISTORY = 1000
 DEFAULT_POLL_INTERVAL = 0.05  # a 10 ms poll cost a training loop on 2 cores ~3% per step; see docs/benchmarks.md
 LOCK_TIMEOUT = 10.0
 _DIGITS = 20
+_ENTRY_NAME = re.compile(r"(\d{1,40})(?:\.([A-Za-z0-9_%\-]{1,64}))?\.json")
+_TOKEN = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+OUTCOME_INCARNATIONS = 8
+"""Outcomes kept per revision, one per incarnation: the newest (greatest ``at``) this many."""
 _PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST})
 
 M = TypeVar("M", Revision, Status, Outcome)
@@ -61,6 +83,30 @@ def path_from_url(url: str) -> Path:
 
 def _name(number: int) -> str:
     return f"{number:0{_DIGITS}d}.json"
+
+
+def _outcome_name(number: int, incarnation: str) -> str:
+    """``<20 digits>.json`` for an outcome without incarnation (as version 1 wrote), else
+    ``<20 digits>.<incarnation>.json``; an incarnation that is not a safe file name token is hashed."""
+    if not incarnation:
+        return _name(number)
+    token = (
+        incarnation if _TOKEN.fullmatch(incarnation) else "%" + hashlib.sha256(incarnation.encode()).hexdigest()[:32]
+    )
+    return f"{number:0{_DIGITS}d}.{token}.json"
+
+
+def lenient_revision_number(data: bytes) -> int | None:
+    """The integer ``revision`` (>= 1) of an entry that does not decode as a revision, if it is at least a JSON
+    object that has one; else ``None``."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    number = obj.get("revision") if isinstance(obj, dict) else None
+    if isinstance(number, int) and not isinstance(number, bool) and number >= 1:
+        return number
+    return None
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -152,21 +198,34 @@ class FileTransport(Transport):
     async def put(self, revision: Revision) -> None:
         self._check_open()
         data = encode(revision)
-        await anyio.to_thread.run_sync(self._put_locked, revision, data)
+        # The thread finishes (or times out on the lock) on its own; a cancelled caller does not wait for it.
+        await anyio.to_thread.run_sync(
+            self._put_locked, revision.run, revision.revision, data, True, abandon_on_cancel=True
+        )
 
-    def _put_locked(self, revision: Revision, data: bytes) -> None:
-        run_dir = self._run_dir(revision.run)
+    async def put_raw(self, run: str, number: int, data: bytes) -> None:
+        """Store ``data`` as revision ``number`` of ``run`` (revision file and ``latest.json``) without any check.
+
+        For tests of unreadable entries: bytes that do not decode read back as a :class:`CorruptEntry`.
+        """
+        self._check_open()
+        validate_run_id(run)
+        await anyio.to_thread.run_sync(self._put_locked, run, number, data, False, abandon_on_cancel=True)
+
+    def _put_locked(self, run: str, number: int, data: bytes, compare: bool) -> None:
+        run_dir = self._run_dir(run)
         try:
             (run_dir / "revisions").mkdir(parents=True, exist_ok=True)
             lock = filelock.FileLock(run_dir / ".lock", timeout=LOCK_TIMEOUT)
             with lock:
-                current = self._newest(run_dir)
-                current_number = current.revision if current else 0
-                if current_number != revision.revision - 1:
-                    raise RevisionConflict(revision.run, revision.revision - 1, current_number)
-                atomic_write(run_dir / "revisions" / _name(revision.revision), data)
+                if compare:
+                    current = self._newest(run, run_dir)
+                    current_number = current.revision if current is not None else 0
+                    if current_number != number - 1:
+                        raise RevisionConflict(run, number - 1, current_number)
+                atomic_write(run_dir / "revisions" / _name(number), data)
                 atomic_write(run_dir / "latest.json", data)
-                self._trim(run_dir / "revisions", revision.revision)
+                self._trim(run_dir / "revisions", number)
         except filelock.Timeout:
             raise TransportUnavailable(
                 f"file transport: lock {run_dir / '.lock'} held by another process for over {LOCK_TIMEOUT:g}s"
@@ -175,55 +234,108 @@ class FileTransport(Transport):
             raise self._fs_exception("cannot write", run_dir, exc) from None
 
     def _trim(self, directory: Path, newest: int) -> None:
+        """Delete the files of revisions older than the newest ``history`` (one pass over the directory)."""
         oldest_kept = newest - self.history_limit + 1
         if oldest_kept <= 1:
             return
-        for name in os.listdir(directory):
-            if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) < oldest_kept:
+        for name, number, _ in self._listing(directory):
+            if number < oldest_kept:
                 with contextlib.suppress(OSError):
                     os.unlink(directory / name)
 
     async def latest(self, run: str) -> Revision | None:
         self._check_open()
-        return self._newest(self._run_dir(run))
+        newest = self._newest(run, self._run_dir(run))
+        if isinstance(newest, CorruptEntry):
+            raise newest
+        return newest
 
-    def _newest(self, run_dir: Path) -> Revision | None:
-        """``latest.json``; if that is missing or damaged while revision files exist, the newest of those.
+    def _newest(self, run: str, run_dir: Path) -> Entry | None:
+        """The run's newest entry: ``latest.json``, or, if that is damaged, the newest revision file.
 
         ``latest.json`` is written last, so a writer that died before replacing it leaves the previous
-        revision there; a revision file newer than it is such a half-finished write and does not count.
+        revision there; a revision file newer than it is such a half-finished write and does not count. When
+        ``latest.json`` does not decode, the newer of the number it still shows (if it is a JSON object with an
+        integer ``revision``) and the newest revision file decides; an unreadable newest entry is a
+        :class:`CorruptEntry` with that number.
         """
         latest_path = run_dir / "latest.json"
-        newest = self._read(latest_path, Revision)
-        if newest is not None or not latest_path.exists():
-            return newest
-        log.warning("%s is damaged; falling back to the newest revision file", latest_path)
-        for number in reversed(self._numbers(run_dir / "revisions")):
-            found = self._read(run_dir / "revisions" / _name(number), Revision)
+        try:
+            data = latest_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._fs_exception("cannot read", latest_path, exc) from None
+        try:
+            return decode(data, Revision)
+        except ProtocolError as exc:
+            reason = str(exc)
+            log.warning("file transport: skipping unreadable %s: %s", latest_path, exc)
+        claimed = lenient_revision_number(data)
+        numbers = self._numbers(run_dir / "revisions")
+        if numbers and (claimed is None or numbers[-1] >= claimed):
+            log.warning("%s is damaged; falling back to the newest revision file", latest_path)
+            found = self._read_revision(run, run_dir, numbers[-1])
             if found is not None:
                 return found
-        return None
+        if claimed is not None:
+            return CorruptEntry(run, claimed, f"{latest_path}: {reason}")
+        return CorruptEntry(run, numbers[-1] + 1 if numbers else 1, f"{latest_path}: {reason}")
 
-    def _numbers(self, directory: Path) -> list[int]:
+    def _read_revision(self, run: str, run_dir: Path, number: int) -> Entry | None:
+        """Revision file ``number``: the revision, a :class:`CorruptEntry` if it does not decode (or names
+        another run or number), ``None`` if it is gone."""
+        path = run_dir / "revisions" / _name(number)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._fs_exception("cannot read", path, exc) from None
+        try:
+            revision = decode(data, Revision)
+        except ProtocolError as exc:
+            return CorruptEntry(run, number, f"{path}: {exc}")
+        if revision.run != run or revision.revision != number:
+            return CorruptEntry(
+                run, number, f"{path} holds revision {revision.revision} of run {revision.run!r}, not this one"
+            )
+        return revision
+
+    def _listing(self, directory: Path) -> list[tuple[str, int, str | None]]:
+        """``(file name, revision number, incarnation token or None)`` of each entry file in ``directory``."""
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
-        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+        found = []
+        for name in names:
+            match = _ENTRY_NAME.fullmatch(name)
+            if match:
+                found.append((name, int(match.group(1)), match.group(2)))
+        return found
 
-    async def history(self, run: str, *, limit: int | None = None) -> list[Revision]:
+    def _numbers(self, directory: Path) -> list[int]:
+        return sorted({number for _, number, _ in self._listing(directory)})
+
+    async def history(self, run: str, *, limit: int | None = None) -> list[Entry]:
         self._check_open()
         run_dir = self._run_dir(run)
-        newest = await self.latest(run)
+        newest = self._newest(run, run_dir)
         if newest is None:
             return []
-        numbers = [n for n in self._numbers(run_dir / "revisions") if n <= newest.revision]
+        numbers = [n for n in self._numbers(run_dir / "revisions") if n < newest.revision]
         if limit:
-            numbers = numbers[-limit:]
-        found = [self._read(run_dir / "revisions" / _name(n), Revision) for n in numbers]
-        return [r for r in found if r is not None]
+            numbers = numbers[len(numbers) - limit + 1 :] if limit > 1 else []
+        found: list[Entry] = []
+        for number in numbers:
+            entry = self._read_revision(run, run_dir, number)
+            if entry is not None:
+                found.append(entry)
+        found.append(newest)
+        return found[-limit:] if limit else found
 
-    async def watch(self, run: str, *, after: int = 0) -> AsyncIterator[Revision]:
+    async def watch(self, run: str, *, after: int = 0) -> AsyncIterator[Entry]:
         self._check_open()
         run_dir = self._run_dir(run)
         latest_path = run_dir / "latest.json"
@@ -241,20 +353,24 @@ class FileTransport(Transport):
                 signature = None
             if signature is not None and signature != seen:
                 seen = signature
-                newest = self._read(latest_path, Revision)
+                newest = self._newest(run, run_dir)
                 if newest is not None and newest.revision > last:
-                    if first:
-                        pending = [newest]
-                    else:
-                        pending = []
-                        for number in range(last + 1, newest.revision):
-                            found = self._read(run_dir / "revisions" / _name(number), Revision)
-                            if found is not None:
-                                pending.append(found)
-                        pending.append(newest)
-                    for revision in pending:
-                        last = revision.revision
-                        yield revision
+                    pending: list[Entry] = []
+                    if not first:
+                        # Revisions written since the last poll: the files that exist between the two numbers
+                        # (one listing, however far the number jumped), then the newest.
+                        for number in self._numbers(run_dir / "revisions"):
+                            if last < number < newest.revision:
+                                entry = self._read_revision(run, run_dir, number)
+                                if entry is not None:
+                                    pending.append(entry)
+                    pending.append(newest)
+                    for entry in pending:
+                        if entry.revision <= last:
+                            continue
+                        last = entry.revision
+                        yield entry
+                        await anyio.lowlevel.checkpoint()
             first = False
             await anyio.sleep(self.poll_interval)
 
@@ -293,23 +409,39 @@ class FileTransport(Transport):
 
     async def publish_outcome(self, outcome: Outcome) -> None:
         self._check_open()
-        run_dir = self._run_dir(outcome.run)
-        self._write(run_dir / "outcomes" / _name(outcome.revision), encode(outcome))
+        directory = self._run_dir(outcome.run) / "outcomes"
+        self._write(directory / _outcome_name(outcome.revision, outcome.incarnation), encode(outcome))
         with contextlib.suppress(OSError):
-            self._trim(run_dir / "outcomes", outcome.revision)
+            self._trim(directory, outcome.revision)
+            same = [name for name, number, _ in self._listing(directory) if number == outcome.revision]
+            if len(same) > OUTCOME_INCARNATIONS:
+                kept = sorted(
+                    ((o.at, name) for name in same if (o := self._read(directory / name, Outcome)) is not None),
+                )
+                for _, name in kept[: len(kept) - OUTCOME_INCARNATIONS]:
+                    os.unlink(directory / name)
 
     async def outcome(self, run: str, revision: int) -> Outcome | None:
         self._check_open()
-        return self._read(self._run_dir(run) / "outcomes" / _name(revision), Outcome)
+        directory = self._run_dir(run) / "outcomes"
+        found = [
+            outcome
+            for name, number, _ in self._listing(directory)
+            if number == revision and (outcome := self._read(directory / name, Outcome)) is not None
+        ]
+        return max(found, key=lambda o: o.at, default=None)
 
     async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
         self._check_open()
         directory = self._run_dir(run) / "outcomes"
-        numbers = self._numbers(directory)
-        if limit:
-            numbers = numbers[-limit:]
-        found = [self._read(directory / _name(n), Outcome) for n in numbers]
-        return [o for o in found if o is not None]
+        found = []
+        for name, _, _ in self._listing(directory):
+            outcome = self._read(directory / name, Outcome)
+            if outcome is not None:
+                found.append(outcome)
+            await anyio.lowlevel.checkpoint()
+        found.sort(key=lambda o: (o.revision, o.at))
+        return found[-limit:] if limit else found
 
     async def aclose(self) -> None:
         self._closed = True

@@ -95,6 +95,8 @@ class NatsServer:
     :param token: require this token from clients (instead of user and password).
     :param tls_cert, tls_key: serve TLS with this certificate and key (PEM files).
     :param host: the address to listen on; loopback by default.
+    :param config: more nats-server configuration text, for example an ``authorization { users = [...] }`` block
+        with per-user permissions (not together with ``user``/``password``/``token``).
 
     :meth:`start` returns once the server accepts clients with JetStream enabled. The server's log goes to
     ``store_dir/nats-server.log``.
@@ -113,9 +115,12 @@ class NatsServer:
         host: str = "127.0.0.1",
         binary: str | None = None,
         die_with_parent: bool = False,
+        config: str | None = None,
     ) -> None:
         if token is not None and (user is not None or password is not None):
             raise ValueError("give either a token or a user and password, not both")
+        if config is not None and (token is not None or user is not None):
+            raise ValueError("give either config (with its own authorization block) or user/password/token")
         if (user is None) != (password is None):
             raise ValueError("give both user and password")
         if (tls_cert is None) != (tls_key is None):
@@ -132,6 +137,7 @@ class NatsServer:
         self.tls_cert = Path(tls_cert) if tls_cert is not None else None
         self.tls_key = Path(tls_key) if tls_key is not None else None
         self.binary = binary
+        self.config = config
         self.process: subprocess.Popen[bytes] | None = None
 
     # -- addresses -----------------------------------------------------------------------------------
@@ -175,6 +181,8 @@ class NatsServer:
             lines.append(f"authorization {{ token: {json.dumps(self.token)} }}")
         elif self.user is not None:
             lines.append(f"authorization {{ user: {json.dumps(self.user)}, password: {json.dumps(self.password)} }}")
+        if self.config is not None:
+            lines.append(self.config)
         if self.tls_cert is not None:
             lines.append(
                 f"tls {{ cert_file: {json.dumps(str(self.tls_cert))}, key_file: {json.dumps(str(self.tls_key))} }}"

@@ -4,7 +4,8 @@ Layout (``PREFIX`` is ``weavelet`` unless the URL says ``?prefix=``)::
 
     PREFIX-desired    key RUNKEY            every revision of the run's desired config (history: 64 by default)
     PREFIX-status     key RUNKEY            the run's latest status
-    PREFIX-outcomes   key RUNKEY.REVISION   the outcome of one revision
+    PREFIX-outcomes   key RUNKEY.REVISION   the newest outcome of one revision (greatest ``at``)
+                      key RUNKEY.REVISION.INC   one incarnation's outcome of it (see :func:`incarnation_token`)
 
 ``RUNKEY`` is the run id with each ``.`` written as ``=`` (a ``.`` separates tokens in NATS subjects).
 Buckets use file storage and are created on first connect if missing.
@@ -17,18 +18,29 @@ every callback set. The first connect has a deadline, and its error names the ca
 or TLS. While the connection is down every call fails at once with :class:`TransportUnavailable` (nothing is
 buffered to be sent later); ``watch`` iterators wait, then recreate their watcher after the reconnect and
 re-read the newest revision.
+
+A value that does not decode as a revision is a :class:`~weavelet_core.errors.CorruptEntry` numbered by the
+integer ``revision`` of its JSON, else one past the entry before it; writers number on top of it. A permission
+violation the server reports (asynchronously, to the error callback) cancels the calls it concerns, which raise
+:class:`~weavelet_core.errors.PermissionDenied`. ``runs()`` reads the buckets' stream subjects, never
+``KeyValue.keys()`` (which can end early); listings read until the consumer has nothing pending.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import nats
 import nats.errors
 import nats.js.errors
@@ -38,13 +50,15 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from weavelet_core.errors import (
     AuthenticationFailed,
+    CorruptEntry,
+    PermissionDenied,
     ProtocolError,
     RevisionConflict,
     TransportUnavailable,
 )
 from weavelet_core.plugins import mask_password
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
-from weavelet_core.transport import Transport
+from weavelet_core.transport import Entry, Transport
 from weavelet_nats.url import NatsSettings, parse_url
 
 log = logging.getLogger(__name__)
@@ -54,6 +68,39 @@ M = TypeVar("M", Revision, Status, Outcome)
 WATCH_POLL = 0.25
 """Seconds a watch waits for an update before checking for a reconnect or a close."""
 CLOSE_TIMEOUT = 5.0
+LIST_PAGES = 1000
+"""Most pages of subjects ``runs()`` asks a stream for (the server sends up to 100,000 subjects a page)."""
+_TOKEN = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+_DENIED = re.compile(r"permissions violation for (publish|subscription) to \"?([^\"\s]+)\"?")
+
+
+def incarnation_token(incarnation: str) -> str:
+    """The key token of an incarnation id: itself when it is a safe token, ``=`` when empty, else ``=`` and a hash."""
+    if _TOKEN.fullmatch(incarnation):
+        return incarnation
+    if not incarnation:
+        return "="
+    return "=" + hashlib.sha256(incarnation.encode()).hexdigest()[:32]
+
+
+def lenient_revision_number(data: bytes | None) -> int | None:
+    """The integer ``revision`` (>= 1) of an entry that does not decode, if it is at least a JSON object with one."""
+    try:
+        obj = json.loads(data or b"")
+    except (ValueError, RecursionError):
+        return None
+    number = obj.get("revision") if isinstance(obj, dict) else None
+    if isinstance(number, int) and not isinstance(number, bool) and number >= 1:
+        return number
+    return None
+
+
+@dataclasses.dataclass
+class _Denial:
+    """A permission violation the server reported while a call was waiting (``kind``: publish or subscription)."""
+
+    kind: str
+    subject: str
 
 
 def run_key(run: str) -> str:
@@ -117,6 +164,8 @@ class NatsTransport(Transport):
         self._generation = 0
         self._watchers: set[KeyValue.KeyWatcher] = set()
         self._scopes: set[anyio.CancelScope] = set()
+        # calls waiting on the server: scope -> (buckets they use, the denial that cancelled them)
+        self._calls: dict[anyio.CancelScope, tuple[tuple[str, ...], list[_Denial]]] = {}
         # run -> (revision number, stream sequence) of the newest entry this client has seen; lets ``put``
         # send its compare-and-set without reading first. A stale entry only costs a re-read.
         self._seen: dict[str, tuple[int, int]] = {}
@@ -133,6 +182,10 @@ class NatsTransport(Transport):
         connected = False
 
         async def error_cb(exc: Exception) -> None:
+            denied = _DENIED.search(str(exc).lower())
+            if denied is not None:
+                self._deny(_Denial(kind=denied.group(1), subject=denied.group(2)))
+                return
             if not connected:
                 errors.append(exc)
                 if _is_auth_error(exc) or (isinstance(exc, ssl.SSLCertVerificationError)):
@@ -300,15 +353,41 @@ class NatsTransport(Transport):
                 f"NATS server {self.settings.display} is unreachable (reconnecting); retry once it is back"
             )
 
+    def _deny(self, denial: _Denial) -> None:
+        """Cancel the calls a permission violation concerns: those using the bucket its subject names, or every
+        waiting call when it names none of them (an inbox or JetStream API subject, which every call needs)."""
+        names_a_bucket = self._bucket_subject(denial.subject)
+        concerned = 0
+        for scope, (buckets, denials) in list(self._calls.items()):
+            if names_a_bucket and buckets:
+                names = [f"{self.settings.prefix}-{role}".lower() for role in buckets]
+                if not any(name in denial.subject for name in names):
+                    continue
+            denials.append(denial)
+            scope.cancel()
+            concerned += 1
+        if not concerned:
+            log.warning(
+                "NATS %s: permission violation for %s to %s", self.settings.display, denial.kind, denial.subject
+            )
+
+    def _bucket_subject(self, subject: str) -> bool:
+        """Whether ``subject`` (lowercased) names one of this transport's buckets."""
+        return any(f"{self.settings.prefix}-{role}".lower() in subject for role in ("desired", "status", "outcomes"))
+
     @contextlib.contextmanager
-    def _mapped(self, action: str) -> Iterator[None]:
-        """Turn the client's connection errors into :class:`TransportUnavailable`.
+    def _mapped(self, action: str, *buckets: str, subject: str = "") -> Iterator[None]:
+        """Turn the client's connection errors into :class:`TransportUnavailable`, and a permission violation the
+        server reports meanwhile into :class:`PermissionDenied`.
 
         The body is also cancelled when the connection drops while it runs: the client does not fail
-        requests in flight on a disconnect, they would wait for their whole timeout.
+        requests in flight on a disconnect, they would wait for their whole timeout. ``buckets`` are the roles
+        of the buckets it uses and ``subject`` the main subject it publishes to (for messages).
         """
         scope = anyio.CancelScope()
+        denials: list[_Denial] = []
         self._scopes.add(scope)
+        self._calls[scope] = (buckets, denials)
         try:
             with scope:
                 yield
@@ -327,15 +406,35 @@ class NatsTransport(Transport):
             asyncio.TimeoutError,
             OSError,
         ) as exc:
+            if denials:
+                raise self._permission_error(action, denials[0], subject) from None
             raise TransportUnavailable(
                 f"NATS server {self.settings.display}: {action} failed ({type(exc).__name__}: {exc})"
             ) from None
         finally:
             self._scopes.discard(scope)
+            self._calls.pop(scope, None)
+        if denials:
+            raise self._permission_error(action, denials[0], subject)
         if scope.cancelled_caught:
             raise TransportUnavailable(
                 f"NATS server {self.settings.display}: connection lost while trying to {action}; retry once it is back"
             )
+
+    def _permission_error(self, action: str, denial: _Denial, subject: str) -> PermissionDenied:
+        shown = subject if subject and subject.lower() == denial.subject else denial.subject
+        if shown.startswith("_inbox."):
+            shown = "_INBOX.>"  # the client's reply subjects (the server's text is lowercased)
+        if denial.kind == "publish":
+            needed, rule = "publish", f'publish: {{ allow: ["{shown}"] }}'
+        else:
+            needed, rule = "subscribe", f'subscribe: {{ allow: ["{shown}"] }}'
+        return PermissionDenied(
+            f"NATS server {self.settings.display}: permission denied to {action}: the user may not {needed} to "
+            f"{shown!r}; grant it in the server's authorization block ({rule}; weavelet needs publish on "
+            f"$JS.API.> and $KV.{self.settings.prefix}-desired.>, $KV.{self.settings.prefix}-status.>, "
+            f"$KV.{self.settings.prefix}-outcomes.> and subscribe on _INBOX.>, see docs/nats.md)"
+        )
 
     def _decode(self, data: bytes | None, kind: type[M], what: str) -> M | None:
         if not data:
@@ -353,22 +452,89 @@ class NatsTransport(Transport):
             return None
 
     # -- revisions ---------------------------------------------------------------------------------------
-    async def _current(self, run: str, key: str) -> tuple[int, int]:
-        """(revision number, stream sequence) of the run's newest entry; (0, 0) when it has none."""
-        entry = await self._entry(self._buckets["desired"], key)
+    def _read_entry(self, run: str, data: bytes | None, previous: int) -> Entry:
+        """The revision a key-value entry holds, or a :class:`CorruptEntry` in its place: numbered by the
+        ``revision`` its JSON still shows, else one more than ``previous`` (the number of the entry before it)."""
+        try:
+            revision = decode(data or b"", Revision)
+        except ProtocolError as exc:
+            number = lenient_revision_number(data)
+            log.warning("NATS %s: a revision of run %r is unreadable: %s", self.settings.display, run, exc)
+            return CorruptEntry(run, number if number is not None else previous + 1, str(exc))
+        if revision.run != run:
+            return CorruptEntry(run, revision.revision, f"the entry holds a revision of run {revision.run!r}")
+        return revision
+
+    async def _newest(self, run: str, key: str) -> tuple[Entry, int] | None:
+        """The run's newest entry and its stream sequence, or ``None`` when the run has none."""
+        desired = self._buckets["desired"]
+        entry = await self._entry(desired, key)
         if entry is None or entry.revision is None:
+            return None
+        found = self._read_entry(run, entry.value, 0)
+        if isinstance(found, CorruptEntry) and lenient_revision_number(entry.value) is None:
+            # Not even a number: one more than the newest entry before it, from the key's history.
+            numbered = await self._numbered(run, await self._key_history(desired, key))
+            found = next((e for seq, e in reversed(numbered) if seq == entry.revision), found)
+        self._seen[run] = (found.revision, entry.revision)
+        return found, entry.revision
+
+    async def _key_history(self, kv: KeyValue, key: str) -> list[KeyValue.Entry]:
+        return await self._read_all(kv, key, include_history=True)
+
+    async def _read_all(self, kv: KeyValue, keys: str, *, include_history: bool = False) -> list[KeyValue.Entry]:
+        """Every entry of ``keys`` (a key or a pattern) the bucket holds now: the newest of each key, or with
+        ``include_history`` every kept one, oldest first, deletes included.
+
+        Unlike nats-py's ``keys()`` and ``history()``, which stop at the watcher's end-of-initial-values marker
+        (sent early when messages are in flight as the consumer is inspected: nats.py #995, #842), this counts
+        what the consumer will deliver and reads until the entry that has nothing pending after it.
+        """
+        watcher = await kv.watch(keys, include_history=include_history)
+        found: list[KeyValue.Entry] = []
+        try:
+            assert watcher._sub is not None
+            info = await watcher._sub.consumer_info()
+            pending = int(info.num_pending or 0) + int(info.delivered.consumer_seq or 0)
+            while pending > 0:
+                update = await _next_update(watcher, self.settings.request_timeout)
+                if update is None:
+                    continue  # nats-py's marker, which may come early: keep counting
+                if not isinstance(update, KeyValue.Entry):
+                    break  # stopped
+                found.append(update)
+                pending = update.delta or 0
+        finally:
+            await _stop(watcher)
+        return found
+
+    async def _numbered(self, run: str, entries: list[KeyValue.Entry]) -> list[tuple[int, Entry]]:
+        """``(stream sequence, entry)`` of a key's history (oldest first), deletes ending what came before."""
+        found: list[tuple[int, Entry]] = []
+        for entry in entries:
+            if entry.operation in (KV_DEL, KV_PURGE):
+                found.clear()
+                continue
+            previous = found[-1][1].revision if found else 0
+            found.append((entry.revision or 0, self._read_entry(run, entry.value, previous)))
+            await anyio.lowlevel.checkpoint()
+        return found
+
+    async def _current(self, run: str, key: str) -> tuple[int, int]:
+        """(revision number, stream sequence) of the run's newest entry; (0, 0) when it has none. An unreadable
+        entry counts with its number, so writers number on top of it."""
+        newest = await self._newest(run, key)
+        if newest is None:
             return 0, 0
-        revision = self._decode(entry.value, Revision, f"revision of run {run!r}")
-        number = revision.revision if revision is not None else 0
-        self._seen[run] = (number, entry.revision)
-        return number, entry.revision
+        return newest[0].revision, newest[1]
 
     async def put(self, revision: Revision) -> None:
         key = run_key(revision.run)
         data = encode(revision)
         desired = self._kv("desired")
         expected = revision.revision - 1
-        with self._mapped(f"write revision {revision.revision} of run {revision.run!r}"):
+        subject = f"$KV.{self.settings.prefix}-desired.{key}"
+        with self._mapped(f"write revision {revision.revision} of run {revision.run!r}", "desired", subject=subject):
             seen = self._seen.get(revision.run)
             if expected == 0:
                 last = 0
@@ -393,35 +559,24 @@ class NatsTransport(Transport):
 
     async def latest(self, run: str) -> Revision | None:
         key = run_key(run)
-        desired = self._kv("desired")
-        with self._mapped(f"read run {run!r}"):
-            entry = await self._entry(desired, key)
-        if entry is None:
+        self._kv("desired")
+        with self._mapped(f"read run {run!r}", "desired"):
+            newest = await self._newest(run, key)
+        if newest is None:
             return None
-        revision = self._decode(entry.value, Revision, f"revision of run {run!r}")
-        if revision is not None and entry.revision is not None:
-            self._seen[run] = (revision.revision, entry.revision)
-        return revision
+        if isinstance(newest[0], CorruptEntry):
+            raise newest[0]
+        return newest[0]
 
-    async def history(self, run: str, *, limit: int | None = None) -> list[Revision]:
+    async def history(self, run: str, *, limit: int | None = None) -> list[Entry]:
         key = run_key(run)
         desired = self._kv("desired")
-        with self._mapped(f"read the history of run {run!r}"):
-            try:
-                entries = await desired.history(key)
-            except nats.js.errors.NoKeysError:
-                return []
-        found: list[Revision] = []
-        for entry in entries:
-            if entry.operation in (KV_DEL, KV_PURGE):
-                found.clear()
-                continue
-            revision = self._decode(entry.value, Revision, f"revision of run {run!r}")
-            if revision is not None:
-                found.append(revision)
+        with self._mapped(f"read the history of run {run!r}", "desired"):
+            numbered = await self._numbered(run, await self._key_history(desired, key))
+        found = [entry for _, entry in numbered]
         return found[-limit:] if limit else found
 
-    async def watch(self, run: str, *, after: int = 0) -> AsyncIterator[Revision]:
+    async def watch(self, run: str, *, after: int = 0) -> AsyncIterator[Entry]:
         key = run_key(run)
         if self._nc is None:
             self._ready()  # never connected (or closed): say so instead of waiting for ever
@@ -431,8 +586,8 @@ class NatsTransport(Transport):
             generation = self._generation
             try:
                 desired = self._kv("desired")
-                with self._mapped(f"watch run {run!r}"):
-                    reconciled = await self._entry(desired, key)
+                with self._mapped(f"watch run {run!r}", "desired"):
+                    reconciled = await self._newest(run, key)
                     watcher = await desired.watch(key)
             except TransportUnavailable as exc:
                 if self._closed:
@@ -443,94 +598,175 @@ class NatsTransport(Transport):
                 continue
             delay = 0.05
             self._watchers.add(watcher)
+            # the number of the newest entry read from the key, readable or not (numbers the next unreadable one)
+            previous = last
             try:
                 if reconciled is not None:
-                    revision = self._decode(reconciled.value, Revision, f"revision of run {run!r}")
-                    if revision is not None and revision.revision > last:
-                        last = revision.revision
-                        yield revision
+                    entry, _ = reconciled
+                    previous = max(previous, entry.revision)
+                    if entry.revision > last:
+                        last = entry.revision
+                        yield entry
                 while not self._closed and generation == self._generation:
                     try:
-                        entry = await _next_update(watcher, WATCH_POLL)
+                        update = await _next_update(watcher, WATCH_POLL)
                     except nats.errors.TimeoutError:
                         continue
-                    if entry is None:
+                    if update is None:
                         continue  # end of the initial values
-                    if not isinstance(entry, KeyValue.Entry):
+                    if not isinstance(update, KeyValue.Entry):
                         break  # the watcher was stopped
-                    if entry.operation in (KV_DEL, KV_PURGE):
+                    if update.operation in (KV_DEL, KV_PURGE):
                         continue
-                    revision = self._decode(entry.value, Revision, f"revision of run {run!r}")
-                    if revision is None or revision.revision <= last:
+                    if reconciled is not None and update.revision == reconciled[1]:
+                        continue  # the entry read before the watch started
+                    found = self._read_entry(run, update.value, previous)
+                    previous = found.revision
+                    if found.revision <= last:
                         continue
-                    last = revision.revision
+                    last = found.revision
                     seen = self._seen.get(run)
-                    if entry.revision is not None and (seen is None or seen[0] < revision.revision):
-                        self._seen[run] = (revision.revision, entry.revision)
-                    yield revision
+                    if update.revision is not None and (seen is None or seen[0] < found.revision):
+                        self._seen[run] = (found.revision, update.revision)
+                    yield found
             finally:
                 self._watchers.discard(watcher)
                 await _stop(watcher)
 
     async def runs(self) -> list[str]:
-        buckets = (self._kv("desired"), self._kv("status"))
+        """Runs with a revision or a status: the subjects the two buckets' streams hold (one stream-info request
+        per 100,000 subjects, never a key-value ``keys()`` listing, which can end early), less runs whose key was
+        deleted."""
+        desired, status = self._kv("desired"), self._kv("status")
         found: set[str] = set()
-        with self._mapped("list runs"):
-            for kv in buckets:
-                try:
-                    keys = await kv.keys()
-                except nats.js.errors.NoKeysError:
-                    continue
-                found.update(r for r in map(key_run, keys) if r is not None)
+        with self._mapped("list runs", "desired", "status"):
+            listed = {role: await self._stream_subjects(role) for role in ("desired", "status")}
+            candidates = sorted(set(listed["desired"]) | set(listed["status"]))
+
+            async def present(run: str) -> None:
+                key = run_key(run)
+                for role, kv in (("desired", desired), ("status", status)):
+                    if run in listed[role] and await self._entry(kv, key) is not None:
+                        found.add(run)
+                        return
+
+            async with anyio.create_task_group() as tg:
+                for run in candidates:
+                    tg.start_soon(present, run)
         return sorted(found)
+
+    async def _stream_subjects(self, role: str) -> set[str]:
+        """Run ids with at least one message in the bucket's stream (deleted keys included), page by page."""
+        assert self._nc is not None
+        bucket = f"{self.settings.prefix}-{role}"
+        prefix = f"$KV.{bucket}."
+        runs: set[str] = set()
+        offset = 0
+        for _page in range(LIST_PAGES):
+            request = json.dumps({"subjects_filter": f"{prefix}>", "offset": offset}).encode()
+            reply = await self._nc.request(
+                f"$JS.API.STREAM.INFO.KV_{bucket}", request, timeout=self.settings.request_timeout
+            )
+            info = json.loads(reply.data)
+            if "error" in info:
+                raise TransportUnavailable(
+                    f"NATS server {self.settings.display}: cannot list the keys of bucket {bucket}: "
+                    f"{info['error'].get('description', info['error'])}"
+                )
+            subjects = (info.get("state") or {}).get("subjects") or {}
+            for subject in subjects:
+                if subject.startswith(prefix):
+                    run = key_run(subject[len(prefix) :])
+                    if run is not None:
+                        runs.add(run)
+            offset += len(subjects)
+            total = info.get("total", 0)
+            if not subjects or not isinstance(total, int) or offset >= total:
+                break
+        return runs
 
     # -- status and outcomes -----------------------------------------------------------------------------
     async def publish_status(self, status: Status) -> None:
         key = run_key(status.run)
         data = encode(status)
         bucket = self._kv("status")
-        with self._mapped(f"publish the status of run {status.run!r}"):
+        subject = f"$KV.{self.settings.prefix}-status.{key}"
+        with self._mapped(f"publish the status of run {status.run!r}", "status", subject=subject):
             await bucket.put(key, data)
 
     async def status(self, run: str) -> Status | None:
         key = run_key(run)
         bucket = self._kv("status")
-        with self._mapped(f"read the status of run {run!r}"):
+        with self._mapped(f"read the status of run {run!r}", "status"):
             entry = await self._entry(bucket, key)
         return None if entry is None else self._decode(entry.value, Status, f"status of run {run!r}")
 
     async def publish_outcome(self, outcome: Outcome) -> None:
-        key = f"{run_key(outcome.run)}.{outcome.revision}"
+        """Store the outcome under ``RUNKEY.REVISION.INCARNATION``, then make it the revision's newest under
+        ``RUNKEY.REVISION`` unless a newer one (greater ``at``) is there (compare-and-set on that key)."""
+        newest_key = f"{run_key(outcome.run)}.{outcome.revision}"
+        own_key = f"{newest_key}.{incarnation_token(outcome.incarnation)}"
         data = encode(outcome)
         outcomes = self._kv("outcomes")
-        with self._mapped(f"publish the outcome of revision {outcome.revision} of run {outcome.run!r}"):
-            await outcomes.put(key, data)
+        subject = f"$KV.{self.settings.prefix}-outcomes.{own_key}"
+        with self._mapped(
+            f"publish the outcome of revision {outcome.revision} of run {outcome.run!r}", "outcomes", subject=subject
+        ):
+            current = await self._entry(outcomes, newest_key)
+            stored = None if current is None else self._decode(current.value, Outcome, "outcome")
+            if current is not None and current.value and stored is not None and not stored.incarnation:
+                legacy_key = f"{newest_key}.{incarnation_token('')}"
+                if legacy_key != own_key and await self._entry(outcomes, legacy_key) is None:
+                    await outcomes.put(legacy_key, current.value)  # a version-1 outcome keeps its own record
+            await outcomes.put(own_key, data)
+            for _attempt in range(5):
+                if stored is not None and stored.at > outcome.at:
+                    return
+                try:
+                    if current is None or current.revision is None:
+                        await outcomes.create(newest_key, data)
+                    else:
+                        await outcomes.update(newest_key, data, last=current.revision)
+                    return
+                except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyDeletedError):
+                    current = await self._entry(outcomes, newest_key)
+                    stored = None if current is None else self._decode(current.value, Outcome, "outcome")
+            log.warning(
+                "NATS %s: the newest outcome of revision %d of run %r kept changing; left as it is",
+                self.settings.display,
+                outcome.revision,
+                outcome.run,
+            )
 
     async def outcome(self, run: str, revision: int) -> Outcome | None:
         key = f"{run_key(run)}.{int(revision)}"
         outcomes = self._kv("outcomes")
-        with self._mapped(f"read the outcome of revision {revision} of run {run!r}"):
+        with self._mapped(f"read the outcome of revision {revision} of run {run!r}", "outcomes"):
             entry = await self._entry(outcomes, key)
         return None if entry is None else self._decode(entry.value, Outcome, f"outcome of run {run!r}")
 
     async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
         key = run_key(run)
         outcomes = self._kv("outcomes")
-        found: dict[int, Outcome] = {}
-        with self._mapped(f"read the outcomes of run {run!r}"):
-            watcher = await outcomes.watch(f"{key}.*", ignore_deletes=True)
-            try:
-                while True:
-                    entry = await _next_update(watcher, self.settings.request_timeout)
-                    if not isinstance(entry, KeyValue.Entry):
-                        break
-                    outcome = self._decode(entry.value, Outcome, f"outcome of run {run!r}")
-                    if outcome is not None and outcome.run == run:
-                        found[outcome.revision] = outcome
-            finally:
-                await _stop(watcher)
-        ordered = [found[number] for number in sorted(found)]
-        return ordered[-limit:] if limit else ordered
+        with self._mapped(f"read the outcomes of run {run!r}", "outcomes"):
+            entries = await self._read_all(outcomes, f"{key}.>")
+        own: list[Outcome] = []
+        newest: dict[int, Outcome] = {}
+        for entry in entries:
+            if entry.operation in (KV_DEL, KV_PURGE):
+                continue
+            outcome = self._decode(entry.value, Outcome, f"outcome of run {run!r}")
+            if outcome is None or outcome.run != run:
+                continue
+            if entry.key.count(".") == 2:
+                own.append(outcome)
+            else:
+                newest[outcome.revision] = outcome
+        # A revision whose only outcome was written by version 1 of weavelet has only its newest key.
+        recorded = {o.revision for o in own}
+        found = [*own, *(o for number, o in newest.items() if number not in recorded)]
+        found.sort(key=lambda o: (o.revision, o.at))
+        return found[-limit:] if limit else found
 
     # -- closing -----------------------------------------------------------------------------------------
     async def aclose(self) -> None:

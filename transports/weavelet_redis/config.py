@@ -113,8 +113,13 @@ class KeyLayout:
         return f"{self.prefix}run:{validate_run_id(run)}:status"
 
     def outcomes(self, run: str) -> str:
-        """Hash: revision number -> outcome (JSON)."""
+        """Hash of outcomes (JSON): ``REVISION`` -> the newest outcome of a revision, ``REVISION:INCARNATION`` ->
+        that incarnation's outcome of it, ``REVISION#`` -> the incarnations kept (JSON list of ``[at, id]``)."""
         return f"{self.prefix}run:{validate_run_id(run)}:outcomes"
+
+    def outcome_index(self, run: str) -> str:
+        """Sorted set of the revision numbers that have outcomes (to keep only the newest ``history``)."""
+        return f"{self.prefix}run:{validate_run_id(run)}:outcomes:index"
 
 
 @dataclasses.dataclass(frozen=True)

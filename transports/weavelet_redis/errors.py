@@ -16,7 +16,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from weavelet_core.errors import AuthenticationFailed, TransportError, TransportUnavailable
+from weavelet_core.errors import AuthenticationFailed, PermissionDenied, TransportError, TransportUnavailable
 
 CREDENTIAL_ERRORS = (AuthenticationError, AuthenticationWrongNumberOfArgsError, AuthorizationError)
 
@@ -36,11 +36,20 @@ def _reason(exc: BaseException) -> str:
     return text.rstrip(".")
 
 
-def translate(exc: RedisError | OSError, url: str, action: str) -> TransportError:
+def acl_hint(prefix: str) -> str:
+    """The ACL rule that gives a user what weavelet needs on keys under ``prefix``."""
+    return (
+        f"ACL SETUSER NAME on >PASSWORD resetkeys ~{prefix}* +@read +@write +@stream +@hash +@set +@sortedset "
+        "+@scripting +@connection"
+    )
+
+
+def translate(exc: RedisError | OSError, url: str, action: str, prefix: str = "weavelet:") -> TransportError:
     """The weavelet error for ``exc``, raised while doing ``action`` (``"write run 'r1'"``) against ``url``.
 
-    Credentials refused -> :class:`AuthenticationFailed` (final); unreachable, timed out, loading, read-only
-    replica -> :class:`TransportUnavailable` (retryable); anything else from the server -> ``TransportError``.
+    Credentials refused -> :class:`AuthenticationFailed` (final); credentials that lack a permission (``NOPERM``)
+    -> :class:`PermissionDenied` (final); unreachable, timed out, loading, read-only replica ->
+    :class:`TransportUnavailable` (retryable); anything else from the server -> ``TransportError``.
     """
     if isinstance(exc, CREDENTIAL_ERRORS):
         return AuthenticationFailed(
@@ -48,9 +57,9 @@ def translate(exc: RedisError | OSError, url: str, action: str) -> TransportErro
             "URL (redis://USER:PASSWORD@HOST:PORT/DB)"
         )
     if isinstance(exc, NoPermissionError):
-        return AuthenticationFailed(
+        return PermissionDenied(
             f"redis at {url}: permission denied to {action} ({_reason(exc)}); the user needs the stream, hash, "
-            "set and scripting commands on the weavelet keys (see the ACL example in the Redis transport docs)"
+            f"set, sorted-set and scripting commands on the keys {prefix}*: {acl_hint(prefix)}"
         )
     if isinstance(exc, ReadOnlyError):
         return TransportUnavailable(
@@ -72,4 +81,4 @@ def translate(exc: RedisError | OSError, url: str, action: str) -> TransportErro
     )
 
 
-__all__ = ["translate"]
+__all__ = ["acl_hint", "translate"]

@@ -7,22 +7,42 @@ run set, which may live in different slots.
 
 from __future__ import annotations
 
+NUMBER_SCAN = 64
+"""How far back a revision entry without a readable ``revision`` field looks for a numbered one."""
+
 PUT_REVISION = """
 -- Compare-and-set of a run's newest revision.
 -- KEYS: [1] revisions stream, [2] run hash, [3] run set
 -- ARGV: [1] expected current revision, [2] new revision, [3] payload, [4] MAXLEN, [5] run id
--- Returns {1, entry id} when stored, {0, current revision} when the expected revision is not current.
-local current = 0
+-- Returns {1, entry id} when stored, {0, current revision (a string)} when the expected revision is not current.
+-- The current revision is the newest entry's 'revision' field, whether or not its payload decodes; an entry
+-- without a usable field counts as one more than the nearest numbered entry before it (within 64 entries),
+-- exactly as the client numbers it (weavelet_redis.transport.entry_number).
+local function numbered(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'revision' and string.match(fields[i + 1], '^[1-9][0-9]*$') then
+      return fields[i + 1]
+    end
+  end
+  return nil
+end
+local current = '0'
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #newest > 0 then
-  local fields = newest[1][2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'revision' then
-      current = tonumber(fields[i + 1]) or 0
+  current = numbered(newest[1][2])
+  if current == nil then
+    newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 65)
+    current = tostring(#newest)
+    for i = 2, #newest do
+      local found = numbered(newest[i][2])
+      if found then
+        current = string.format('%d', tonumber(found) + i - 1)
+        break
+      end
     end
   end
 end
-if current ~= tonumber(ARGV[1]) then
+if current ~= ARGV[1] then
   return {0, current}
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'revision', ARGV[2], 'data', ARGV[3])
@@ -42,24 +62,60 @@ return 1
 """
 
 PUBLISH_OUTCOME = """
--- Store the outcome of one revision; keep only the outcomes of the newest ARGV[3] revisions.
--- KEYS: [1] outcomes hash
--- ARGV: [1] revision, [2] payload, [3] how many to keep
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-local keep = tonumber(ARGV[3])
-if redis.call('HLEN', KEYS[1]) > keep then
-  local numbered = {}
-  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if tonumber(field) then
-      table.insert(numbered, field)
+-- Store one incarnation's outcome of a revision, keep the newest outcome of the revision under its bare number,
+-- keep at most ARGV[6] incarnations (the newest) per revision and the outcomes of the newest ARGV[5] revisions.
+-- KEYS: [1] outcomes hash, [2] index (sorted set of revision numbers with outcomes)
+-- ARGV: [1] revision, [2] incarnation, [3] payload, [4] at (a decimal string), [5] revisions kept,
+--       [6] incarnations kept per revision
+local hash, index, rev, inc = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local listed = rev .. '#'
+local kept = {}
+local raw = redis.call('HGET', hash, listed)
+if raw then
+  local ok, decoded = pcall(cjson.decode, raw)
+  if ok and type(decoded) == 'table' then kept = decoded end
+else
+  -- A version-1 outcome under the bare number: keep it as the record of its (empty) incarnation.
+  local legacy = redis.call('HGET', hash, rev)
+  if legacy then
+    local ok, decoded = pcall(cjson.decode, legacy)
+    if ok and type(decoded) == 'table' and (decoded.incarnation == nil or decoded.incarnation == '') then
+      local at = '0'
+      if type(decoded.at) == 'number' then at = string.format('%.17g', decoded.at) end
+      redis.call('HSET', hash, rev .. ':', legacy)
+      table.insert(kept, {at, ''})
     end
   end
-  table.sort(numbered, function(a, b) return tonumber(a) < tonumber(b) end)
-  for i = 1, #numbered - keep do
-    redis.call('HDEL', KEYS[1], numbered[i])
+end
+local others = {}
+for _, item in ipairs(kept) do
+  if item[2] ~= inc then table.insert(others, item) end
+end
+table.insert(others, {ARGV[4], inc})
+table.sort(others, function(a, b) return tonumber(a[1]) < tonumber(b[1]) end)
+redis.call('HSET', hash, rev .. ':' .. inc, ARGV[3])
+while #others > tonumber(ARGV[6]) do
+  local dropped = table.remove(others, 1)
+  redis.call('HDEL', hash, rev .. ':' .. dropped[2])
+end
+redis.call('HSET', hash, listed, cjson.encode(others))
+redis.call('HSET', hash, rev, redis.call('HGET', hash, rev .. ':' .. others[#others][2]))
+redis.call('ZADD', index, rev, rev)
+local excess = redis.call('ZCARD', index) - tonumber(ARGV[5])
+if excess > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', index, 0, excess - 1)) do
+    local old_list = redis.call('HGET', hash, old .. '#')
+    if old_list then
+      local ok, decoded = pcall(cjson.decode, old_list)
+      if ok and type(decoded) == 'table' then
+        for _, item in ipairs(decoded) do redis.call('HDEL', hash, old .. ':' .. item[2]) end
+      end
+    end
+    redis.call('HDEL', hash, old, old .. '#', old .. ':')
+    redis.call('ZREM', index, old)
   end
 end
 return 1
 """
 
-__all__ = ["PUBLISH_OUTCOME", "PUBLISH_STATUS", "PUT_REVISION"]
+__all__ = ["NUMBER_SCAN", "PUBLISH_OUTCOME", "PUBLISH_STATUS", "PUT_REVISION"]

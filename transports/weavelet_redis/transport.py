@@ -6,19 +6,27 @@ Key layout (prefix ``weavelet:`` by default, see :class:`weavelet_redis.config.K
     weavelet:run:RUN                 hash    revision -> newest number, status -> latest status (JSON)
     weavelet:run:RUN:revisions       stream  one entry per revision: revision, data (JSON); MAXLEN ~ history
     weavelet:run:RUN:status          stream  every published status: data (JSON); MAXLEN ~ status_history
-    weavelet:run:RUN:outcomes        hash    revision number -> outcome (JSON), the newest ``history`` kept
+    weavelet:run:RUN:outcomes        hash    N -> newest outcome of revision N; N:INCARNATION -> that
+                                             incarnation's outcome; N# -> incarnations kept (JSON)
+    weavelet:run:RUN:outcomes:index  zset    revision numbers with outcomes (the newest ``history`` kept)
 
 A write is a Lua script (compare-and-set on the stream's newest ``revision`` field, ``XADD``, record the
 number), so two writers never both win. A watcher reads the newest entry (``XREVRANGE COUNT 1``), then waits
 with ``XREAD BLOCK`` from the id of the last entry it read, on its own connection. After a lost connection it
 reconnects with backoff, re-reads the newest entry and resumes from its last id; revisions are delivered only
 when newer than the last one delivered, so nothing is delivered twice even if the server lost its data.
+
+An entry whose data does not decode is a :class:`~weavelet_core.errors.CorruptEntry` numbered by its ``revision``
+field (see :func:`entry_number`); the compare-and-set script numbers it the same way. ``NOPERM`` is
+:class:`~weavelet_core.errors.PermissionDenied`. Calls are plain awaits on redis-py, so a caller's cancel
+scope (``anyio.fail_after``) ends them at once, also against a stopped server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -28,8 +36,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff, ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError
 
-from weavelet_core.errors import AuthenticationFailed, ProtocolError, RevisionConflict, TransportUnavailable
+from weavelet_core.errors import (
+    AuthenticationFailed,
+    CorruptEntry,
+    PermissionDenied,
+    ProtocolError,
+    RevisionConflict,
+    TransportUnavailable,
+)
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
+from weavelet_core.transport import Entry as StoredEntry
 from weavelet_core.transport import Transport
 from weavelet_redis import scripts
 from weavelet_redis.config import RedisSettings, parse_url
@@ -45,6 +61,30 @@ WATCH_BATCH = 100
 RECONNECT_BACKOFF = EqualJitterBackoff(cap=1.0, base=0.05)
 """Delay between a watcher's reconnect attempts: 50-100 ms at first, doubling, 0.5-1 s at most."""
 _STREAM_START = b"0-0"
+_NUMBER = re.compile(rb"[1-9][0-9]*")
+OUTCOME_INCARNATIONS = 8
+"""Outcomes kept per revision, one per incarnation: the newest (greatest ``at``) this many."""
+
+
+def field_number(fields: dict[bytes, bytes]) -> int | None:
+    """The number a stream entry records in its ``revision`` field, or ``None`` if it has no usable one."""
+    value = fields.get(b"revision")
+    return int(value) if value is not None and _NUMBER.fullmatch(value) else None
+
+
+def entry_number(fields: dict[bytes, bytes], older: list[Entry]) -> int:
+    """The revision number of a stream entry: its ``revision`` field; for an entry without a usable one, one
+    more than the nearest numbered entry among ``older`` (the entries before it, newest first, at most
+    :data:`~weavelet_redis.scripts.NUMBER_SCAN`), counting the unnumbered ones in between; with none, one more
+    than how many there are. The compare-and-set script numbers entries the same way."""
+    number = field_number(fields)
+    if number is not None:
+        return number
+    for distance, (_, older_fields) in enumerate(older[: scripts.NUMBER_SCAN], start=1):
+        found = field_number(older_fields)
+        if found is not None:
+            return found + distance
+    return min(len(older), scripts.NUMBER_SCAN) + 1
 
 
 def _stream_id(entry_id: bytes) -> tuple[int, int]:
@@ -102,7 +142,7 @@ class RedisTransport(Transport):
         try:
             return await pending
         except (RedisError, OSError) as exc:
-            raise translate(exc, self.url, action) from exc
+            raise translate(exc, self.url, action, self.keys.prefix) from exc
 
     async def connect(self) -> None:
         client = self._redis()
@@ -128,18 +168,36 @@ class RedisTransport(Transport):
                     await client.aclose()
 
     # -- revisions ---------------------------------------------------------------------------------------
-    def _decode_entry(self, run: str, fields: dict[bytes, bytes]) -> Revision | None:
+    def _decode_entry(self, run: str, number: int, fields: dict[bytes, bytes]) -> StoredEntry:
+        """The revision a stream entry holds, or a :class:`CorruptEntry` numbered ``number`` in its place."""
         try:
             revision = decode(fields.get(b"data", b""), Revision)
         except ProtocolError as exc:
-            log.warning("redis transport %s: skipping an unreadable revision of run %r: %s", self.url, run, exc)
-            return None
-        if revision.run != run:
-            log.warning(
-                "redis transport %s: skipping a revision of run %r stored under run %r", self.url, revision.run, run
+            log.warning("redis transport %s: revision %d of run %r is unreadable: %s", self.url, number, run, exc)
+            return CorruptEntry(run, number, str(exc))
+        if revision.run != run or revision.revision != number:
+            log.warning("redis transport %s: revision %d of run %r holds another revision", self.url, number, run)
+            return CorruptEntry(
+                run, number, f"the entry holds revision {revision.revision} of run {revision.run!r}, not this one"
             )
-            return None
         return revision
+
+    async def _numbered(self, client: aioredis.Redis, run: str, entries: list[Entry]) -> list[tuple[int, Entry]]:
+        """``entries`` (oldest first, consecutive in the stream) with their revision numbers."""
+        found: list[tuple[int, Entry]] = []
+        for entry in entries:
+            number = field_number(entry[1])
+            if number is None:
+                if found:
+                    number = found[-1][0] + 1
+                else:  # rare: an entry a foreign writer added without a number; look at the ones before it
+                    before: list[Entry] = await self._call(
+                        f"read run {run!r}",
+                        client.xrevrange(self.keys.revisions(run), max=entry[0], count=scripts.NUMBER_SCAN + 1),
+                    )
+                    number = entry_number(entry[1], before[1:])
+            found.append((number, entry))
+        return found
 
     async def put(self, revision: Revision) -> None:
         client = self._redis()
@@ -150,7 +208,7 @@ class RedisTransport(Transport):
             action,
             self._put_script(
                 keys=[self.keys.revisions(run), self.keys.run(run), self.keys.runs()],
-                args=[revision.revision - 1, revision.revision, data, self.settings.history, run],
+                args=[str(revision.revision - 1), revision.revision, data, self.settings.history, run],
                 client=client,
             ),
         )
@@ -159,8 +217,8 @@ class RedisTransport(Transport):
         current = int(value)
         if current == revision.revision:
             # A reply lost on a dropped connection, then retried: the first attempt may have been ours.
-            newest = await self.latest(run)
-            if newest is not None and newest.id == revision.id:
+            newest = await self._newest_entry(client, run)
+            if newest is not None and newest[1].get(b"data") == data:
                 return
         raise RevisionConflict(run, revision.revision - 1, current)
 
@@ -172,10 +230,17 @@ class RedisTransport(Transport):
 
     async def latest(self, run: str) -> Revision | None:
         validate_run_id(run)
-        entry = await self._newest_entry(self._redis(), run)
-        return self._decode_entry(run, entry[1]) if entry else None
+        client = self._redis()
+        entry = await self._newest_entry(client, run)
+        if entry is None:
+            return None
+        [(number, _)] = await self._numbered(client, run, [entry])
+        found = self._decode_entry(run, number, entry[1])
+        if isinstance(found, CorruptEntry):
+            raise found
+        return found
 
-    async def history(self, run: str, *, limit: int | None = None) -> list[Revision]:
+    async def history(self, run: str, *, limit: int | None = None) -> list[StoredEntry]:
         validate_run_id(run)
         client = self._redis()
         key = self.keys.revisions(run)
@@ -185,10 +250,11 @@ class RedisTransport(Transport):
             entries = newest_first[::-1]
         else:
             entries = await self._call(action, client.xrange(key))
-        found = [self._decode_entry(run, fields) for _, fields in entries]
-        return [r for r in found if r is not None]
+        return [
+            self._decode_entry(run, number, entry[1]) for number, entry in await self._numbered(client, run, entries)
+        ]
 
-    async def watch(self, run: str, *, after: int = 0) -> AsyncIterator[Revision]:
+    async def watch(self, run: str, *, after: int = 0) -> AsyncIterator[StoredEntry]:
         validate_run_id(run)
         if self._closed:
             raise TransportUnavailable(f"redis transport {self.url} is closed")
@@ -206,6 +272,7 @@ class RedisTransport(Transport):
         try:
             while not self._closed:
                 batch: list[Entry] = []
+                numbered: list[tuple[int, Entry]] = []
                 followed = False
                 try:
                     if resync:
@@ -222,10 +289,11 @@ class RedisTransport(Transport):
                             batch = list(reply[0][1])
                             cursor = batch[-1][0]
                             followed = True
+                    numbered = await self._numbered(client, run, batch)
                     if failures:
                         log.info("redis transport %s: watching run %r again", self.url, run)
                         failures = 0
-                except AuthenticationFailed:
+                except (AuthenticationFailed, PermissionDenied):
                     raise
                 except TransportUnavailable as exc:
                     if self._closed:
@@ -236,13 +304,10 @@ class RedisTransport(Transport):
                     resync = True
                     await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
                     continue
-                for _, fields in batch:
-                    revision = self._decode_entry(run, fields)
-                    if revision is None:
-                        continue
-                    if revision.revision > last:
-                        last = revision.revision
-                        yield revision
+                for number, (_, fields) in numbered:
+                    if number > last:
+                        last = number
+                        yield self._decode_entry(run, number, fields)
                     elif followed and not warned_stale:
                         # Entries after the read position carry older numbers only if the store was reset.
                         warned_stale = True
@@ -251,7 +316,7 @@ class RedisTransport(Transport):
                             "delivered; the server lost its data (no persistence?) and numbering restarted",
                             self.url,
                             run,
-                            revision.revision,
+                            number,
                             last,
                         )
         finally:
@@ -330,8 +395,15 @@ class RedisTransport(Transport):
         await self._call(
             f"publish an outcome of run {run!r}",
             self._outcome_script(
-                keys=[self.keys.outcomes(run)],
-                args=[outcome.revision, data, self.settings.history],
+                keys=[self.keys.outcomes(run), self.keys.outcome_index(run)],
+                args=[
+                    str(outcome.revision),
+                    outcome.incarnation,
+                    data,
+                    repr(float(outcome.at)),
+                    self.settings.history,
+                    OUTCOME_INCARNATIONS,
+                ],
                 client=client,
             ),
         )
@@ -340,7 +412,7 @@ class RedisTransport(Transport):
         validate_run_id(run)
         client = self._redis()
         data: bytes | None = await self._call(
-            f"read an outcome of run {run!r}", client.hget(self.keys.outcomes(run), str(revision))
+            f"read an outcome of run {run!r}", client.hget(self.keys.outcomes(run), str(int(revision)))
         )
         return self._decode(data, Outcome, run)
 
@@ -350,11 +422,13 @@ class RedisTransport(Transport):
         stored: dict[bytes, bytes] = await self._call(
             f"read the outcomes of run {run!r}", client.hgetall(self.keys.outcomes(run))
         )
-        numbered = sorted((int(field), data) for field, data in stored.items() if field.isdigit())
-        if limit:
-            numbered = numbered[-limit:]
-        found = [self._decode(data, Outcome, run) for _, data in numbered]
-        return [o for o in found if o is not None]
+        # One record per incarnation under REVISION:INCARNATION; a revision with only a bare REVISION field
+        # has a single outcome written by version 1 of weavelet.
+        listed = {field[:-1] for field in stored if field.endswith(b"#")}
+        chosen = [data for field, data in stored.items() if b":" in field or (field.isdigit() and field not in listed)]
+        found = [o for o in (self._decode(data, Outcome, run) for data in chosen) if o is not None and o.run == run]
+        found.sort(key=lambda o: (o.revision, o.at))
+        return found[-limit:] if limit else found
 
     def _decode(self, data: bytes | None, kind: type[T_Message], run: str) -> T_Message | None:
         if data is None:

@@ -13,10 +13,15 @@ fixture; every test below then runs against that transport::
 
 The built-in transports pass this suite unchanged. Tests use anyio's pytest plugin on the asyncio backend
 (it ships with anyio; no extra plugin is needed). Each test uses its own run ids, so a shared server is fine.
+
+Tests of undecodable entries need to store raw bytes as a run's newest revision, which only the transport's
+own test module knows how to do: override :meth:`TransportConformance.write_raw_revision`. Without it those
+tests are skipped with a reason that says so (and only those).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,10 +29,10 @@ from typing import Any
 import anyio
 import pytest
 
-from weavelet_core.errors import InvalidRunId, RevisionConflict
+from weavelet_core.errors import CorruptEntry, InvalidRunId, RevisionConflict
 from weavelet_core.plugins import open_transport
 from weavelet_core.protocol import Outcome, Revision, Status
-from weavelet_core.transport import Transport
+from weavelet_core.transport import Entry, Transport
 
 WATCH_TIMEOUT = 10.0
 
@@ -36,9 +41,28 @@ def _rev(run: str, number: int, **config: Any) -> Revision:
     return Revision(run=run, revision=number, config=config or {"n": number}, author="conformance")
 
 
-async def _next(iterator: AsyncIterator[Revision], timeout: float = WATCH_TIMEOUT) -> Revision:
+async def _next(iterator: AsyncIterator[Entry], timeout: float = WATCH_TIMEOUT) -> Entry:
     with anyio.fail_after(timeout):
         return await iterator.__anext__()
+
+
+def _number(entry: Entry) -> int:
+    return entry.revision
+
+
+def _undecodable(kind: str, run: str, number: int) -> bytes:
+    """Bytes stored as revision ``number`` of ``run`` that no reader of this protocol version accepts."""
+    if kind == "garbage":
+        return b"\x80\x04\x95 not json {"
+    body: dict[str, Any] = {"v": 2, "kind": "revision", "run": run, "revision": number, "config": {"n": number}}
+    if kind == "future-version":
+        body["v"] = 3
+    elif kind == "bad-fields":
+        body["config"] = "not an object"
+    return json.dumps(body).encode()
+
+
+UNDECODABLE = ("garbage", "future-version", "bad-fields")
 
 
 async def _put_with_retry(transport: Transport, run: str, config: dict[str, Any]) -> int:
@@ -66,6 +90,18 @@ class TransportConformance:
     @pytest.fixture
     def transport_url(self) -> str:
         raise NotImplementedError("subclass TransportConformance and define a transport_url fixture")
+
+    async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
+        """Store ``data`` as the newest revision of ``run``, numbered ``number`` where the store records a number
+        apart from the payload, bypassing every check (no compare-and-set, no decoding).
+
+        Override it in the subclass to run the tests of undecodable entries; ``number`` is always one more
+        than the run's current revision. The default skips those tests.
+        """
+        pytest.skip(
+            f"{type(self).__name__} does not override write_raw_revision(transport, run, number, data), so the "
+            "tests of undecodable revisions cannot store raw bytes; implement it to run them"
+        )
 
     @pytest.fixture
     def run(self) -> str:
@@ -157,7 +193,7 @@ class TransportConformance:
                 await t.aclose()
         total = self.concurrent_writers * self.writes_per_writer
         assert [r.revision for r in history][-total:] == list(range(1, total + 1))
-        written = {(r.config["writer"], r.config["write"]) for r in history}
+        written = {(r.config["writer"], r.config["write"]) for r in history if isinstance(r, Revision)}
         assert len(written) == total
 
     @pytest.mark.anyio
@@ -275,6 +311,125 @@ class TransportConformance:
         superseded = Outcome(run=run, revision=1, result="superseded")
         await transport.publish_outcome(superseded)
         assert await other.outcome(run, 1) == superseded
+
+    @pytest.mark.anyio
+    async def test_outcomes_are_kept_per_revision_and_incarnation(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        first = Outcome(run=run, revision=1, result="applied", step=5, at=1000.0, revision_id="a1", incarnation="i1")
+        # The same incarnation deciding again replaces its earlier outcome of that revision.
+        replaced = Outcome(run=run, revision=1, result="superseded", at=1001.0, revision_id="a1", incarnation="i1")
+        # A resumed trainer (another incarnation) applying the same revision: both records are kept.
+        resumed = Outcome(run=run, revision=1, result="applied", step=9, at=1002.0, revision_id="a1", incarnation="i2")
+        second = Outcome(run=run, revision=2, result="rejected", message="no", at=1003.0, incarnation="i2")
+        for outcome in (first, replaced, resumed, second):
+            await transport.publish_outcome(outcome)
+        assert await other.outcome(run, 1) == resumed, "the newest outcome of the revision"
+        assert await other.outcomes(run) == [replaced, resumed, second]
+        assert await other.outcomes(run, limit=2) == [resumed, second]
+        # An older incarnation's late outcome does not hide the newest one.
+        late = Outcome(run=run, revision=1, result="rejected", message="late", at=999.0, incarnation="i0")
+        await transport.publish_outcome(late)
+        assert await other.outcome(run, 1) == resumed
+        assert await other.outcomes(run) == [late, replaced, resumed, second]
+
+    @pytest.mark.anyio
+    async def test_outcomes_without_incarnation_still_read(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        legacy = Outcome(run=run, revision=1, result="applied", step=3, at=1000.0)
+        await transport.publish_outcome(legacy)
+        assert await other.outcome(run, 1) == legacy
+        newer = Outcome(run=run, revision=1, result="applied", step=4, at=1001.0, incarnation="i1")
+        await transport.publish_outcome(newer)
+        assert await other.outcome(run, 1) == newer
+        assert await other.outcomes(run) == [legacy, newer]
+
+    # -- undecodable revisions ---------------------------------------------------------------------------
+    @pytest.mark.anyio
+    @pytest.mark.parametrize("kind", UNDECODABLE)
+    async def test_undecodable_newest_revision_is_reported_and_numbered_on(
+        self, transport: Transport, other: Transport, run: str, kind: str
+    ) -> None:
+        await transport.put(_rev(run, 1))
+        await transport.put(_rev(run, 2))
+        await self.write_raw_revision(transport, run, 3, _undecodable(kind, run, 3))
+        with pytest.raises(CorruptEntry) as info:
+            await other.latest(run)
+        assert info.value.revision == 3
+        assert info.value.run == run
+        assert "--replace" in str(info.value)
+        history = await other.history(run)
+        assert [type(e) for e in history] == [Revision, Revision, CorruptEntry]
+        assert list(map(_number, history)) == [1, 2, 3]
+        # Writers number on top of the unreadable entry: never restart, never overwrite it.
+        with pytest.raises(RevisionConflict) as conflict:
+            await other.put(_rev(run, 3))
+        assert conflict.value.current == 3
+        with pytest.raises(RevisionConflict):
+            await other.put(_rev(run, 1))
+        written = _rev(run, 4)
+        await other.put(written)
+        assert await transport.latest(run) == written
+        history = await transport.history(run)
+        assert list(map(_number, history)) == [1, 2, 3, 4]
+        assert isinstance(history[2], CorruptEntry)
+        assert list(map(_number, await transport.history(run, limit=2))) == [3, 4]
+
+    @pytest.mark.anyio
+    async def test_undecodable_first_revision_is_reported_as_revision_1(self, transport: Transport, run: str) -> None:
+        await self.write_raw_revision(transport, run, 1, _undecodable("garbage", run, 1))
+        with pytest.raises(CorruptEntry) as info:
+            await transport.latest(run)
+        assert info.value.revision == 1
+        assert run in await transport.runs()
+        with pytest.raises(RevisionConflict) as conflict:
+            await transport.put(_rev(run, 1))
+        assert conflict.value.current == 1
+        await transport.put(_rev(run, 2))
+        latest = await transport.latest(run)
+        assert latest is not None
+        assert latest.revision == 2
+
+    @pytest.mark.anyio
+    async def test_watch_yields_undecodable_revisions_in_their_place(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        await transport.put(_rev(run, 1))
+        watcher = other.watch(run)
+        try:
+            assert await _next(watcher) == (await transport.latest(run))
+            await self.write_raw_revision(transport, run, 2, _undecodable("garbage", run, 2))
+            await transport.put(_rev(run, 3))
+            await self.write_raw_revision(transport, run, 4, _undecodable("future-version", run, 4))
+            seen = [await _next(watcher) for _ in range(3)]
+            assert list(map(_number, seen)) == [2, 3, 4]
+            assert [type(e) for e in seen] == [CorruptEntry, Revision, CorruptEntry]
+            await transport.put(_rev(run, 5))
+            fifth = await _next(watcher)
+            assert isinstance(fifth, Revision)
+            assert fifth.revision == 5
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+
+    @pytest.mark.anyio
+    async def test_watch_starting_at_an_undecodable_newest_revision(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        await transport.put(_rev(run, 1))
+        await self.write_raw_revision(transport, run, 2, _undecodable("bad-fields", run, 2))
+        fresh = other.watch(run)
+        holding = other.watch(run, after=2)  # a consumer that already has revision 2's stand-in
+        try:
+            first = await _next(fresh)
+            assert isinstance(first, CorruptEntry)
+            assert first.revision == 2
+            await transport.put(_rev(run, 3))
+            assert _number(await _next(fresh)) == 3
+            assert _number(await _next(holding)) == 3
+        finally:
+            await fresh.aclose()  # type: ignore[attr-defined]
+            await holding.aclose()  # type: ignore[attr-defined]
 
     @pytest.mark.anyio
     async def test_aclose_is_idempotent(self, transport_url: str) -> None:

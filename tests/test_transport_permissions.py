@@ -1,0 +1,171 @@
+"""Credentials that connect but lack a permission fail at once with ``PermissionDenied`` (final), naming what is
+missing, against real servers with real per-user permissions: nats-server ``authorization`` users and Redis ACLs.
+
+Before, a NATS publish the server refused waited for its request timeout and was retried as an outage for ever,
+and Redis ``NOPERM`` was reported as ``AuthenticationFailed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from weavelet_core import open_transport
+from weavelet_core.errors import AuthenticationFailed, PermissionDenied
+from weavelet_core.protocol import Outcome, Revision, Status
+from weavelet_core.testing.nats import NatsServer, NatsServerFactory
+from weavelet_core.testing.redis import RedisServer
+from weavelet_core.transport import Transport
+
+pytestmark = pytest.mark.anyio
+
+PROMPT = 3.0
+"""A refused operation fails within this many seconds (the request timeout is 5 s)."""
+
+NATS_USERS = """
+authorization {
+  users = [
+    {user: admin, password: admin-pw}
+    {user: reader, password: reader-pw, permissions: {
+      publish: {allow: ["$JS.API.>"]}
+      subscribe: {allow: ["_INBOX.>"]}
+    }}
+    {user: noreplies, password: noreplies-pw, permissions: {
+      publish: {allow: ["$JS.API.>", "$KV.>"]}
+      subscribe: {deny: [">"]}
+    }}
+  ]
+}
+"""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def nats_with_users(nats_server_factory: NatsServerFactory) -> NatsServer:
+    return nats_server_factory(config=NATS_USERS)
+
+
+@contextlib.asynccontextmanager
+async def _open(url: str) -> AsyncIterator[Transport]:
+    transport = open_transport(url)
+    await transport.connect()
+    try:
+        yield transport
+    finally:
+        await transport.aclose()
+
+
+async def test_nats_user_without_publish_permission_is_refused_at_once(nats_with_users: NatsServer) -> None:
+    run = f"Perm-{uuid.uuid4().hex[:6]}"
+    address = nats_with_users.address
+    async with _open(f"nats://admin:admin-pw@{address}") as admin:
+        await admin.put(Revision(run=run, revision=1, config={"lr": 1}))
+        async with _open(f"nats://reader:reader-pw@{address}") as reader:
+            # Reading and watching need no publish permission on the buckets.
+            latest = await reader.latest(run)
+            assert latest is not None
+            watcher = reader.watch(run)
+            with anyio.fail_after(5):
+                assert (await watcher.__anext__()).revision == 1
+            await watcher.aclose()  # type: ignore[attr-defined]
+            writes = {
+                "put": (reader.put(Revision(run=run, revision=2, config={"lr": 2})), f"$KV.weavelet-desired.{run}"),
+                "publish_status": (reader.publish_status(Status(run=run)), f"$KV.weavelet-status.{run}"),
+                "publish_outcome": (
+                    reader.publish_outcome(Outcome(run=run, revision=1, result="applied", incarnation="i1")),
+                    f"$KV.weavelet-outcomes.{run}.1.i1",
+                ),
+            }
+            for name, (call, subject) in writes.items():
+                started = time.monotonic()
+                with pytest.raises(PermissionDenied) as info:
+                    await call
+                assert time.monotonic() - started < PROMPT, name
+                message = str(info.value)
+                assert f"may not publish to {subject!r}" in message, message
+                assert "authorization" in message
+                assert "\n" not in message
+        latest = await admin.latest(run)
+        assert latest is not None
+        assert latest.revision == 1, "nothing was written"
+
+
+async def test_nats_user_without_subscribe_permission_is_refused_at_connect(nats_with_users: NatsServer) -> None:
+    transport = open_transport(f"nats://noreplies:noreplies-pw@{nats_with_users.address}")
+    started = time.monotonic()
+    with pytest.raises(PermissionDenied) as info:
+        await transport.connect()
+    assert time.monotonic() - started < PROMPT
+    assert "may not subscribe to '_INBOX.>'" in str(info.value)
+    await transport.aclose()
+
+
+async def test_nats_wrong_password_is_still_an_authentication_failure(nats_with_users: NatsServer) -> None:
+    transport = open_transport(f"nats://reader:wrong@{nats_with_users.address}?connect_timeout=3")
+    with pytest.raises(AuthenticationFailed):
+        await transport.connect()
+    await transport.aclose()
+
+
+@pytest.fixture
+async def redis_with_users(redis_server_factory: Callable[..., RedisServer]) -> RedisServer:
+    server = redis_server_factory()
+    admin = aioredis.Redis.from_url(server.url)
+    try:
+        await admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pw", "~*", "+@read", "+@connection")
+        await admin.execute_command("ACL", "SETUSER", "elsewhere", "on", ">elsewhere-pw", "~other:*", "+@all")
+    finally:
+        await admin.aclose()
+    return server
+
+
+@pytest.mark.parametrize(
+    ("user", "allowed_reads"),
+    [("reader", True), ("elsewhere", False)],
+    ids=["read-only-commands", "other-keys-only"],
+)
+async def test_redis_noperm_is_permission_denied(redis_with_users: RedisServer, user: str, allowed_reads: bool) -> None:
+    run = f"perm-{uuid.uuid4().hex[:6]}"
+    async with _open(redis_with_users.url) as admin:
+        await admin.put(Revision(run=run, revision=1, config={"lr": 1}))
+        async with _open(redis_with_users.url_with(f"{user}-pw", user=user)) as limited:
+            if allowed_reads:
+                latest = await limited.latest(run)
+                assert latest is not None
+            calls = {
+                "put": limited.put(Revision(run=run, revision=2, config={"lr": 2})),
+                "publish_status": limited.publish_status(Status(run=run)),
+                "publish_outcome": limited.publish_outcome(Outcome(run=run, revision=1, result="applied")),
+            }
+            if not allowed_reads:
+                calls["latest"] = limited.latest(run)
+            for name, call in calls.items():
+                started = time.monotonic()
+                with pytest.raises(PermissionDenied) as info:
+                    await call
+                assert time.monotonic() - started < PROMPT, name
+                message = str(info.value)
+                assert "permission denied" in message
+                assert "ACL SETUSER" in message
+                assert "~weavelet:*" in message
+                assert "-pw" not in message
+        latest = await admin.latest(run)
+        assert latest is not None
+        assert latest.revision == 1
+
+
+async def test_redis_wrong_password_is_still_an_authentication_failure(redis_with_users: RedisServer) -> None:
+    transport = open_transport(redis_with_users.url_with("wrong", user="reader"), connect_timeout=3)
+    with pytest.raises(AuthenticationFailed):
+        await transport.connect()
+    await transport.aclose()
