@@ -11,7 +11,10 @@ Bounds, so that a stalled sidecar (SIGSTOP) never grows the trainer's memory wit
   :data:`~weavelet_core.protocol.MAX_MESSAGE_CHARS` characters with a marker, and a detail that still does not
   fit is replaced by ``{"dropped": "<why>"}`` (:func:`fit_outcome`);
 - at most ``max_pending`` outcomes wait; beyond that the oldest is forgotten and counted in
-  :attr:`OutcomeLedger.dropped`.
+  :attr:`OutcomeLedger.dropped`;
+- at most ``window`` outcomes are in the channel's queue unacknowledged (:meth:`OutcomeLedger.take_unsent`): a
+  ``multiprocessing`` queue whose reader stalls buffers without limit in the writer, so the rest wait here, in
+  the bounded ledger, and are sent as the sidecar catches up.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 4096
 """Default bound on outcomes waiting for a sidecar to publish them."""
+SEND_WINDOW = 64
+"""Default bound on outcomes handed to the channel's queue and not yet acknowledged by the sidecar."""
 
 
 def fit_outcome(outcome: Outcome) -> Outcome:
@@ -50,15 +55,19 @@ class OutcomeLedger:
     :param max_pending: how many unpublished outcomes are kept at most (default :data:`MAX_PENDING`).
     """
 
-    def __init__(self, max_pending: int = MAX_PENDING) -> None:
+    def __init__(self, max_pending: int = MAX_PENDING, window: int = SEND_WINDOW) -> None:
         self.max_pending = max_pending
+        self.window = window
         self.dropped = 0
         self._seq = 0
+        self._sent = 0
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self._lock = threading.Lock()
 
     def add(self, outcome: Outcome) -> bytes:
-        """Record ``outcome`` (fitted to the wire) and return the channel message that carries it."""
+        """Record ``outcome`` (fitted to the wire) and return the channel message that carries it.
+
+        The message is not marked as sent: hand it over with :meth:`take_unsent`."""
         fitted = fit_outcome(outcome)
         with self._lock:
             self._seq += 1
@@ -85,6 +94,30 @@ class OutcomeLedger:
         """The channel messages of the outcomes not yet confirmed, oldest first."""
         with self._lock:
             return [data for _seq, data in self._pending]
+
+    def restart_sending(self) -> None:
+        """A new channel: nothing is in its queue yet, so every pending outcome is unsent again."""
+        with self._lock:
+            self._sent = 0
+
+    def take_unsent(self, ack: int) -> list[bytes]:
+        """Messages not yet handed to the queue, as many as keep at most ``window`` unacknowledged after
+        ``ack`` (the sidecar's acknowledgement); they count as sent from now on."""
+        with self._lock:
+            taken = []
+            for seq, data in self._pending:
+                if seq <= self._sent:
+                    continue
+                if seq - ack > self.window:
+                    break
+                taken.append(data)
+                self._sent = seq
+            return taken
+
+    @property
+    def unsent(self) -> bool:
+        """Whether some outcome waits to be handed to the queue (cheap: two integers compared)."""
+        return self._sent < self._seq
 
     def __len__(self) -> int:
         return len(self._pending)

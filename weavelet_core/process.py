@@ -301,8 +301,8 @@ class WeaveletProcess:
         )
 
     def attach_channel(self, channel: Channel) -> None:
-        for data in self._ledger.pending():
-            channel.to_sidecar.put(data)
+        self._ledger.restart_sending()
+        self._send_unsent(channel)
         self._seen = 0
         self._version = channel.version
         self._connected = False
@@ -521,10 +521,16 @@ class WeaveletProcess:
             log.error("weavelet: run %r: cannot report outcome of revision %r: %s", self.run, revision, exc)
 
     def _send(self, outcome: Outcome) -> None:
-        data = self._ledger.add(outcome)
+        self._ledger.add(outcome)
         channel = self._supervisor.channel
         if channel is not None:
-            self._ledger.ack(int(channel.outcome_ack.value))
+            self._send_unsent(channel)
+
+    def _send_unsent(self, channel: Channel) -> None:
+        """Hand waiting outcomes to the sidecar, keeping its queue short (see :mod:`weavelet_core.ledger`)."""
+        ack = int(channel.outcome_ack.value)
+        self._ledger.ack(ack)
+        for data in self._ledger.take_unsent(ack):
             with contextlib.suppress(Exception):
                 channel.to_sidecar.put(data)
 
@@ -552,6 +558,8 @@ class WeaveletProcess:
             if urgent or force:
                 channel = self._supervisor.channel
                 self._recorder.flush(channel.status if channel is not None else None)
+                if channel is not None and self._ledger.unsent:
+                    self._send_unsent(channel)  # outcomes held back while the sidecar was behind
         except Exception as exc:  # odd values must not reach the training loop
             self._recorder.errors += 1
             log.debug("weavelet: report failed: %s", exc)

@@ -134,3 +134,25 @@ def test_a_revision_number_jump_keeps_the_sidecar_responsive(
         if trainer.poll() is None:
             trainer.kill()
             trainer.wait(10)
+
+
+def test_outcomes_held_back_from_a_stalled_sidecar_are_all_published_once_it_resumes(
+    make: Make, weaver: Weaver, run: str
+) -> None:
+    process = make()
+    process.start(timeout=WAIT)
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for revision in range(1, 301):
+            process.report_outcome(revision, "applied", step=revision)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    def all_stored() -> bool:
+        process.report(step=300)  # the trainer's regular reports hand over what was held back
+        return len(weaver.outcomes(run)) == 300
+
+    assert wait_until(all_stored, 60, interval=0.2)
+    assert [o.revision for o in weaver.outcomes(run)] == list(range(1, 301))
