@@ -187,6 +187,7 @@ class WeaveletProcess:
         self._seen = 0
         self._handed_out = after
         self._handed_id = ""
+        self._handed_revision: Revision | None = None
         self._baseline = 0
         self._held: list[tuple[Revision, bool]] = []
 
@@ -205,6 +206,11 @@ class WeaveletProcess:
     def handed_out(self) -> int:
         """The newest revision :meth:`poll` has returned (or ``after``)."""
         return self._handed_out
+
+    @property
+    def handed_out_revision(self) -> Revision | None:
+        """The newest revision :meth:`poll` has returned in this incarnation, or ``None``."""
+        return self._handed_revision
 
     @property
     def message(self) -> str | None:
@@ -470,6 +476,7 @@ class WeaveletProcess:
             self._baseline = newest.revision
         self._handed_out = newest.revision
         self._handed_id = newest.id
+        self._handed_revision = newest
         return newest
 
     def report_outcome(

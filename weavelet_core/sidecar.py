@@ -400,11 +400,16 @@ class Sidecar:
             return "fresh start; the store held no desired config"
         if config.fresh == "adopt" and latest is not None:
             self.baseline = number
+            self.unscanned.append((1, number))  # what the earlier incarnation never answered is superseded
             return f"fresh start; adopting {held} as asked (fresh='adopt'); {ignored}"
         if latest is not None and not latest.config:
             self.last_forwarded = max(self.last_forwarded, number)
+            self.unscanned.append((1, number))
+            if await transport.outcome(self.run_id, number) is None:
+                self._queue_outcome(self._fresh_outcome(latest, "fresh start: the desired config is empty", number))
             return f"fresh start; the store held revision {number} with an empty config"
         cleared = await self._write_reset(transport, number)
+        self.unscanned.append((1, cleared))
         return (
             f"fresh start; the store held {held} from an earlier incarnation; not inherited: cleared it with "
             f"revision {cleared} (fresh='reset'; fresh='adopt' applies it instead)"
@@ -427,19 +432,28 @@ class Sidecar:
                 continue
             self.last_forwarded = revision.revision
             self._queue_outcome(
-                Outcome(
-                    run=self.run_id,
-                    revision=revision.revision,
-                    revision_id=revision.id,
-                    incarnation=self.config.incarnation,
-                    result="applied",
-                    step=0,
-                    message="fresh start: the desired config an earlier incarnation left was cleared; the training "
-                    "script's own settings are in effect",
+                self._fresh_outcome(
+                    revision,
+                    "fresh start: the desired config an earlier incarnation left was cleared; the training script's "
+                    "own settings are in effect",
+                    number,
                 )
             )
             return revision.revision
         raise RevisionConflict(self.run_id, number, number)
+
+    def _fresh_outcome(self, revision: Revision, message: str, cleared: int) -> Outcome:
+        """The outcome of the revision a fresh start settles on: applied at step 0, by the start itself."""
+        return Outcome(
+            run=self.run_id,
+            revision=revision.revision,
+            revision_id=revision.id,
+            incarnation=self.config.incarnation,
+            result="applied",
+            step=0,
+            message=message,
+            detail={"fresh_start": True, "cleared_revision": cleared},
+        )
 
     # -- desired config --------------------------------------------------------------------------------
     async def _watch_revisions(self, transport: Transport) -> None:
