@@ -148,3 +148,33 @@ def test_write_timeout_holds_against_a_stopped_redis_server(redis_server_factory
     server = redis_server_factory()
     assert server.pid is not None
     _check_write_timeout(server.url, server.pid)
+
+
+NATS_READ_ONLY_TRAINER = """
+authorization {
+  users = [
+    {user: admin, password: admin-pw}
+    {user: reader, password: reader-pw, permissions: {
+      publish: {allow: ["$JS.API.>"]}
+      subscribe: {allow: ["_INBOX.>"]}
+    }}
+  ]
+}
+"""
+
+
+@pytest.mark.slow
+def test_a_trainer_whose_nats_user_may_not_publish_fails_for_good_naming_the_subject(
+    nats_server_factory: NatsServerFactory, make: Make, run: str
+) -> None:
+    server = nats_server_factory(config=NATS_READ_ONLY_TRAINER)
+    with Weaver(f"nats://admin:admin-pw@{server.address}") as admin:
+        admin.set(run, {"lr": 0.1})  # creates the buckets the reader may read
+    process = make(url=f"nats://reader:reader-pw@{server.address}", fresh="adopt", max_restarts=3)
+    started = time.monotonic()
+    process.start(timeout=WAIT)
+    assert process.state == "failed", (process.state, process.message)
+    assert time.monotonic() - started < 10
+    assert process.restarts == 0  # final: never retried as an outage
+    message = process.message or ""
+    assert "permission" in message.lower() and "$KV." in message, message
