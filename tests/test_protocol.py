@@ -275,3 +275,11 @@ def test_safe_run_ids_are_accepted(run: str) -> None:
 
 def test_status_age_counts_from_the_heartbeat() -> None:
     assert Status(run="demo", heartbeat=100.0).age(now=160.5) == 60.5
+
+
+def test_version_1_messages_are_still_read_with_the_new_fields_defaulted() -> None:
+    outcome = decode(b'{"v":1,"kind":"outcome","run":"r","revision":3,"result":"applied","step":7}', Outcome)
+    assert (outcome.revision_id, outcome.incarnation, outcome.step) == ("", "", 7)
+    status = decode(b'{"v":1,"kind":"status","run":"r","state":"running"}', Status)
+    assert (status.incarnation, status.started_at, status.keepalive, status.last_outcome) == ("", 0.0, 0.0, None)
+    assert json.loads(encode(outcome))["v"] == PROTOCOL_VERSION == 2

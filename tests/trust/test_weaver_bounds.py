@@ -47,6 +47,25 @@ SCRIPTS = {
             p.start(timeout=10)
             assert p.state == "running", p.state
     """,
+    "lightning_callback": """
+        import torch
+        import pytorch_lightning as pl
+        from weavelet_lightning import WeaveletCallback
+        class M(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.layer = torch.nn.Linear(2, 1)
+            def training_step(self, batch, batch_idx):
+                return self.layer(batch).pow(2).mean()
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+            def train_dataloader(self):
+                return torch.utils.data.DataLoader(torch.randn(16, 2), batch_size=4)
+        if __name__ == "__main__":
+            trainer = pl.Trainer(max_steps=3, callbacks=[WeaveletCallback("a", URL)], logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            trainer.fit(M())
+    """,
     "attach": """
         import torch
         from weavelet_torch import attach
