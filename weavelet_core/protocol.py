@@ -26,7 +26,7 @@ from weavelet_core.errors import InvalidRunId, ProtocolError
 
 PROTOCOL_VERSION = 2
 """The version written. Version 2 added the outcome's ``revision_id`` and ``incarnation`` and the status's
-``incarnation``, ``started_at``, ``keepalive`` and ``last_outcome``."""
+``incarnation``, ``started_at``, ``keepalive``, ``last_outcome``, ``labels`` and ``schema``."""
 READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 """Versions a reader accepts: fields a version-1 message lacks take their defaults."""
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -154,7 +154,9 @@ class Status:
     writer); ``keepalive`` is the longest time in seconds between two of its heartbeats while it lives (0:
     unknown), so a status older than a few keepalives is stale; ``last_outcome`` is the newest outcome this
     incarnation reported (``revision``, ``revision_id``, ``result``, ``step``, ``message``), so a rejected newest
-    revision shows with its reason.
+    revision shows with its reason. ``labels`` are the ``key: value`` strings the trainer declared (for selecting
+    runs: ``weavelet stop -l sweep=3``); ``schema`` is what the live run accepts (keys with kinds and ranges,
+    optimizer names, handler keys, per optimizer), so a writer can check a change before writing it.
     """
 
     run: str
@@ -172,6 +174,8 @@ class Status:
     started_at: float = 0.0
     keepalive: float = 0.0
     last_outcome: JsonObject | None = None
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    schema: JsonObject | None = None
 
     kind = "status"
 
@@ -206,6 +210,15 @@ class Status:
             if not isinstance(self.last_outcome, dict):
                 raise ProtocolError("status.last_outcome: expected an object or null", field="status.last_outcome")
             _check_json_value(self.last_outcome, "status.last_outcome")
+        if not isinstance(self.labels, dict):
+            raise ProtocolError("status.labels: expected an object of strings", field="status.labels")
+        for key, value in self.labels.items():
+            _require_str(key, "status.labels")
+            _require_str(value, f"status.labels.{key}")
+        if self.schema is not None:
+            if not isinstance(self.schema, dict):
+                raise ProtocolError("status.schema: expected an object or null", field="status.schema")
+            _check_json_value(self.schema, "status.schema")
 
     @property
     def live(self) -> bool:
