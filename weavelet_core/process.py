@@ -103,6 +103,8 @@ class WeaveletProcess:
     :param log_level: the sidecar's log level (default: the effective level of the ``weavelet_core`` logger).
     :param incarnation: the incarnation id to use (default: a fresh one from
         :func:`~weavelet_core.protocol.new_incarnation`); the ranks of one job do not need one each.
+    :param labels: ``key: value`` strings published in the status, for selecting runs (``{"sweep": "3"}``);
+        keys and values are non-empty strings of at most 64 characters.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class WeaveletProcess:
         status_interval: float = STATUS_FLUSH_INTERVAL,
         log_level: int | None = None,
         incarnation: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.run: str = validate_run_id(run)
         resolved = url or default_url()
@@ -158,6 +161,7 @@ class WeaveletProcess:
         self.takeover = bool(takeover)
         self.stale_after = float(stale_after) if stale_after is not None else default_stale_after(heartbeat_interval)
         self.log_level = log_level
+        self.labels = _check_labels(labels)
         self.incarnation = incarnation or new_incarnation()
         self.started_at = time.time()
 
@@ -304,6 +308,7 @@ class WeaveletProcess:
             stale_after=self.stale_after,
             claimed=self._claimed,
             baseline=self._claimed_baseline,
+            labels=dict(self.labels),
         )
 
     def attach_channel(self, channel: Channel) -> None:
@@ -552,16 +557,20 @@ class WeaveletProcess:
         epoch: int | None = None,
         metrics: Mapping[str, Any] | None = None,
         optimizer: dict[str, object] | None = None,
+        schema: dict[str, object] | None = None,
         force: bool = False,
     ) -> None:
         """Record the trainer's status (latest wins). Never blocks, never raises.
+
+        ``schema`` is what the run accepts (see :attr:`weavelet_core.protocol.Status.schema`); a new one is
+        passed on at once.
 
         ``None`` leaves a field as it was. Metrics may be numbers or one-element tensors; others are left out.
         A snapshot goes to the sidecar when one is due (every ``status_interval``), at once when the epoch or
         the optimizer changed, or with ``force``.
         """
         try:
-            urgent = self._recorder.record(step=step, epoch=epoch, metrics=metrics, optimizer=optimizer)
+            urgent = self._recorder.record(step=step, epoch=epoch, metrics=metrics, optimizer=optimizer, schema=schema)
             if urgent or force:
                 channel = self._supervisor.channel
                 self._recorder.flush(channel.status if channel is not None else None)
@@ -600,6 +609,19 @@ def describe_error(error: BaseException | str) -> str:
         text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         return truncate(f"the training loop raised {text}")
     return truncate(error)
+
+
+def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    checked: dict[str, str] = {}
+    for key, value in (labels or {}).items():
+        for part in (key, value):
+            if not isinstance(part, str) or not part or len(part) > 64:
+                raise ValueError(
+                    f"labels: keys and values must be non-empty strings of at most 64 characters, got {key!r}: "
+                    f"{value!r}"
+                )
+        checked[key] = value
+    return checked
 
 
 def _check_int(value: object, name: str, *, minimum: int) -> None:

@@ -212,9 +212,9 @@ class Status:
             _check_json_value(self.last_outcome, "status.last_outcome")
         if not isinstance(self.labels, dict):
             raise ProtocolError("status.labels: expected an object of strings", field="status.labels")
-        for key, value in self.labels.items():
-            _require_str(key, "status.labels")
-            _require_str(value, f"status.labels.{key}")
+        for label, text in self.labels.items():
+            _require_str(label, "status.labels")
+            _require_str(text, f"status.labels.{label}")
         if self.schema is not None:
             if not isinstance(self.schema, dict):
                 raise ProtocolError("status.schema: expected an object or null", field="status.schema")

@@ -85,6 +85,7 @@ class StatusRecorder:
         self.metrics: Mapping[str, Any] | None = None
         self.optimizer: dict[str, Any] | None = None
         self.last_outcome: dict[str, Any] | None = None
+        self.schema: dict[str, Any] | None = None
         self.errors = 0
         self._next = 0.0
         self._dirty = False
@@ -101,9 +102,13 @@ class StatusRecorder:
         epoch: int | None = None,
         metrics: Mapping[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
+        schema: dict[str, Any] | None = None,
     ) -> bool:
         """Store what changed (``None`` keeps a field); return whether a snapshot is now due or urgent."""
         urgent = False
+        if schema is not None:
+            urgent = schema is not self.schema
+            self.schema = schema
         if step is not None:
             self.step = step
         if epoch is not None:
@@ -146,14 +151,15 @@ class StatusRecorder:
                 "metrics": clean_metrics(self.metrics),
                 "optimizer": self.optimizer,
                 "last_outcome": self.last_outcome,
+                "schema": self.schema,
             }
             try:
                 data = json.dumps(fields, allow_nan=False, default=str).encode()
             except (TypeError, ValueError):
-                fields["optimizer"] = None
+                fields["optimizer"] = fields["schema"] = None
                 data = json.dumps(fields, allow_nan=False, default=str).encode()
             if not slot.write(data):
-                fields["metrics"], fields["optimizer"] = {}, None
+                fields["metrics"], fields["optimizer"], fields["schema"] = {}, None, None
                 slot.write(json.dumps(fields).encode())
             return True
         except Exception as exc:

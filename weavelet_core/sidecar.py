@@ -96,6 +96,7 @@ class SidecarConfig:
     stale_after: float = 10.0
     claimed: bool = False
     baseline: int = 0
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class _Stop(Exception):
@@ -638,6 +639,7 @@ class Sidecar:
             "incarnation": self.config.incarnation,
             "started_at": self.config.started_at,
             "keepalive": self.config.heartbeat_interval,
+            "labels": self.config.labels,
         }
         try:
             return Status(
@@ -652,6 +654,7 @@ class Sidecar:
                 metrics=fields.get("metrics", {}),
                 heartbeat=time.time(),
                 last_outcome=fields.get("last_outcome"),
+                schema=fields.get("schema"),
                 **identity,
             )
         except (ProtocolError, ValueError, TypeError) as exc:

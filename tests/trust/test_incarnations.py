@@ -158,3 +158,15 @@ def test_status_and_outcomes_carry_the_incarnation(make: Make, weaver: Weaver, r
     assert status is not None and status.last_outcome is not None
     assert status.last_outcome["result"] == "rejected" and status.last_outcome["message"] == "lr: too high"
     assert status.keepalive == pytest.approx(0.1)
+
+
+def test_labels_and_schema_reach_the_published_status(make: Make, weaver: Weaver, run: str) -> None:
+    with pytest.raises(ValueError, match="labels: keys and values must be non-empty strings"):
+        make(labels={"sweep": ""})
+    process = make(labels={"sweep": "3", "team": "vision"})
+    process.start(timeout=WAIT)
+    process.report(step=4, schema={"optimizers": {"": {"keys": {"lr": {"kind": "number", "min": 0}}}}})
+    assert wait_until(lambda: (s := weaver.status(run)) is not None and s.schema is not None, WAIT)
+    status = weaver.status(run)
+    assert status is not None and status.labels == {"sweep": "3", "team": "vision"}
+    assert status.schema == {"optimizers": {"": {"keys": {"lr": {"kind": "number", "min": 0}}}}}

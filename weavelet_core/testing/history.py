@@ -169,8 +169,8 @@ def check_history(
     # 3. trainer records and outcomes agree
     applied_outcomes = {(o.incarnation, o.revision): o for o in found if o.result == "applied"}
     for record in applied:
-        outcome = applied_outcomes.get((record.incarnation, record.revision))
-        if outcome is None:
+        answer = applied_outcomes.get((record.incarnation, record.revision))
+        if answer is None:
             entry = stored.get(record.revision)
             if entry is not None:  # trimmed revisions may have lost their outcomes too
                 problems.append(
@@ -178,15 +178,15 @@ def check_history(
                     "of that incarnation says so"
                 )
             continue
-        if outcome.revision_id != record.revision_id:
+        if answer.revision_id != record.revision_id:
             problems.append(
                 f"revision {record.revision}: the trainer applied id {record.revision_id}, its outcome names "
-                f"{outcome.revision_id}"
+                f"{answer.revision_id}"
             )
-        if outcome.step != record.step:
+        if answer.step != record.step:
             problems.append(
                 f"revision {record.revision}: applied at step {record.step} by the trainer, the outcome says "
-                f"{outcome.step}"
+                f"{answer.step}"
             )
     if complete:
         recorded = {(a.incarnation, a.revision) for a in applied}
