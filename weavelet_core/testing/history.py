@@ -171,8 +171,7 @@ def check_history(
     for record in applied:
         answer = applied_outcomes.get((record.incarnation, record.revision))
         if answer is None:
-            entry = stored.get(record.revision)
-            if entry is not None:  # trimmed revisions may have lost their outcomes too
+            if record.revision in stored:  # trimmed revisions may have lost their outcomes too
                 problems.append(
                     f"incarnation {record.incarnation} applied revision {record.revision} but no 'applied' outcome "
                     "of that incarnation says so"
