@@ -196,19 +196,29 @@ def _show_value(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _tiny_params(group: Mapping[str, Any]) -> list[torch.Tensor]:
-    """Throwaway parameters standing for ``group``'s: one per distinct (dtype, device, rank), at most 8."""
-    seen: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = {}
+def _corner(value: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``value``'s first (at most) 2 entries along each dimension."""
+    return value.detach()[tuple(slice(0, 2) for _ in value.shape)].clone()
+
+
+def _tiny_params(group: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Throwaway parameters standing for ``group``'s, each with the live parameter it copies: one per distinct
+    (dtype, device, rank), at most 8; each holds the live one's first 2 entries along every dimension."""
+    seen: dict[tuple[torch.dtype, torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for param in group.get("params", ()):
         if not isinstance(param, torch.Tensor):
             continue
         key = (param.dtype, param.device, param.dim())
         if key not in seen:
-            shape = [min(size, 2) for size in param.shape]
-            seen[key] = torch.zeros(shape, dtype=param.dtype, device=param.device, requires_grad=True)
+            seen[key] = (_corner(param).requires_grad_(param.is_floating_point() or param.is_complex()), param)
             if len(seen) >= 8:
                 break
     return list(seen.values())
+
+
+def _tiny_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` (one parameter's optimizer state) cut down to the throwaway parameter's size."""
+    return {k: (_corner(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
 
 
 def _step_scheduler(scheduler: Any) -> None:
@@ -940,7 +950,8 @@ class Applier:
             return
         live = self.host.optimizer
         current = self.current_choice()
-        params = [_tiny_params(group) for group in live.param_groups]
+        pairs = [_tiny_params(group) for group in live.param_groups]
+        params = [[tiny for tiny, _ in group] for group in pairs]
         specs = [
             {**{k: _clone(v) for k, v in group.items() if k != "params"}, "params": params[i]}
             for i, group in enumerate(live.param_groups)
@@ -952,6 +963,10 @@ class Applier:
             except Exception as exc:
                 plan.notes.append(f"not rehearsed: a throwaway {current.name} could not be built ({exc})")
                 return
+            for group in pairs:  # the same state (Adam's moments, a missing momentum buffer...) as the live one
+                for tiny, param in group:
+                    if param in live.state:
+                        twin.state[tiny] = _tiny_state(live.state[param])
             copies, skipped = copy_schedulers(self.host.schedulers(), live, twin)
             if skipped:
                 plan.notes.append(f"not rehearsed with {', '.join(skipped)}")
@@ -964,11 +979,18 @@ class Applier:
             stepped = new if new is not None else twin
             name = plan.target.name
             for _ in range(2):
-                for group in params:
-                    for param in group:
-                        param.grad = torch.full_like(param, 0.01)
+                for tinies in params:
+                    for tiny in tinies:
+                        tiny.grad = torch.full_like(tiny, 0.01)
                 try:
                     stepped.step()
+                except KeyError as exc:
+                    raise Rejected(
+                        f"{name} would fail its next step with these settings: its per-parameter state has no "
+                        f"{exc} entry (torch creates it at the first step only when the setting is on); set it "
+                        "when the optimizer is built, or together with a switch to another optimizer type; nothing "
+                        "was changed"
+                    ) from None
                 except Exception as exc:
                     raise Rejected(
                         f"{name} would fail its next step with these settings: {type(exc).__name__}: {exc}; "
