@@ -1120,7 +1120,13 @@ class Applier:
         switch = plan.switch
         assert switch is not None
         name = plan.target.name
-        carried = ", ".join(sorted(switch.carried)) or "nothing"
+        # Implementation flags and maximize are named only when on: all of them are in detail["switch"].
+        carried = (
+            ", ".join(
+                sorted(k for k, v in switch.carried.items() if k not in CARRIED_ON_SWITCH or v not in (None, False))
+            )
+            or "nothing"
+        )
         defaulted = []
         for key in sorted(switch.defaulted):
             before = switch.was.get(key)
