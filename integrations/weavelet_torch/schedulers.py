@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -88,15 +89,20 @@ def rescale_lrs(
     When the old value is 0 the stored values cannot be scaled; they are set to the new value instead.
     """
     notes: list[str] = []
-    ratios: set[float | None] = set()
+    ratios: list[float | None] = []
     for index, (old, new) in changes.items():
         group = groups[index]
         for key in GROUP_LR_KEYS:
             if key in group:
                 group[key] = _rescaled(group[key], old, new)
         _set_lr(group, new)
-        ratios.add(new / old if old > 0 else None)
-    uniform = len(changes) == len(groups) and len(ratios) == 1 and None not in ratios
+        ratios.append(new / old if old > 0 else None)
+    first = ratios[0] if ratios else None
+    uniform = (
+        len(changes) == len(groups)
+        and first is not None
+        and all(r is not None and math.isclose(r, first, rel_tol=1e-9) for r in ratios)
+    )
     for scheduler in walk(schedulers):
         for attr in SCHEDULER_LR_LISTS:
             values = getattr(scheduler, attr, None)
@@ -111,10 +117,9 @@ def rescale_lrs(
                     last[index] = new
         shared = [attr for attr in _shared_scalars(scheduler) if getattr(scheduler, attr)]
         if shared and uniform:
-            (ratio,) = ratios
-            assert ratio is not None
+            assert first is not None
             for attr in shared:
-                setattr(scheduler, attr, _times(getattr(scheduler, attr), ratio))
+                setattr(scheduler, attr, _times(getattr(scheduler, attr), first))
         elif shared:
             notes.append(
                 f"{type(scheduler).__name__}'s {', '.join(shared)} (shared by all param groups) stays "
