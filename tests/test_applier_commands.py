@@ -329,3 +329,9 @@ def test_a_baseline_with_a_bad_key_is_rejected_and_still_acts_on_nothing() -> No
     assert not verdict.stop
     assert not host.stop_requested
     assert "stop" in verdict.detail["commands_ignored"]
+
+
+@pytest.mark.parametrize(("sent", "meant"), [("learning_rate", "lr"), ("wd", "weight_decay"), ("mom", "momentum")])
+def test_a_common_other_name_for_a_key_gets_the_right_suggestion(sent: str, meant: str) -> None:
+    verdict = rejected(Applier(make_host()).apply(1, {sent: 0.1}, step=1))
+    assert verdict.message.startswith(f"unknown key {sent!r}; did you mean {meant!r}?")

@@ -80,6 +80,20 @@ COMMAND_ORDER = (cfg.CHECKPOINT, cfg.STOP)
 
 STOPPING = "stopping at the end of this step"
 
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "learningrate": "lr",
+    "wd": "weight_decay",
+    "weightdecay": "weight_decay",
+    "epsilon": "eps",
+    "beta1": "betas",
+    "beta2": "betas",
+    "mom": "momentum",
+    "lr_multiplier": "lr_scale",
+    "lr_factor": "lr_scale",
+}
+"""Names people use for a key under another spelling, suggested when a revision sends them."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
@@ -210,14 +224,21 @@ def _tiny_params(group: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Ten
             continue
         key = (param.dtype, param.device, param.dim())
         if key not in seen:
-            seen[key] = (_corner(param).requires_grad_(param.is_floating_point() or param.is_complex()), param)
+            if type(param) in (torch.Tensor, torch.nn.Parameter):
+                tiny = _corner(param)
+            else:  # a tensor subclass (DTensor, a quantised tensor...): indexing it may communicate or fail
+                tiny = torch.zeros([min(n, 2) for n in param.shape], dtype=param.dtype, device=param.device)
+            seen[key] = (tiny.requires_grad_(param.is_floating_point() or param.is_complex()), param)
             if len(seen) >= 8:
                 break
     return list(seen.values())
 
 
-def _tiny_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """``state`` (one parameter's optimizer state) cut down to the throwaway parameter's size."""
+def _tiny_state(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``state`` (one parameter's optimizer state) cut down to the throwaway parameter's size; ``None`` when it
+    holds tensor subclasses (left out: the rehearsal then starts that parameter from empty state)."""
+    if any(isinstance(v, torch.Tensor) and type(v) is not torch.Tensor for v in state.values()):
+        return None
     return {k: (_corner(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
 
 
@@ -818,7 +839,8 @@ class Applier:
             if self.allow is None
             else {*self.allow, *self._handlers}
         )
-        close = difflib.get_close_matches(name, candidates, n=1)
+        alias = KEY_ALIASES.get(name.lower())
+        close = [alias] if alias in candidates else difflib.get_close_matches(name, candidates, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise _Unknown(
             f"unknown key {key!r}; {hint}a key of your own needs a handler (callback.on({name!r}))",
@@ -950,23 +972,24 @@ class Applier:
             return
         live = self.host.optimizer
         current = self.current_choice()
-        pairs = [_tiny_params(group) for group in live.param_groups]
-        params = [[tiny for tiny, _ in group] for group in pairs]
-        specs = [
-            {**{k: _clone(v) for k, v in group.items() if k != "params"}, "params": params[i]}
-            for i, group in enumerate(live.param_groups)
-        ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
+                pairs = [_tiny_params(group) for group in live.param_groups]
+                params = [[tiny for tiny, _ in group] for group in pairs]
+                specs = [
+                    {**{k: _clone(v) for k, v in group.items() if k != "params"}, "params": params[i]}
+                    for i, group in enumerate(live.param_groups)
+                ]
                 twin = self._construct(current, specs)
             except Exception as exc:
                 plan.notes.append(f"not rehearsed: a throwaway {current.name} could not be built ({exc})")
                 return
             for group in pairs:  # the same state (Adam's moments, a missing momentum buffer...) as the live one
                 for tiny, param in group:
-                    if param in live.state:
-                        twin.state[tiny] = _tiny_state(live.state[param])
+                    state = _tiny_state(live.state[param]) if param in live.state else None
+                    if state is not None:
+                        twin.state[tiny] = state
             copies, skipped = copy_schedulers(self.host.schedulers(), live, twin)
             if skipped:
                 plan.notes.append(f"not rehearsed with {', '.join(skipped)}")
