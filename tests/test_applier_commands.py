@@ -229,6 +229,14 @@ def test_thousands_of_bad_keys_give_a_bounded_readable_message() -> None:
     assert verdict.stop
 
 
+def test_a_huge_bad_value_is_cut_in_the_message() -> None:
+    applier = Applier(make_host())
+    verdict = rejected(applier.apply(1, {"lr": "x" * 100_000, "momentum": "y" * 100_000}, step=1))
+    assert verdict.message.startswith("2 problems: lr: expected a number, got the string 'xxx")
+    assert verdict.message.count("...") == 2
+    assert len(verdict.message) < 1300
+
+
 def test_an_applied_revision_lists_every_change_pending_since_the_last_applied_one() -> None:
     host = make_host()
     applier, _ = with_clip(host)

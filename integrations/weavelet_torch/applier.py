@@ -75,6 +75,9 @@ Result = Literal["applied", "rejected", "superseded"]
 MAX_PROBLEMS_SHOWN = 20
 """A rejection lists at most this many problems, then says how many more there are."""
 
+MAX_PROBLEM_CHARS = 600
+"""Each listed problem is cut to this many characters (a value sent can be long)."""
+
 COMMAND_ORDER = (cfg.CHECKPOINT, cfg.STOP)
 """The order commands act in: a checkpoint is saved before the loop is asked to stop."""
 
@@ -631,7 +634,7 @@ class Applier:
                 reason = text[len(prefix) :] if text.startswith(prefix) else text
                 shown = _show_value(self._received.get(problem.key))
                 text = f"{problem.key}={shown}, set in revision {origin}: {reason}"
-            parts.append(text)
+            parts.append(text if len(text) <= MAX_PROBLEM_CHARS else text[: MAX_PROBLEM_CHARS - 3] + "...")
         more = len(problems) - MAX_PROBLEMS_SHOWN
         body = "; ".join(parts)
         if more > 0:
