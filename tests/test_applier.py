@@ -186,7 +186,11 @@ def test_swap_builds_over_same_params_carries_hyperparameters_and_rebinds_schedu
     assert verdict.detail["changes"]["optimizer"] == ["sgd", "adam"]
     assert [g["params"] for g in new.param_groups] == [g["params"] for g in optimizer.param_groups]
     assert [g["lr"] for g in new.param_groups] == [0.1, 0.01]
-    assert all(g["weight_decay"] == 1e-3 for g in new.param_groups)
+    # Only lr (and the config's explicit keys) carry over: the script's weight_decay was SGD's, Adam takes its own.
+    assert all(g["weight_decay"] == 0 for g in new.param_groups)
+    assert verdict.detail["switch"]["defaulted"]["weight_decay"] == 0
+    assert "weight_decay 0.001 -> 0" in verdict.message
+    assert verdict.detail["switch"]["dropped"] == ["dampening", "momentum", "nesterov"]
     assert all("momentum" not in g and "nesterov" not in g for g in new.param_groups)
     assert new.param_groups[1]["tag"] == "head"
     assert scheduler.optimizer is new

@@ -10,7 +10,10 @@ any hyperparameter of the optimizer (``lr``, ``momentum``, ``weight_decay``, ``b
 ``param_groups.<i>.<key>`` (or ``{"param_groups": {"<i>": {"<key>": value}}}``, or a list)
     applied to param group ``i`` only; it wins over the same key given for all groups.
 ``stop`` and ``checkpoint``
-    commands; see :data:`COMMANDS`.
+    commands; see :data:`COMMANDS`. A command's value is a token: ``true``, a number, a short string, or an
+    object ``{"token": "<string>", "incarnation": "<id>"}`` that acts only in that trainer incarnation.
+``lr_scale``
+    a number > 0 multiplying the whole learning-rate schedule (see :data:`LR_SCALE`).
 keys with a registered handler
     passed to the handler.
 
@@ -33,12 +36,25 @@ CHECKPOINT = "checkpoint"
 COMMANDS = (STOP, CHECKPOINT)
 """Commands act once each time their value changes to something other than ``false``/``null``.
 
+They are the emergency brake: a command acts even when other keys of the same revision are rejected, and its
+token is recorded apart from the applied config (a later fix of the bad key does not make it act again).
+
 A config is desired *state*: a revision carries every key, also those set long ago. A command therefore holds a
 token, and acts when the token differs from the one last applied: ``checkpoint=1``, later ``checkpoint=2``
 (or any new string) each save one checkpoint; ``stop=true`` ends the fit. Sending the same value again does
 nothing. A resumed fit remembers the tokens it applied (they are part of its checkpoint), so it does not
 stop again or re-save because of a command it already carried out.
 """
+
+LR_SCALE = "lr_scale"
+"""A number > 0 (default 1): every later learning rate is ``lr_scale`` times what the schedule would give.
+
+Idempotent: the factor is relative to the schedule, not to the current value (0.5 twice is 0.5 once; 0.5
+then 1 restores the schedule). Removing the key (``lr_scale=null``) is the same as 1.
+"""
+
+TOKEN_MAX_CHARS = 200
+"""Longest command token string (and incarnation id) accepted."""
 
 _GROUP_KEY = re.compile(r"param_groups\.(0|[1-9][0-9]{0,5})\.([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -117,11 +133,45 @@ def command_fires(new: object, old: object) -> bool:
     return type(new) is not type(old) or new != old
 
 
+def command_incarnation(value: object) -> str | None:
+    """The incarnation a checked command value is written for, or ``None`` for a plain token."""
+    if isinstance(value, Mapping):
+        incarnation = value.get("incarnation")
+        return incarnation if isinstance(incarnation, str) else None
+    return None
+
+
+def _short_string(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= TOKEN_MAX_CHARS
+
+
 def check_command(key: str, value: object) -> None:
-    """Raise :class:`Rejected` unless ``value`` is a usable command token."""
+    """Raise :class:`Rejected` unless ``value`` is a usable command token.
+
+    Accepted: ``null``/``false`` (no command), ``true``, an integer, a string of at most
+    :data:`TOKEN_MAX_CHARS` characters, or an object ``{"token": "<string>", "incarnation": "<id>"}`` (both
+    non-empty strings of at most :data:`TOKEN_MAX_CHARS` characters, no other fields).
+    """
     if value is None or isinstance(value, (bool, int)):
         return
-    if isinstance(value, str) and len(value) <= 200:
+    if isinstance(value, str) and len(value) <= TOKEN_MAX_CHARS:
+        return
+    example = '{"token": "2", "incarnation": "<the trainer incarnation id>"}'
+    if isinstance(value, Mapping):
+        extra = sorted(str(k) for k in value if k not in ("token", "incarnation"))[:5]
+        if extra:
+            raise Rejected(
+                f'{key}: a command object has only "token" and "incarnation", got also {", ".join(extra)}; '
+                f"send for example {key}={example}"
+            )
+        for field in ("token", "incarnation"):
+            if not _short_string(value.get(field)):
+                got = value.get(field)
+                shown = "nothing" if got is None else f"{type(got).__name__} {str(got)[:40]!r}"
+                raise Rejected(
+                    f'{key}: a command object\'s "{field}" must be a non-empty string of at most '
+                    f"{TOKEN_MAX_CHARS} characters, got {shown}; send for example {key}={example}"
+                )
         return
     raise Rejected(
         f"{key}: expected true, a number or a short string as the command's token, got "

@@ -18,7 +18,17 @@ import torch
 from weavelet_torch.errors import Rejected
 
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
-"""Constructor flags that pick a kernel rather than a hyperparameter: never set remotely, never carried over."""
+"""Constructor flags that pick a kernel rather than a hyperparameter: never set remotely; a switch carries
+them to the new optimizer type when it accepts them (see :attr:`OptimizerChoice.flags`)."""
+
+CARRIED_ON_SWITCH = IMPLEMENTATION_FLAGS | {"maximize"}
+"""Keys a switch of optimizer type carries from each old param group whenever the new type accepts them (besides
+``lr`` and the keys the desired config sets): losing them changes how, not what, the model trains (fused
+kernels, CUDA-graph capture) or flips the objective (``maximize``)."""
+
+DECOUPLED_WEIGHT_DECAY = frozenset({"adamw", "adafactor", "muon"})
+"""``torch.optim`` types whose ``weight_decay`` shrinks the weights directly (decoupled) rather than adding an L2
+term to the gradient; ``adam``, ``nadam`` and ``radam`` do so with ``decoupled_weight_decay=True``."""
 
 UNSUPPORTED = {
     "lbfgs": "it needs a closure re-evaluating the loss and a single parameter group",
@@ -37,6 +47,7 @@ class OptimizerChoice:
     :param hyperparameters: keyword hyperparameters the factory accepts, or ``None`` when it takes
         ``**kwargs`` (then any key is passed through and the factory validates it).
     :param defaults: default values of those hyperparameters, where the signature gives one.
+    :param flags: the :data:`IMPLEMENTATION_FLAGS` the factory takes as keywords (empty when unknown).
     """
 
     name: str
@@ -44,6 +55,13 @@ class OptimizerChoice:
     cls: type[torch.optim.Optimizer] | None
     hyperparameters: frozenset[str] | None
     defaults: Mapping[str, Any]
+    flags: frozenset[str] = frozenset()
+
+    def accepts_flag(self, key: str) -> bool:
+        """Whether ``key`` (an implementation flag or ``maximize``) can be carried to this optimizer."""
+        if key in IMPLEMENTATION_FLAGS:
+            return key in self.flags
+        return self.hyperparameters is not None and key in self.hyperparameters
 
     def accepts(self, key: str) -> bool:
         """Whether ``key`` is a hyperparameter of this optimizer."""
@@ -55,6 +73,15 @@ class OptimizerChoice:
         if self.hyperparameters is None:
             return "any keyword its factory accepts"
         return ", ".join(sorted(self.hyperparameters))
+
+
+def _signature_flags(fn: Callable[..., Any]) -> frozenset[str]:
+    """The :data:`IMPLEMENTATION_FLAGS` ``fn`` takes as named parameters."""
+    try:
+        names = set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(names & IMPLEMENTATION_FLAGS)
 
 
 def _signature_keys(fn: Callable[..., Any], skip: int) -> tuple[frozenset[str] | None, dict[str, Any]]:
@@ -87,7 +114,7 @@ def _torch_choices() -> dict[str, OptimizerChoice]:
         if name in UNSUPPORTED:
             continue
         keys, defaults = _signature_keys(cls.__init__, skip=2)  # self, params
-        found[name] = OptimizerChoice(name, cls, cls, keys, defaults)
+        found[name] = OptimizerChoice(name, cls, cls, keys, defaults, _signature_flags(cls.__init__))
     return found
 
 
@@ -97,14 +124,19 @@ def _plugin_choices() -> dict[str, OptimizerChoice]:
     found: dict[str, OptimizerChoice] = {}
     for name, spec in get_registry().optimizers().items():
         keys, defaults = _signature_keys(spec.factory, skip=1)  # params
-        found[name] = OptimizerChoice(name, spec.factory, None, keys, defaults)
+        found[name] = OptimizerChoice(name, spec.factory, None, keys, defaults, _signature_flags(spec.factory))
     return found
 
 
 def choice_for_class(cls: type[torch.optim.Optimizer], name: str | None = None) -> OptimizerChoice:
     """An :class:`OptimizerChoice` for an optimizer class that no name maps to (a user's own class)."""
     keys, defaults = _signature_keys(cls.__init__, skip=2)
-    return OptimizerChoice(name or cls.__name__.lower(), cls, cls, keys, defaults)
+    return OptimizerChoice(name or cls.__name__.lower(), cls, cls, keys, defaults, _signature_flags(cls.__init__))
+
+
+def decoupled_weight_decay(choice: OptimizerChoice, group: Mapping[str, Any]) -> bool:
+    """Whether ``weight_decay`` in ``group`` of a ``choice`` optimizer decays weights directly (not as L2)."""
+    return choice.name in DECOUPLED_WEIGHT_DECAY or group.get("decoupled_weight_decay") is True
 
 
 def known_optimizers() -> dict[str, OptimizerChoice]:
