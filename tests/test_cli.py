@@ -489,7 +489,7 @@ def test_checkpoint_and_stop_send_a_fresh_token_for_the_live_incarnation(
     assert all(t["incarnation"] == "abc123" and isinstance(t["token"], str) and t["token"] for t in tokens)
     code, out, _ = invoke(capsys, "--url", url, "stop", "cmd")
     assert code == 0
-    assert out.startswith("cmd: revision 3 stored (stop.incarnation=\"abc123\" stop.token=")
+    assert out.startswith('cmd: revision 3 stored (stop.incarnation="abc123" stop.token=')
     code, out, _ = invoke(capsys, "--url", url, "get", "cmd", "--json")
     config = json.loads(out)["config"]
     assert set(config) == {"checkpoint", "stop"}

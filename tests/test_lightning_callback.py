@@ -245,7 +245,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"lr": "nan"}, "lr: expected a number, got the string 'nan'"),
     ({"lr": "fast"}, "lr: expected a number, got the string 'fast'"),
     ({"betas": [2, 0.9]}, "betas: not a hyperparameter of sgd"),
-    ({"optimizer": "adam", "betas": [2, 0.9]}, "betas: each value must be in [0, 1), got [2, 0.9]"),
+    ({"optimizer": "adam", "betas": [2, 0.9]}, "set in revision 5: each value must be in [0, 1), got [2, 0.9]"),
     ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
     ({"momentum": 0.5}, "momentum: not in this run's allow-list"),
     ({"param_groups.9.lr": 0.1}, "param_groups.9.lr: the optimizer has 2 param groups"),

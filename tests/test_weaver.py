@@ -104,7 +104,7 @@ def test_set_builds_revisions_on_each_other(url: str) -> None:
 
 def test_set_with_wait_returns_the_outcome(url: str) -> None:
     with Weaver(url) as weaver:
-        revision = weaver.set("demo", {"lr": 0.1})
+        weaver.set("demo", {"lr": 0.1})
 
         def trainer() -> None:
             async def go() -> None:

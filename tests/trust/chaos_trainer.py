@@ -25,7 +25,9 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     options = {"heartbeat_interval": 0.2, "restart_backoff": (0.1, 0.5), "max_restarts": None}
     with (
-        attach(optimizer, run=run, url=url, model=model, checkpoint_dir=checkpoint_dir, process_options=options) as live,
+        attach(
+            optimizer, run=run, url=url, model=model, checkpoint_dir=checkpoint_dir, process_options=options
+        ) as live,
         open(record_path, "a", encoding="utf-8") as record,
     ):
         process = live.process
@@ -44,14 +46,20 @@ def main() -> None:
                 time.sleep(0.002)
                 continue
             revision = process.handed_out_revision
-            assert revision is not None and revision.revision == verdict.revision
+            assert revision is not None
+            assert revision.revision == verdict.revision
             if verdict.result == "applied":
                 item = {"incarnation": process.incarnation, "revision": verdict.revision, "step": verdict.step}
                 record.write(json.dumps({"applied": {**item, "revision_id": revision.id}}) + "\n")
             for name in verdict.commands:
                 target = command_target(revision.config.get(name))
                 token = target[0] if target else json.dumps(revision.config.get(name))
-                effect = {"incarnation": process.incarnation, "name": name, "token": token, "revision": verdict.revision}
+                effect = {
+                    "incarnation": process.incarnation,
+                    "name": name,
+                    "token": token,
+                    "revision": verdict.revision,
+                }
                 record.write(json.dumps({"command": effect}) + "\n")
             record.flush()
     print("done", step, flush=True)

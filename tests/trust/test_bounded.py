@@ -34,7 +34,8 @@ def test_an_outcome_too_large_for_the_wire_is_cut_and_never_blocks_the_next(
     assert len(huge) > 100_000
     process.report_outcome(first.revision, "rejected", message=huge, detail={"problems": [huge] * 4})
     stored = weaver.wait(run, first.revision, timeout=WAIT, revision_id=first.id)
-    assert stored.message is not None and len(stored.message) <= MAX_MESSAGE_CHARS
+    assert stored.message is not None
+    assert len(stored.message) <= MAX_MESSAGE_CHARS
     assert stored.message.endswith("more characters]")
     assert "dropped" in stored.detail
     # The control plane still works: the next revision is handed out and answered.
@@ -44,14 +45,16 @@ def test_an_outcome_too_large_for_the_wire_is_cut_and_never_blocks_the_next(
     outcome = weaver.wait(run, second.revision, timeout=WAIT, revision_id=second.id)
     assert (outcome.result, outcome.step) == ("applied", 3)
     status = weaver.status(run)
-    assert status is not None and status.state == "running"
+    assert status is not None
+    assert status.state == "running"
 
 
 def test_the_outcome_ledger_is_bounded() -> None:
     ledger = OutcomeLedger(max_pending=10)
     for revision in range(1, 26):
         ledger.add(Outcome(run="r", revision=revision, result="applied", step=revision))
-    assert len(ledger) == 10 and ledger.dropped == 15
+    assert len(ledger) == 10
+    assert ledger.dropped == 15
     ledger.ack(20)
     assert len(ledger) == 5
 
@@ -103,9 +106,7 @@ def test_a_revision_number_jump_keeps_the_sidecar_responsive(
             """
         )
     )
-    trainer = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert trainer.stdout is not None
         ready = trainer.stdout.readline().split()

@@ -43,19 +43,28 @@ def test_a_lightning_fit_that_raises_ends_failed_with_the_exception(url: str, ru
     with pytest.raises(FloatingPointError):
         trainer.fit(Exploding())
     status = weaver.status(run)
-    assert status is not None and status.state == "failed"
+    assert status is not None
+    assert status.state == "failed"
     assert status.message == "the training loop raised FloatingPointError: loss is nan at step 2"
-    assert callback.process is not None and callback.process.state == "failed"
+    assert callback.process is not None
+    assert callback.process.state == "failed"
 
 
 def test_leaving_attach_by_an_exception_ends_failed_with_the_exception(url: str, run: str, weaver: Weaver) -> None:
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(RuntimeError), attach(optimizer, run=run, url=url) as live:
-        live.poll(1, loss=0.5)
-        raise RuntimeError("CUDA out of memory")
+    live = attach(optimizer, run=run, url=url)
+
+    def train() -> None:
+        with live:
+            live.poll(1, loss=0.5)
+            raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError):
+        train()
     status = weaver.status(run)
-    assert status is not None and status.state == "failed"
+    assert status is not None
+    assert status.state == "failed"
     assert status.message == "the training loop raised RuntimeError: CUDA out of memory"
 
 
@@ -64,4 +73,5 @@ def test_a_loop_that_ends_normally_is_stopped(url: str, run: str, weaver: Weaver
     with attach(torch.optim.SGD(model.parameters(), lr=0.1), run=run, url=url) as live:
         live.poll(1, loss=0.5)
     status = weaver.status(run)
-    assert status is not None and (status.state, status.message) == ("stopped", None)
+    assert status is not None
+    assert (status.state, status.message) == ("stopped", None)

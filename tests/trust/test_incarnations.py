@@ -33,7 +33,8 @@ def test_a_fresh_start_clears_an_earlier_incarnations_config_and_says_so(
 ) -> None:
     first = _finish_first_incarnation(make, weaver, run, poll_until)
     stored = weaver.get(run)
-    assert stored is not None and "stop" in stored.config
+    assert stored is not None
+    assert "stop" in stored.config
 
     second = make()
     second.start(timeout=WAIT)
@@ -41,24 +42,34 @@ def test_a_fresh_start_clears_an_earlier_incarnations_config_and_says_so(
 
     # The store now says what runs: an empty config written on top, nothing handed to the trainer.
     latest = weaver.get(run)
-    assert latest is not None and latest.revision == stored.revision + 1 and latest.config == {}
+    assert latest is not None
+    assert latest.revision == stored.revision + 1
+    assert latest.config == {}
     assert "fresh start of incarnation " + second.incarnation in latest.author
     time.sleep(0.3)
     assert second.poll() is None
     line = [text for text in capfd.readouterr().err.splitlines() if second.incarnation in text]
     assert len(line) == 1, line
     assert f"the store held revision {stored.revision}" in line[0]
-    assert "lr=0.01" in line[0] and "cleared it with revision" in line[0] and "fresh='adopt'" in line[0]
+    assert "lr=0.01" in line[0]
+    assert "cleared it with revision" in line[0]
+    assert "fresh='adopt'" in line[0]
 
     # The earlier incarnation's records are kept, never overwritten.
     assert wait_until(lambda: weaver.outcome(run, latest.revision) is not None, WAIT)
     stop_outcome = weaver.outcome(run, stored.revision)
-    assert stop_outcome is not None and stop_outcome.step == 991 and stop_outcome.incarnation == first.incarnation
+    assert stop_outcome is not None
+    assert stop_outcome.step == 991
+    assert stop_outcome.incarnation == first.incarnation
     reset = weaver.outcome(run, latest.revision)
-    assert reset is not None and reset.result == "applied" and reset.incarnation == second.incarnation
+    assert reset is not None
+    assert reset.result == "applied"
+    assert reset.incarnation == second.incarnation
     assert reset.revision_id == latest.id
     status = weaver.status(run)
-    assert status is not None and status.incarnation == second.incarnation and status.started_at > 0
+    assert status is not None
+    assert status.incarnation == second.incarnation
+    assert status.started_at > 0
 
 
 def test_a_fresh_start_that_adopts_hands_over_the_old_config_as_its_baseline(
@@ -70,13 +81,15 @@ def test_a_fresh_start_that_adopts_hands_over_the_old_config_as_its_baseline(
     second = make(fresh="adopt")
     second.start(timeout=WAIT)
     handed = poll_until(second)
-    assert handed.revision == stored.revision and handed.config == stored.config
+    assert handed.revision == stored.revision
+    assert handed.config == stored.config
     assert second.is_baseline(handed)  # the integration records its stop token as not this incarnation's
     assert "adopting revision" in capfd.readouterr().err
     # A revision written now is not the baseline.
     newer = weaver.set(run, {"lr": 0.02})
     handed = poll_until(second)
-    assert handed.revision == newer.revision and not second.is_baseline(handed)
+    assert handed.revision == newer.revision
+    assert not second.is_baseline(handed)
 
 
 def test_a_resume_reconciles_newer_revisions_and_marks_the_baseline(
@@ -93,7 +106,8 @@ def test_a_resume_reconciles_newer_revisions_and_marks_the_baseline(
     assert resumed.resume
     resumed.start(timeout=WAIT)
     handed = poll_until(resumed)
-    assert handed.revision == two.revision and resumed.is_baseline(handed)
+    assert handed.revision == two.revision
+    assert resumed.is_baseline(handed)
     assert f"resuming after revision {one.revision}" in capfd.readouterr().err
 
 
@@ -107,9 +121,13 @@ def test_a_second_trainer_on_a_live_run_is_refused_naming_the_owner(make: Make, 
     assert time.monotonic() - started < WAIT
     message = str(info.value)
     assert f"run {run!r} is owned by a live trainer" in message
-    assert "pid " in message and "on host " in message and "heartbeat" in message and "takeover=True" in message
+    assert "pid " in message
+    assert "on host " in message
+    assert "heartbeat" in message
+    assert "takeover=True" in message
     assert second.state == "failed"
-    assert owner.state == "running" and owner.connected
+    assert owner.state == "running"
+    assert owner.connected
 
 
 def test_takeover_moves_control_and_the_old_owner_steps_down(make: Make, weaver: Weaver, run: str) -> None:
@@ -119,11 +137,14 @@ def test_takeover_moves_control_and_the_old_owner_steps_down(make: Make, weaver:
     successor.start(timeout=WAIT)
     assert successor.state == "running"
     assert wait_until(lambda: owner.state == "failed", WAIT), owner.state
-    assert owner.message is not None and f"taken over by incarnation {successor.incarnation}" in owner.message
+    assert owner.message is not None
+    assert f"taken over by incarnation {successor.incarnation}" in owner.message
     # The status is the successor's, and stays so (the old owner never overwrites it).
     time.sleep(0.5)
     status = weaver.status(run)
-    assert status is not None and status.incarnation == successor.incarnation and status.state == "running"
+    assert status is not None
+    assert status.incarnation == successor.incarnation
+    assert status.state == "running"
 
 
 def test_a_stale_owner_is_taken_over_with_a_warning(
@@ -140,7 +161,8 @@ def test_a_stale_owner_is_taken_over_with_a_warning(
         successor.start(timeout=WAIT)
         assert successor.state == "running"
         status = weaver.status(run)
-        assert status is not None and status.incarnation == successor.incarnation
+        assert status is not None
+        assert status.incarnation == successor.incarnation
     finally:
         os.kill(pid, signal.SIGCONT)
 
@@ -152,11 +174,14 @@ def test_status_and_outcomes_carry_the_incarnation(make: Make, weaver: Weaver, r
     assert poll_until(process).revision == revision.revision
     process.report_outcome(revision.revision, "rejected", message="lr: too high")
     outcome = weaver.wait(run, revision.revision, timeout=WAIT, revision_id=revision.id)
-    assert outcome.incarnation == process.incarnation and outcome.revision_id == revision.id
+    assert outcome.incarnation == process.incarnation
+    assert outcome.revision_id == revision.id
     assert wait_until(lambda: (s := weaver.status(run)) is not None and s.last_outcome is not None, WAIT)
     status = weaver.status(run)
-    assert status is not None and status.last_outcome is not None
-    assert status.last_outcome["result"] == "rejected" and status.last_outcome["message"] == "lr: too high"
+    assert status is not None
+    assert status.last_outcome is not None
+    assert status.last_outcome["result"] == "rejected"
+    assert status.last_outcome["message"] == "lr: too high"
     assert status.keepalive == pytest.approx(0.1)
 
 
@@ -168,5 +193,6 @@ def test_labels_and_schema_reach_the_published_status(make: Make, weaver: Weaver
     process.report(step=4, schema={"optimizers": {"": {"keys": {"lr": {"kind": "number", "min": 0}}}}})
     assert wait_until(lambda: (s := weaver.status(run)) is not None and s.schema is not None, WAIT)
     status = weaver.status(run)
-    assert status is not None and status.labels == {"sweep": "3", "team": "vision"}
+    assert status is not None
+    assert status.labels == {"sweep": "3", "team": "vision"}
     assert status.schema == {"optimizers": {"": {"keys": {"lr": {"kind": "number", "min": 0}}}}}

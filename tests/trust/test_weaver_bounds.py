@@ -112,7 +112,8 @@ def test_a_training_loop_that_raised_ends_failed_with_the_exception(make: Make, 
         1 / 0  # noqa: B018
     assert process.state == "failed"
     status = weaver.status(run)
-    assert status is not None and status.state == "failed"
+    assert status is not None
+    assert status.state == "failed"
     assert status.message == "the training loop raised ZeroDivisionError: division by zero"
 
 
@@ -121,7 +122,9 @@ def test_ctrl_c_ends_the_run_stopped(make: Make, weaver: Weaver, run: str) -> No
     with pytest.raises(KeyboardInterrupt), process:
         raise KeyboardInterrupt
     status = weaver.status(run)
-    assert process.state == "stopped" and status is not None and status.state == "stopped"
+    assert process.state == "stopped"
+    assert status is not None
+    assert status.state == "stopped"
 
 
 def test_status_published_by_an_unknown_writer_does_not_count_as_live(weaver: Weaver, run: str) -> None:
@@ -196,4 +199,5 @@ def test_a_trainer_whose_nats_user_may_not_publish_fails_for_good_naming_the_sub
     assert time.monotonic() - started < 10
     assert process.restarts == 0  # final: never retried as an outage
     message = process.message or ""
-    assert "permission" in message.lower() and "$KV." in message, message
+    assert "permission" in message.lower(), message
+    assert "$KV." in message, message

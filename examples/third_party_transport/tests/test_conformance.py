@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from weavelet_example_transport.transport import ExampleTransport
 
 from weavelet_core.testing import TransportConformance
 from weavelet_core.transport import Transport
-from weavelet_example_transport.transport import ExampleTransport
 
 
 class TestExampleTransport(TransportConformance):
