@@ -205,6 +205,7 @@ async def _report_write(
         out.write(f"{args.run}: revision {revision.revision} stored ({change})\n")
         out.flush()
     outcome: Outcome | None = None
+    started = time.monotonic()
     if args.wait is not None:
         try:
             outcome = await weaver.wait(args.run, revision.revision, timeout=args.wait, revision_id=revision.id)
@@ -213,10 +214,17 @@ async def _report_write(
                 _print_json({"revision": to_dict(revision), "outcome": None, "error": str(exc)}, out)
             _error(str(exc))
             return EXIT_WAIT_TIMEOUT if isinstance(exc, WaitTimeout) else EXIT_ERROR
+    successor = await _successor(weaver, args, outcome, started) if outcome is not None else None
     if args.json:
-        _print_json({"revision": to_dict(revision), "outcome": to_dict(outcome) if outcome else None}, out)
+        body = {"revision": to_dict(revision), "outcome": to_dict(outcome) if outcome else None}
+        if successor is not None:
+            body["superseded_by"] = to_dict(successor)
+        _print_json(body, out)
     elif outcome is not None:
         out.write(f"{args.run}: revision {revision.revision} {_describe_outcome(outcome, full=True)}\n")
+        if successor is not None:
+            # The newer revision carries this one's changes (configs are whole): its outcome is what happened.
+            out.write(f"{args.run}: revision {successor.revision} {_describe_outcome(successor, full=True)}\n")
         commands = outcome.detail.get("commands")
         if isinstance(commands, dict) and outcome.result != "applied":
             for name, what in commands.items():
@@ -224,6 +232,22 @@ async def _report_write(
     if outcome is not None and outcome.result == "rejected":
         return EXIT_ERROR
     return EXIT_OK
+
+
+async def _successor(
+    weaver: AsyncWeaver, args: argparse.Namespace, outcome: Outcome, started: float
+) -> Outcome | None:
+    """For a ``superseded`` outcome, the outcome of the revision that superseded it, within what is left of
+    ``--wait`` (``None`` when there is none, or no time)."""
+    newer = outcome.detail.get("superseded_by")
+    if outcome.result != "superseded" or not isinstance(newer, int) or args.wait is None:
+        return None
+    left = args.wait - (time.monotonic() - started)
+    if left <= 0:
+        return None
+    with contextlib.suppress(WaitTimeout, RunEnded):
+        return await weaver.wait(args.run, newer, timeout=left)
+    return None
 
 
 async def cmd_command(args: argparse.Namespace, out: TextIO) -> int:

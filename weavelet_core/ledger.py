@@ -60,7 +60,8 @@ class OutcomeLedger:
         self.window = window
         self.dropped = 0
         self._seq = 0
-        self._sent = 0
+        self._sent = 0  # the newest sequence number handed to the current channel's queue
+        self._acked = 0  # the newest the current channel's sidecar acknowledged
         self._pending: collections.deque[tuple[int, bytes]] = collections.deque()
         self._lock = threading.Lock()
 
@@ -87,6 +88,7 @@ class OutcomeLedger:
     def ack(self, seq: int) -> None:
         """Forget outcomes up to sequence number ``seq``: a sidecar has published them."""
         with self._lock:
+            self._acked = max(self._acked, seq)
             while self._pending and self._pending[0][0] <= seq:
                 self._pending.popleft()
 
@@ -98,19 +100,23 @@ class OutcomeLedger:
     def restart_sending(self) -> None:
         """A new channel: nothing is in its queue yet, so every pending outcome is unsent again."""
         with self._lock:
-            self._sent = 0
+            self._sent = self._acked = self._pending[0][0] - 1 if self._pending else self._seq
 
-    def take_unsent(self, ack: int) -> list[bytes]:
-        """Messages not yet handed to the queue, as many as keep at most ``window`` unacknowledged after
-        ``ack`` (the sidecar's acknowledgement); they count as sent from now on."""
+    def take_unsent(self, *, everything: bool = False) -> list[bytes]:
+        """Messages not yet handed to the queue, as many as keep at most ``window`` sent and unacknowledged
+        (acknowledged ones are gone from the ledger: call :meth:`ack` first), or all of them with
+        ``everything`` (at a stop, when the sidecar is about to drain its queue); they count as sent from now on.
+        """
         with self._lock:
+            in_flight = self._sent - self._acked  # sequence numbers in the queue, also those dropped here since
             taken = []
             for seq, data in self._pending:
                 if seq <= self._sent:
                     continue
-                if seq - ack > self.window:
+                if in_flight >= self.window and not everything:
                     break
                 taken.append(data)
+                in_flight += 1
                 self._sent = seq
             return taken
 

@@ -397,6 +397,7 @@ class WeaveletProcess:
             if channel is None:
                 return
             self._recorder.flush(channel.status)
+            self._send_unsent(channel, everything=True)
             if reason is not None:
                 with contextlib.suppress(Exception):
                     channel.to_sidecar.put(json.dumps({"t": "final", "state": FAILED, "message": reason}).encode())
@@ -475,6 +476,7 @@ class WeaveletProcess:
                     incarnation=self.incarnation,
                     result="superseded",
                     message=f"revision {newest.revision} arrived before revision {older.revision} was applied",
+                    detail={"superseded_by": newest.revision},
                 )
             )
         if baseline:
@@ -538,11 +540,11 @@ class WeaveletProcess:
         if channel is not None:
             self._send_unsent(channel)
 
-    def _send_unsent(self, channel: Channel) -> None:
-        """Hand waiting outcomes to the sidecar, keeping its queue short (see :mod:`weavelet_core.ledger`)."""
-        ack = int(channel.outcome_ack.value)
-        self._ledger.ack(ack)
-        for data in self._ledger.take_unsent(ack):
+    def _send_unsent(self, channel: Channel, *, everything: bool = False) -> None:
+        """Hand waiting outcomes to the sidecar, keeping its queue short (see :mod:`weavelet_core.ledger`);
+        ``everything`` at a stop, which the sidecar answers by publishing all it holds."""
+        self._ledger.ack(int(channel.outcome_ack.value))
+        for data in self._ledger.take_unsent(everything=everything):
             with contextlib.suppress(Exception):
                 channel.to_sidecar.put(data)
 

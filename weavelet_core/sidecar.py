@@ -70,8 +70,9 @@ PARENT_CHECK_INTERVAL = 0.25
 RECONNECT_DELAY = (0.1, 5.0)
 ORPHAN_FINAL_TIMEOUT = 0.5
 SIGNAL_FINAL_TIMEOUT = 2.0
-MAX_SUPERSEDE_SCAN = 100
-"""At most this many skipped stored revisions are checked for a missing outcome on each forward."""
+MAX_SUPERSEDE_SCAN = 1000
+"""At most this many skipped stored revisions are checked for a missing outcome on each forward (one history
+read and one outcomes read, sized to what was skipped)."""
 FINAL_ERRORS = (AuthenticationFailed, PermissionDenied, PluginError, RunOwned)
 """Errors that retrying cannot fix: the sidecar exits with :data:`EXIT_FATAL`."""
 
@@ -113,7 +114,6 @@ class Sidecar:
         self.url = mask_password(config.url)
         self.last_forwarded = config.after
         self.outbox: list[tuple[int | None, Outcome]] = []
-        self.unscanned: list[tuple[int, int]] = []
         self.transport: Transport | None = None
         self.exit_code = EXIT_OK
         self.final_state = "stopped"
@@ -401,16 +401,18 @@ class Sidecar:
             return "fresh start; the store held no desired config"
         if config.fresh == "adopt" and latest is not None:
             self.baseline = number
-            self.unscanned.append((1, number))  # what the earlier incarnation never answered is superseded
+            await self._supersede_range(transport, 1, number)  # what no incarnation answered is superseded
             return f"fresh start; adopting {held} as asked (fresh='adopt'); {ignored}"
         if latest is not None and not latest.config:
             self.last_forwarded = max(self.last_forwarded, number)
-            self.unscanned.append((1, number))
+            await self._supersede_range(transport, 1, number)
             if await transport.outcome(self.run_id, number) is None:
-                self._queue_outcome(self._fresh_outcome(latest, "fresh start: the desired config is empty", number))
+                await transport.publish_outcome(
+                    self._fresh_outcome(latest, "fresh start: the desired config is empty", number)
+                )
             return f"fresh start; the store held revision {number} with an empty config"
         cleared = await self._write_reset(transport, number)
-        self.unscanned.append((1, cleared))
+        await self._supersede_range(transport, 1, cleared)
         return (
             f"fresh start; the store held {held} from an earlier incarnation; not inherited: cleared it with "
             f"revision {cleared} (fresh='reset'; fresh='adopt' applies it instead)"
@@ -432,7 +434,7 @@ class Sidecar:
                 await anyio.sleep(0.01)
                 continue
             self.last_forwarded = revision.revision
-            self._queue_outcome(
+            await transport.publish_outcome(
                 self._fresh_outcome(
                     revision,
                     "fresh start: the desired config an earlier incarnation left was cleared; the training script's "
@@ -458,12 +460,11 @@ class Sidecar:
 
     # -- desired config --------------------------------------------------------------------------------
     async def _watch_revisions(self, transport: Transport) -> None:
-        await self._supersede_skipped(transport)
         watcher = transport.watch(self.run_id, after=self.last_forwarded)
         try:
             async for entry in watcher:
                 if isinstance(entry, CorruptEntry):
-                    self._unreadable(entry)
+                    await self._unreadable(transport, entry)
                 else:
                     await self._forward(transport, entry)
                 await anyio.lowlevel.checkpoint()
@@ -471,20 +472,13 @@ class Sidecar:
             with anyio.move_on_after(1.0, shield=True), contextlib.suppress(Exception):
                 await watcher.aclose()  # type: ignore[attr-defined]
 
-    def _unreadable(self, entry: CorruptEntry) -> None:
+    async def _unreadable(self, transport: Transport, entry: CorruptEntry) -> None:
         """Report an entry that cannot be decoded as a rejection of its number (it is never applied)."""
         if entry.revision <= self.last_forwarded:
             return
         log.error("weavelet: run %r: %s", self.run_id, entry)
-        self._queue_outcome(
-            Outcome(
-                run=self.run_id,
-                revision=entry.revision,
-                incarnation=self.config.incarnation,
-                result="rejected",
-                message=truncate(f"not applied: {entry}"),
-            )
-        )
+        await self._supersede_range(transport, self.last_forwarded + 1, entry.revision)
+        await transport.publish_outcome(self._unreadable_outcome(entry))
         self.last_forwarded = entry.revision
 
     async def _forward(self, transport: Transport, revision: object) -> None:
@@ -504,7 +498,9 @@ class Sidecar:
         if number <= self.last_forwarded:
             log.debug("weavelet: revision %d of run %r already handled; skipped", number, self.run_id)
             return
-        skipped_from = self.last_forwarded + 1
+        # Skipped stored revisions get their outcomes *before* the newer one is handed over: a sidecar killed
+        # in between reconciles again from the same point, so no skipped revision is left unanswered.
+        await self._supersede_range(transport, self.last_forwarded + 1, number)
         try:
             encode(revision)
             data = json.dumps(
@@ -512,7 +508,7 @@ class Sidecar:
                 ensure_ascii=False,
             ).encode()
         except (ProtocolError, ValueError, TypeError) as exc:
-            self._queue_outcome(
+            await transport.publish_outcome(
                 Outcome(
                     run=self.run_id,
                     revision=number,
@@ -526,36 +522,36 @@ class Sidecar:
         else:
             self.channel.forward(data)
         self.last_forwarded = number
-        if skipped_from < number:
-            self.unscanned.append((skipped_from, number))
-        # After forwarding, so that the trainer is not kept waiting by the bookkeeping.
-        await self._supersede_skipped(transport)
-
-    async def _supersede_skipped(self, transport: Transport) -> None:
-        """Report ``superseded`` for skipped stored revisions (``unscanned`` ranges) that never reached the
-        trainer and have no outcome yet, at most the newest :data:`MAX_SUPERSEDE_SCAN` of each range. A range
-        leaves ``unscanned`` only once fully checked, so an outage in the middle is resumed after reconnecting.
-        Only revisions the store still holds are looked at: a number that was never written (a jump) has no
-        revision to answer."""
-        while self.unscanned:
-            first, number = self.unscanned[0]
-            await self._supersede_range(transport, first, number)
-            self.unscanned.pop(0)
 
     async def _supersede_range(self, transport: Transport, first: int, number: int) -> None:
+        """Publish ``superseded`` for stored revisions in ``[first, number)`` that never reached the trainer and
+        have no outcome yet (an unreadable one gets ``rejected``), at most the newest
+        :data:`MAX_SUPERSEDE_SCAN`. Only revisions the store holds are looked at: a number that was never
+        written (a jump) has no revision to answer, and a jump costs one history read, not a loop over it."""
+        if first >= number:
+            return
         stored = [
             entry
             for entry in await transport.history(self.run_id, limit=MAX_SUPERSEDE_SCAN + 1)
             if first <= entry.revision < number
-        ]
-        for entry in stored[-MAX_SUPERSEDE_SCAN:]:
+        ][-MAX_SUPERSEDE_SCAN:]
+        if not stored:
+            return
+        # One read of the newest outcomes answers most lookups; older revisions are looked up one by one.
+        wanted = 4 * len(stored) + 8
+        recent = await transport.outcomes(self.run_id, limit=wanted)
+        answered = {o.revision for o in recent}
+        floor = min(answered) if len(recent) >= wanted and answered else 0
+        for entry in stored:
             await anyio.lowlevel.checkpoint()
-            if await transport.outcome(self.run_id, entry.revision) is not None:
+            if entry.revision in answered:
+                continue
+            if entry.revision < floor and await transport.outcome(self.run_id, entry.revision) is not None:
                 continue
             if isinstance(entry, CorruptEntry):
-                self._unreadable_skipped(entry)
+                await transport.publish_outcome(self._unreadable_outcome(entry))
                 continue
-            self._queue_outcome(
+            await transport.publish_outcome(
                 Outcome(
                     run=self.run_id,
                     revision=entry.revision,
@@ -563,23 +559,18 @@ class Sidecar:
                     incarnation=self.config.incarnation,
                     result="superseded",
                     message=f"revision {number} arrived before revision {entry.revision} was applied",
+                    detail={"superseded_by": number},
                 )
             )
 
-    def _unreadable_skipped(self, entry: CorruptEntry) -> None:
-        self._queue_outcome(
-            Outcome(
-                run=self.run_id,
-                revision=entry.revision,
-                incarnation=self.config.incarnation,
-                result="rejected",
-                message=truncate(f"not applied: {entry}"),
-            )
+    def _unreadable_outcome(self, entry: CorruptEntry) -> Outcome:
+        return Outcome(
+            run=self.run_id,
+            revision=entry.revision,
+            incarnation=self.config.incarnation,
+            result="rejected",
+            message=truncate(f"not applied: {entry}"),
         )
-
-    def _queue_outcome(self, outcome: Outcome) -> None:
-        self.outbox.append((None, outcome))
-        self._kick.set()
 
     async def _publish_loop(self, transport: Transport) -> None:
         while True:

@@ -111,14 +111,34 @@ class AsyncWeaver:
 
     @overload
     async def set(
-        self, run: str, changes: Mapping[str, Any], *, wait: None = None, replace: bool = False
+        self,
+        run: str,
+        changes: Mapping[str, Any],
+        *,
+        wait: None = None,
+        replace: bool = False,
+        over_unreadable: bool = False,
     ) -> Revision: ...
 
     @overload
-    async def set(self, run: str, changes: Mapping[str, Any], *, wait: float, replace: bool = False) -> Outcome: ...
+    async def set(
+        self,
+        run: str,
+        changes: Mapping[str, Any],
+        *,
+        wait: float,
+        replace: bool = False,
+        over_unreadable: bool = False,
+    ) -> Outcome: ...
 
     async def set(
-        self, run: str, changes: Mapping[str, Any], *, wait: float | None = None, replace: bool = False
+        self,
+        run: str,
+        changes: Mapping[str, Any],
+        *,
+        wait: float | None = None,
+        replace: bool = False,
+        over_unreadable: bool = False,
     ) -> Revision | Outcome:
         """Write a new revision: ``changes`` merged onto the current desired config (or replacing it).
 
@@ -128,7 +148,9 @@ class AsyncWeaver:
         ``wait`` (seconds) returns its :class:`Outcome` (see :meth:`wait`).
 
         Raises :class:`~weavelet_core.CorruptEntry` when the newest stored revision cannot be read and
-        ``replace`` is false (there is nothing to merge onto; ``replace=True`` writes on top of it),
+        ``replace`` is false (there is nothing to merge onto; ``replace=True`` writes on top of it, and
+        ``over_unreadable=True`` merges onto the newest *readable* revision and writes on top of the unreadable
+        one, as commands do),
         :class:`~weavelet_core.TransportUnavailable` when the write did not go through in time,
         :class:`~weavelet_core.RevisionConflict` when other writers kept winning until then.
         """
@@ -138,7 +160,7 @@ class AsyncWeaver:
         deadline = time.monotonic() + self.write_timeout
         revision: Revision | None = None
         with anyio.move_on_after(self.write_timeout) as scope:
-            revision = await self._write(run, changes, replace, deadline)
+            revision = await self._write(run, changes, replace, deadline, over_unreadable)
         if revision is None or scope.cancelled_caught:
             raise TransportUnavailable(
                 f"could not write run {run!r} to {mask_password(self.url)} within {self.write_timeout:g}s: no "
@@ -149,7 +171,9 @@ class AsyncWeaver:
             return revision
         return await self.wait(run, revision.revision, timeout=wait, revision_id=revision.id)
 
-    async def _write(self, run: str, changes: Mapping[str, Any], replace: bool, deadline: float) -> Revision:
+    async def _write(
+        self, run: str, changes: Mapping[str, Any], replace: bool, deadline: float, over_unreadable: bool = False
+    ) -> Revision:
         transport = await self._ready()
         delay = 0.005
         # A write whose reply was lost may have landed: its id identifies it, so a retry never stores the
@@ -163,9 +187,21 @@ class AsyncWeaver:
                     try:
                         current = await transport.latest(run)
                     except CorruptEntry as exc:
-                        if not replace:
+                        if not (replace or over_unreadable):
                             raise
                         current, number = None, exc.revision
+                        if over_unreadable and not replace:
+                            readable = [e for e in await transport.history(run) if isinstance(e, Revision)]
+                            base_config = readable[-1].config if readable else {}
+                            revision = Revision(
+                                run=run,
+                                revision=number + 1,
+                                config=merge_config(base_config, changes),
+                                author=self.author,
+                            )
+                            unconfirmed = revision
+                            await transport.put(revision)
+                            return revision
                     else:
                         number = current.revision if current else 0
                 else:
@@ -198,7 +234,8 @@ class AsyncWeaver:
         """Send the command ``name`` (``"stop"``, ``"checkpoint"``, ...) to the run's live incarnation.
 
         Writes ``{name: {"token": <fresh>, "incarnation": <live id>}}``: a command acts once, and only in the
-        incarnation that was live when it was written, never in a later one. ``incarnation`` names it
+        incarnation that was live when it was written, never in a later one. It is written even over an
+        unreadable newest entry (merged onto the newest readable config). ``incarnation`` names it
         explicitly; by default it is read from the run's status. Raises :class:`~weavelet_core.RunEnded` when
         the run has no live incarnation (nothing would act on the command). ``wait`` as in :meth:`set`.
         """
@@ -211,9 +248,10 @@ class AsyncWeaver:
                 raise RunEnded(_not_live(run, status, f"a {name} command would act in no incarnation"))
             incarnation = status.incarnation
         token = {"token": secrets.token_hex(COMMAND_TOKEN_BYTES), "incarnation": incarnation}
+        # The emergency brake works over an unreadable newest entry too: merged onto the newest readable config.
         if wait is None:
-            return await self.set(run, {name: token})
-        return await self.set(run, {name: token}, wait=wait)
+            return await self.set(run, {name: token}, over_unreadable=True)
+        return await self.set(run, {name: token}, wait=wait, over_unreadable=True)
 
     async def wait(self, run: str, revision: int, *, timeout: float, revision_id: str | None = None) -> Outcome:
         """Wait up to ``timeout`` seconds for the outcome of ``revision`` and return it.

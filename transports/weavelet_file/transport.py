@@ -270,11 +270,12 @@ class FileTransport(Transport):
             return decode(data, Revision)
         except ProtocolError as exc:
             reason = str(exc)
-            log.warning("file transport: skipping unreadable %s: %s", latest_path, exc)
+            # Debug only: a watch reads it every poll, and the caller reports the CorruptEntry itself, once.
+            log.debug("file transport: unreadable %s: %s", latest_path, exc)
         claimed = lenient_revision_number(data)
         numbers = self._numbers(run_dir / "revisions")
         if numbers and (claimed is None or numbers[-1] >= claimed):
-            log.warning("%s is damaged; falling back to the newest revision file", latest_path)
+            log.debug("%s is damaged; falling back to the newest revision file", latest_path)
             found = self._read_revision(run, run_dir, numbers[-1])
             if found is not None:
                 return found
