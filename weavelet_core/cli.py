@@ -234,9 +234,7 @@ async def _report_write(
     return EXIT_OK
 
 
-async def _successor(
-    weaver: AsyncWeaver, args: argparse.Namespace, outcome: Outcome, started: float
-) -> Outcome | None:
+async def _successor(weaver: AsyncWeaver, args: argparse.Namespace, outcome: Outcome, started: float) -> Outcome | None:
     """For a ``superseded`` outcome, the outcome of the revision that superseded it, within what is left of
     ``--wait`` (``None`` when there is none, or no time)."""
     newer = outcome.detail.get("superseded_by")
