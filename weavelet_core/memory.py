@@ -215,6 +215,14 @@ class MemoryTransport(Transport):
             found = sorted(state.outcomes.values(), key=lambda o: (o.revision, o.at)) if state else []
         return found[-limit:] if limit else found
 
+    async def delete(self, run: str) -> None:
+        """Forget everything stored for ``run``."""
+        self._check_open()
+        validate_run_id(run)
+        with self._store.lock:
+            self._store.runs.pop(run, None)
+        self._store.notify()
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
