@@ -31,7 +31,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -175,7 +177,7 @@ class FileTransport(Transport):
                 f"file transport: {action} {path}: {reason}; part of this path is a file, not a directory: "
                 f"move that file away or {elsewhere}"
             )
-        return f"file transport: {action} {path}: {reason}"
+        return f"file transport: {action} {path}: {reason}; {elsewhere}"
 
     def _check_open(self) -> None:
         if self._closed:
@@ -442,6 +444,27 @@ class FileTransport(Transport):
             await anyio.lowlevel.checkpoint()
         found.sort(key=lambda o: (o.revision, o.at))
         return found[-limit:] if limit else found
+
+    async def delete(self, run: str) -> None:
+        """Remove the run's directory (under its lock, so no write interleaves). The directory is first renamed
+        out of the way, so readers never see half of it."""
+        self._check_open()
+        run_dir = self._run_dir(run)
+        if not run_dir.exists():
+            return
+        graveyard = self.root / f".deleted-{run}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            with filelock.FileLock(run_dir / ".lock", timeout=LOCK_TIMEOUT):
+                os.replace(run_dir, graveyard)
+        except filelock.Timeout:
+            raise TransportUnavailable(
+                f"file transport: lock {run_dir / '.lock'} held by another process for over {LOCK_TIMEOUT:g}s"
+            ) from None
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._fs_exception("cannot delete", run_dir, exc) from None
+        shutil.rmtree(graveyard, ignore_errors=True)
 
     async def aclose(self) -> None:
         self._closed = True
