@@ -150,8 +150,8 @@ class Link:
         if verdict.result == "applied":
             line = f"weavelet: run {self.run!r} revision {verdict.revision} applied at step {verdict.step}: "
             line += verdict.message or ""
-            if log.hasHandlers():
-                log.info("%s", line)  # the application configured logging: it decides where this goes
+            if log.hasHandlers() and log.isEnabledFor(logging.INFO):
+                log.info("%s", line)  # the application logs INFO somewhere: it goes there
             else:
                 print(line, file=sys.stderr, flush=True)  # one line on the training console, like rejections
         else:

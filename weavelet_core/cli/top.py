@@ -104,7 +104,7 @@ async def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
         else:
             print_once(rows, out, output.cut(url_of(args), 200))
         return EXIT_OK
-    if importlib.util.find_spec("textual") is None:
+    if not _installed("textual"):
         raise CliError(
             f"'weavelet top' needs Textual, which is not installed; install it with: {TUI_INSTALL} "
             "(or print the table once with: weavelet top --once)"
@@ -114,6 +114,13 @@ async def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
     app = TopApp(url_of(args), interval=args.interval, stale_after=args.stale_after)
     await app.run_async()
     return EXIT_OK
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> None:
