@@ -34,7 +34,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -42,6 +42,7 @@ from urllib.request import url2pathname
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import filelock
 
 from weavelet_core.errors import (
@@ -444,6 +445,18 @@ class FileTransport(Transport):
             await anyio.lowlevel.checkpoint()
         found.sort(key=lambda o: (o.revision, o.at))
         return found[-limit:] if limit else found
+
+    async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
+        """Every run's ``status.json``, read in one worker thread (no task per run; the event loop stays free)."""
+        self._check_open()
+        return await anyio.to_thread.run_sync(
+            lambda: {run: self._read(self._run_dir(run) / "status.json", Status) for run in runs}
+        )
+
+    async def latests(self, runs: Sequence[str]) -> dict[str, Entry | None]:
+        """Every run's newest revision, read in one worker thread (an unreadable one as its ``CorruptEntry``)."""
+        self._check_open()
+        return await anyio.to_thread.run_sync(lambda: {run: self._newest(run, self._run_dir(run)) for run in runs})
 
     async def delete(self, run: str) -> None:
         """Remove the run's directory (under its lock, so no write interleaves). The directory is first renamed
