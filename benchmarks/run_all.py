@@ -1,4 +1,5 @@
-"""Run every benchmark script in this directory (``bench_*.py``), one after another.
+"""Run every benchmark script in this directory (``bench_*.py``: process, training, transports, runs listing),
+one after another.
 
 Usage: ``python benchmarks/run_all.py [NAME ...]`` where NAME filters by substring (``transports``).
 """

@@ -9,20 +9,19 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from weavelet_core import cli
+from weavelet_core import SubcommandSpec, cli, hookimpl
 from weavelet_core.cli import CliError, parse_assignments, parse_value
-from weavelet_core.plugins import open_transport
+from weavelet_core.plugins import get_registry, open_transport
 from weavelet_core.protocol import MAX_PAYLOAD_BYTES, Outcome, Status
 
 CliRunner = Callable[..., subprocess.CompletedProcess[str]]  # the run_cli fixture of conftest.py
@@ -211,10 +210,10 @@ def test_status_shows_heartbeat_age_and_flags_stale(capsys: pytest.CaptureFixtur
     )
     code, out, _ = invoke(capsys, "--url", url, "status", "s")
     assert code == 0
-    assert re.search(r"^state      running  STALE: no heartbeat for 2m\d\ds$", out, re.MULTILINE), out
-    assert "applied    revision 1\n" in out
-    assert "desired    revision 2, not applied yet" in out
-    assert "metrics    loss=0.25" in out
+    assert re.search(r"^state       running  STALE: no heartbeat for 2m\d\ds$", out, re.MULTILINE), out
+    assert "applied     revision 1\n" in out
+    assert "desired     revision 2, not applied yet" in out
+    assert "metrics     loss=0.25" in out
     code, out, _ = invoke(capsys, "--url", url, "status", "s", "--json", "--stale-after", "300")
     body = json.loads(out)
     assert body["stale"] is False
@@ -340,59 +339,80 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "expected a positive number of seconds" in err
 
 
-# -- subcommands provided by other modules -----------------------------------------------------------------
+# -- subcommands provided by plugins (the weavelet_subcommands hook) ----------------------------------------
 
 
-def test_delegated_subcommand_without_its_module_names_the_extra(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_plugin_subcommand_without_its_driver_names_the_extra(
+    capsys: pytest.CaptureFixture[str], add_plugin: Callable[[object], None]
 ) -> None:
-    monkeypatch.setitem(
-        cli.DELEGATED, "server", cli.Delegated("weavelet_no_such_module.server", "nats", "start a server")
+    add_plugin(
+        _subcommands(
+            SubcommandSpec("fake-server", "start a server", _fail, requires=("weavelet_no_such_mod",), extra="nats")
+        )
     )
-    code, _, err = invoke(capsys, "server", "--port", "4222")
+    code, _, err = invoke(capsys, "fake-server", "--port", "4222")
     assert code == 1
     assert err == (
-        "weavelet: error: 'weavelet server' needs the nats extra, which is not installed; "
+        "weavelet: error: 'weavelet fake-server' needs the nats extra, which is not installed; "
         'install it with: pip install "weavelet[nats]"\n'
     )
 
 
-def test_delegated_subcommand_runs_its_module_imported_only_when_chosen(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str
+def test_plugin_subcommand_parser_is_set_up_only_when_chosen(
+    capsys: pytest.CaptureFixture[str], add_plugin: Callable[[object], None], url: str
 ) -> None:
-    name = f"weavelet_fake_demo_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(
-        textwrap.dedent(
-            """
-            import argparse
+    configured: list[str] = []
 
-            def add_arguments(parser: argparse.ArgumentParser) -> None:
-                parser.add_argument("--epochs", type=int, default=1)
+    def configure(parser: Any) -> None:
+        configured.append("yes")
+        parser.add_argument("--epochs", type=int, default=1)
 
-            def run(args: argparse.Namespace) -> int:
-                print(f"training for {args.epochs} epochs")
-                return 7
-            """
-        )
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(cli.DELEGATED, "demo", cli.Delegated(name, "lightning", "train a demo", ("json",)))
+    def train(args: Any) -> int:
+        print(f"training for {args.epochs} epochs")
+        return 7
+
+    add_plugin(_subcommands(SubcommandSpec("fake-demo", "train a demo", train, configure_parser=configure)))
     invoke(capsys, "--url", url, "runs")
-    assert name not in sys.modules
-    code, out, _ = invoke(capsys, "demo", "--epochs", "3")
+    assert configured == []
+    code, out, _ = invoke(capsys, "fake-demo", "--epochs", "3")
     assert (code, out) == (7, "training for 3 epochs\n")
-    assert name in sys.modules
+    assert configured == ["yes"]
 
 
-def test_delegated_subcommand_with_missing_driver_names_the_extra(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_a_plugin_command_may_not_shadow_a_builtin(
+    capsys: pytest.CaptureFixture[str], add_plugin: Callable[[object], None], url: str
 ) -> None:
-    monkeypatch.setitem(
-        cli.DELEGATED, "demo", cli.Delegated("json", "lightning", "train a demo", ("weavelet_no_such_driver",))
-    )
-    code, _, err = invoke(capsys, "demo")
-    assert code == 1
-    assert 'pip install "weavelet[lightning]"' in err
+    add_plugin(_subcommands(SubcommandSpec("runs", "not the real runs", _fail)))
+    code, out, _ = invoke(capsys, "--url", url, "runs")
+    assert code == 0
+    assert out.startswith("no runs at")
+
+
+def _fail(args: Any) -> int:
+    raise AssertionError("must not run")
+
+
+def _subcommands(*specs: SubcommandSpec) -> object:
+    class Plugin:
+        @hookimpl
+        def weavelet_subcommands(self) -> list[SubcommandSpec]:
+            return list(specs)
+
+    return Plugin()
+
+
+@pytest.fixture
+def add_plugin() -> Iterator[Callable[[object], None]]:
+    registry = get_registry()
+    added: list[object] = []
+
+    def add(plugin: object) -> None:
+        registry.register(plugin, package="weavelet-test-plugin")
+        added.append(plugin)
+
+    yield add
+    for plugin in added:
+        registry.pm.unregister(plugin)
 
 
 # -- real processes ----------------------------------------------------------------------------------------

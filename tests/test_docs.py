@@ -7,12 +7,16 @@ import ast
 import dataclasses
 import inspect
 import re
+import types
+import uuid
 from pathlib import Path
 
 import pytest
 
 from weavelet_core import hookspecs
-from weavelet_core.cli import DELEGATED, build_parser
+from weavelet_core.cli import build_parser, plugin_commands
+from weavelet_core.cli import main as cli_main
+from weavelet_core.plugins import get_registry
 from weavelet_core.protocol import Outcome, Revision, Status
 from weavelet_core.transport import Transport
 
@@ -46,7 +50,7 @@ def _public_transport_methods() -> list[str]:
 
 
 def test_hookspecs_are_found() -> None:
-    assert set(_hookspecs()) == {"weavelet_transports", "weavelet_optimizers"}
+    assert set(_hookspecs()) == {"weavelet_transports", "weavelet_optimizers", "weavelet_subcommands"}
 
 
 @pytest.mark.parametrize("name", _hookspecs())
@@ -66,7 +70,10 @@ def test_every_hook_is_documented_in_plugins_md(name: str) -> None:
 
 
 def test_cli_subcommands_are_found() -> None:
-    assert {"plugins", "set", "get", "status", "history", "runs", "server", "demo"} <= set(_subcommands())
+    assert {
+        "plugins", "set", "get", "status", "history", "runs", "server", "demo", "top", "watch", "revert", "diff",
+        "rm", "prune", "help", "completion", "checkpoint", "stop",
+    } <= set(_subcommands())  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(_subcommands()))
@@ -74,7 +81,7 @@ def test_every_cli_subcommand_is_documented(name: str) -> None:
     assert f"## `weavelet {name}`" in _doc("cli.md"), f"docs/cli.md has no section for 'weavelet {name}'"
 
 
-@pytest.mark.parametrize("name", sorted(set(_subcommands()) - set(DELEGATED)))
+@pytest.mark.parametrize("name", sorted(set(_subcommands()) - {c.spec.name for c in plugin_commands()}))
 def test_every_cli_option_is_documented(name: str) -> None:
     text = _doc("cli.md")
     section = text.split(f"## `weavelet {name}`", 1)[1].split("\n## ", 1)[0]
@@ -115,3 +122,22 @@ def test_relative_links_in_docs_resolve() -> None:
         for target in re.findall(r"\]\(([^)#:]+)\)", _doc(page)):
             if target.startswith("../"):
                 assert (DOCS / target).resolve().exists(), f"docs/{page} links to missing {target}"
+
+
+def test_the_subcommand_example_in_plugins_md_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The ``weavelet_subcommands`` example, registered as a plugin, is a working ``weavelet`` command."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", _doc("plugins.md"), re.DOTALL) if "SubcommandSpec" in b)
+    module = types.ModuleType("weavelet_doc_example")
+    exec(compile(block, "docs/plugins.md", "exec"), module.__dict__)
+    registry = get_registry()
+    registry.register(module, name="weavelet-doc-example", package="weavelet-doc-example")
+    try:
+        url = f"memory://doc-{uuid.uuid4().hex[:8]}"
+        command = re.search(r"^\$ weavelet --url memory://doc (halve-lr .*)$", _doc("plugins.md"), re.MULTILINE)
+        assert command is not None
+        expected = _doc("plugins.md").split(command.group(0), 1)[1].strip().splitlines()[0]
+        assert cli_main(["--url", url, *command.group(1).split()]) == 0
+        assert capsys.readouterr().out.strip() == expected
+        assert "halve-lr" in build_parser().format_help()
+    finally:
+        registry.pm.unregister(module)

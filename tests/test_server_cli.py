@@ -163,3 +163,33 @@ def test_a_killed_server_command_takes_its_nats_server_with_it(start_server: Sta
     server.kill()  # SIGKILL: no chance to stop its child itself
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == [], "nats-server outlived the killed 'weavelet server'"
+
+
+def test_host_option_serves_other_interfaces_with_a_reachable_url(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server(["--host", "0.0.0.0", "--port", "0", "--store-dir", str(tmp_path / "store")])
+    url = server.wait_url()
+    assert "0.0.0.0" not in url, "clients are told the machine's name, not the wildcard address"
+    port = int(url.rsplit(":", 1)[1])
+    with Weaver(f"nats://127.0.0.1:{port}") as weaver:
+        weaver.set("r1", {"lr": 0.1})
+        assert weaver.get("r1") is not None
+    status, _, err = server.interrupt()
+    assert status == 0, err
+
+
+def test_the_port_stays_the_same_across_restarts_when_4222_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weavelet_nats import server as server_cli
+
+    taken = {4222, 4223}
+    monkeypatch.setattr(server_cli, "port_is_free", lambda port, host="127.0.0.1": port not in taken)
+    store = tmp_path / "store"
+    store.mkdir()
+    assert server_cli._choose_port(None, "127.0.0.1", store)[0] == 4224  # the first free fallback
+    (store / server_cli.PORT_FILE).write_text("4229\n")
+    port, note = server_cli._choose_port(None, "127.0.0.1", store)
+    assert port == 4229
+    assert "port 4222 is in use, so port 4229 was chosen" in note
+    taken.discard(4222)
+    assert server_cli._choose_port(None, "127.0.0.1", store)[0] == 4222

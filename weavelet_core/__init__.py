@@ -30,7 +30,7 @@ from weavelet_core.errors import (
 from weavelet_core.hookspecs import hookimpl
 from weavelet_core.plugins import default_url, get_registry, open_transport
 from weavelet_core.protocol import MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, Outcome, Revision, Status, validate_run_id
-from weavelet_core.specs import OptimizerSpec, TransportSpec
+from weavelet_core.specs import OptimizerSpec, SubcommandSpec, TransportSpec
 from weavelet_core.transport import Transport
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ __all__ = [
     "RunOwned",
     "StaleRevision",
     "Status",
+    "SubcommandSpec",
     "Transport",
     "TransportError",
     "TransportSpec",

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import pluggy
 
-from weavelet_core.specs import OptimizerSpec, TransportSpec
+from weavelet_core.specs import OptimizerSpec, SubcommandSpec, TransportSpec
 
 PROJECT_NAME = "weavelet"
 
@@ -71,4 +71,36 @@ def weavelet_optimizers() -> Iterable[OptimizerSpec]:  # type: ignore[empty-body
             return [OptimizerSpec(name="lion", factory=make_lion, description="Lion (sign momentum)")]
 
     Afterwards ``weavelet set RUN optimizer=lion lr=3e-5`` switches a running fit to it.
+    """
+
+
+@hookspec
+def weavelet_subcommands() -> Iterable[SubcommandSpec]:  # type: ignore[empty-body]
+    """Return ``weavelet NAME ...`` subcommands this plugin adds to the command line.
+
+    Modelled on conda's ``conda_subcommands``: each :class:`~weavelet_core.SubcommandSpec` has a ``name``, a
+    one-line ``summary``, an ``action(args) -> int | None`` and an optional ``configure_parser(parser)``.
+    ``requires`` lists modules it needs; without them it is still listed and says what to install. A name that
+    a built-in command (or an earlier plugin) already has is ignored, with a warning. weavelet's own
+    ``server`` (from ``weavelet_nats``) and ``demo`` (from ``weavelet_lightning``) come through this hook.
+
+    Example (a complete plugin module)::
+
+        import argparse
+
+        from weavelet_core import SubcommandSpec, hookimpl
+
+        def configure(parser: argparse.ArgumentParser) -> None:
+            parser.add_argument("run", metavar="RUN", help="run id")
+
+        def greet(args: argparse.Namespace) -> int:
+            print(f"hello, {args.run}")
+            return 0
+
+        @hookimpl
+        def weavelet_subcommands():
+            return [SubcommandSpec(name="greet", summary="say hello to a run", action=greet,
+                                   configure_parser=configure)]
+
+    Afterwards ``weavelet greet demo`` prints ``hello, demo``.
     """

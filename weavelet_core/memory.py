@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from weavelet_core.errors import CorruptEntry, ProtocolError, RevisionConflict, TransportUnavailable
@@ -214,6 +214,31 @@ class MemoryTransport(Transport):
             state = self._store.runs.get(run)
             found = sorted(state.outcomes.values(), key=lambda o: (o.revision, o.at)) if state else []
         return found[-limit:] if limit else found
+
+    async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
+        """Every status in one pass under the lock (no task per run)."""
+        self._check_open()
+        with self._store.lock:
+            found = {run: (state.status if (state := self._store.runs.get(run)) else None) for run in runs}
+        return found
+
+    async def latests(self, runs: Sequence[str]) -> dict[str, Revision | CorruptEntry | None]:
+        """Every newest revision in one pass under the lock (no task per run)."""
+        self._check_open()
+        with self._store.lock:
+            found = {
+                run: (state.revisions[-1][1] if (state := self._store.runs.get(run)) and state.revisions else None)
+                for run in runs
+            }
+        return found
+
+    async def delete(self, run: str) -> None:
+        """Forget everything stored for ``run``."""
+        self._check_open()
+        validate_run_id(run)
+        with self._store.lock:
+            self._store.runs.pop(run, None)
+        self._store.notify()
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -21,7 +21,7 @@ import pluggy
 
 from weavelet_core import hookspecs
 from weavelet_core.errors import DuplicateScheme, MissingDriver, PluginError, UnknownTransport
-from weavelet_core.specs import OptimizerSpec, TransportSpec
+from weavelet_core.specs import OptimizerSpec, SubcommandSpec, TransportSpec
 
 if TYPE_CHECKING:
     from weavelet_core.transport import Transport
@@ -36,6 +36,14 @@ class LoadedTransport:
     """A transport spec with the distribution that provided it."""
 
     spec: TransportSpec
+    package: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedSubcommand:
+    """A plugin subcommand with the distribution that provided it."""
+
+    spec: SubcommandSpec
     package: str
 
 
@@ -139,6 +147,43 @@ class PluginRegistry:
                 found[spec.name] = spec
         return found
 
+    def subcommands(self, reserved: Iterable[str] = ()) -> list[LoadedSubcommand]:
+        """Every subcommand offered by a loaded plugin, validated, sorted by name.
+
+        A name in ``reserved`` (the built-in commands), or one an earlier plugin already claimed, is skipped
+        with a ``RuntimeWarning`` naming both packages. A hook that raises or returns something other than
+        :class:`SubcommandSpec` objects is listed in :attr:`broken` and skipped.
+        """
+        taken: dict[str, str] = {name: "weavelet (built in)" for name in reserved}
+        loaded: list[LoadedSubcommand] = []
+        for impl in self.pm.hook.weavelet_subcommands.get_hookimpls():  # registration order
+            package = self._package_of.get(id(impl.plugin), impl.plugin_name)
+            try:
+                result = _as_list(impl.function())
+                for spec in result:
+                    if not isinstance(spec, SubcommandSpec):
+                        raise PluginError(
+                            f"returned {type(spec).__name__} from weavelet_subcommands(); return SubcommandSpec objects"
+                        )
+            except Exception as exc:
+                broken = BrokenPlugin(impl.plugin_name, package, f"{type(exc).__name__}: {exc}")
+                if broken not in self.broken:
+                    self.broken.append(broken)
+                continue
+            for spec in result:
+                if spec.name in taken:
+                    warnings.warn(
+                        f"weavelet plugin {impl.plugin_name!r} from package {package!r} offers the command "
+                        f"{spec.name!r}, which {taken[spec.name]} already provides; ignoring it",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    continue
+                taken[spec.name] = f"package {package!r}"
+                loaded.append(LoadedSubcommand(spec, package))
+        loaded.sort(key=lambda s: s.spec.name)
+        return loaded
+
     def resolve(self, url: str) -> LoadedTransport:
         """The transport for ``url``'s scheme, with its driver installed; errors say what to do."""
         scheme = url_scheme(url)
@@ -182,7 +227,7 @@ def _normalize(dist_name: str) -> str:
 def _as_list(result: Any) -> list[Any]:
     if result is None:
         return []
-    if isinstance(result, (TransportSpec, OptimizerSpec)):
+    if isinstance(result, (TransportSpec, OptimizerSpec, SubcommandSpec)):
         return [result]
     if isinstance(result, Iterable):
         return list(result)

@@ -105,3 +105,74 @@ class OptimizerSpec:
         object.__setattr__(self, "name", self.name.lower())
         if not callable(self.factory):
             raise TypeError(f"OptimizerSpec {self.name!r}: factory must be callable")
+
+
+SubcommandAction = Callable[[Any], "int | None"]
+"""``action(args: argparse.Namespace) -> int | None``: runs the subcommand; the result is the exit status
+(``None`` means 0)."""
+ParserSetup = Callable[[Any], None]
+"""``configure_parser(parser: argparse.ArgumentParser) -> None``: adds the subcommand's arguments."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SubcommandSpec:
+    """A ``weavelet NAME ...`` subcommand offered by a plugin (modelled on conda's ``CondaSubcommand``).
+
+    :param name: the word after ``weavelet``; lowercase letters, digits, ``-`` and ``_``, and not one of the
+        built-in commands (a plugin command with a built-in name is ignored, with a warning).
+    :param summary: one line for ``weavelet -h`` and the subcommand's own help.
+    :param action: ``action(args) -> int | None``, called with the parsed ``argparse.Namespace``; its result
+        is the exit status (``None``: 0). Raising :class:`~weavelet_core.WeaveletError` prints one line and
+        exits 1.
+    :param configure_parser: ``configure_parser(parser)`` adds the subcommand's arguments to its
+        ``argparse.ArgumentParser``; default: none. It runs only when the subcommand is the one being run (or
+        when help or completion lists every option), so import heavy modules inside ``action``.
+    :param requires: importable module names the subcommand needs; when one is missing the subcommand is
+        still listed, and running it says how to install it (``extra`` or ``install_hint``).
+    :param extra: the ``pip install "weavelet[extra]"`` extra that provides ``requires``, for weavelet's own
+        plugins.
+    :param install_hint: the command that installs ``requires``, for third-party plugins.
+
+    Raises ``ValueError`` for a malformed name or an empty summary, ``TypeError`` when ``action`` or
+    ``configure_parser`` is not callable.
+    """
+
+    name: str
+    summary: str
+    action: SubcommandAction
+    configure_parser: ParserSetup | None = None
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
+    install_hint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise ValueError(f"SubcommandSpec.name {self.name!r}: use lowercase letters, digits, '-' and '_'")
+        if not isinstance(self.summary, str) or not self.summary.strip():
+            raise ValueError(f"SubcommandSpec {self.name!r}: give a one-line summary")
+        if not callable(self.action):
+            raise TypeError(f"SubcommandSpec {self.name!r}: action must be callable")
+        if self.configure_parser is not None and not callable(self.configure_parser):
+            raise TypeError(f"SubcommandSpec {self.name!r}: configure_parser must be callable or None")
+        requires = (self.requires,) if isinstance(self.requires, str) else tuple(self.requires)
+        object.__setattr__(self, "requires", requires)
+
+    def missing_modules(self) -> list[str]:
+        """The modules in ``requires`` that cannot be imported here."""
+        missing = []
+        for module in self.requires:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                missing.append(module)
+        return missing
+
+    def install_command(self) -> str:
+        """How to install what this subcommand needs."""
+        if self.install_hint:
+            return self.install_hint
+        if self.extra:
+            return f'pip install "weavelet[{self.extra}]"'
+        return "pip install " + " ".join(self.requires)

@@ -25,14 +25,44 @@ every call (``anyio.fail_after``) even against a stopped (SIGSTOP) server.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
+from typing import TypeVar
 
-from weavelet_core.errors import CorruptEntry
+import anyio
+
+from weavelet_core.errors import CorruptEntry, TransportError
 from weavelet_core.protocol import Outcome, Revision, Status
 
 Entry = Revision | CorruptEntry
 """What ``watch`` and ``history`` yield: a revision, or the stand-in for one that cannot be read."""
+
+CONCURRENT_READS = 64
+"""How many reads the default :meth:`Transport.statuses` and :meth:`Transport.latests` keep in flight at once."""
+
+_T = TypeVar("_T")
+
+
+class DeleteUnsupported(TransportError, NotImplementedError):
+    """The transport cannot delete a run's records (its plugin does not implement :meth:`Transport.delete`)."""
+
+
+async def gather_by_run(
+    runs: Sequence[str], read: Callable[[str], Awaitable[_T]], limit: int = CONCURRENT_READS
+) -> dict[str, _T]:
+    """``{run: await read(run)}`` for every run, at most ``limit`` reads in flight at once. The first
+    exception any read raises propagates (the others are cancelled)."""
+    found: dict[str, _T] = {}
+    semaphore = anyio.Semaphore(max(1, limit))
+
+    async def one(run: str) -> None:
+        async with semaphore:
+            found[run] = await read(run)
+
+    async with anyio.create_task_group() as tg:
+        for run in dict.fromkeys(runs):
+            tg.start_soon(one, run)
+    return {run: found[run] for run in runs}
 
 
 class Transport(abc.ABC):
@@ -112,6 +142,45 @@ class Transport(abc.ABC):
     async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
         """The run's stored outcomes, every incarnation's, ordered by ``(revision, at)``; with ``limit``, only the
         newest ``limit`` of that order."""
+
+    # -- optional: defaults built on the methods above; a transport may override them -----------------------
+
+    async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
+        """The latest status of each of ``runs`` (``None`` for one without), keyed and ordered like ``runs``.
+
+        Optional. The default calls :meth:`status` concurrently, :data:`CONCURRENT_READS` at a time; a transport
+        that can read many keys in one request (a pipeline, a key-value listing) overrides it. Raises what
+        :meth:`status` raises.
+        """
+        return await gather_by_run(runs, self.status)
+
+    async def latests(self, runs: Sequence[str]) -> dict[str, Revision | CorruptEntry | None]:
+        """The newest revision of each of ``runs``: a :class:`Revision`, a :class:`CorruptEntry` in place of
+        one that cannot be read (never raised here), or ``None`` for a run without revisions.
+
+        Optional. The default calls :meth:`latest` concurrently, :data:`CONCURRENT_READS` at a time; a transport
+        with a batched read overrides it. Raises what :meth:`latest` raises, except ``CorruptEntry``.
+        """
+
+        async def read(run: str) -> Revision | CorruptEntry | None:
+            try:
+                return await self.latest(run)
+            except CorruptEntry as exc:
+                return exc
+
+        return await gather_by_run(runs, read)
+
+    async def delete(self, run: str) -> None:
+        """Remove everything stored for ``run``: its revisions, status and outcomes. Deleting a run that has
+        nothing stored does nothing. Afterwards :meth:`runs` no longer lists it, and a new revision of it is
+        numbered 1 again.
+
+        Optional. The default raises :class:`DeleteUnsupported`, naming the transport.
+        """
+        raise DeleteUnsupported(
+            f"the {type(self).__name__} transport at {self.url or '?'} cannot delete runs (its plugin does not "
+            "implement Transport.delete); remove the run with that system's own tools"
+        )
 
     async def aclose(self) -> None:
         """Release connections. Idempotent; afterwards running ``watch`` iterators end. Default: nothing."""

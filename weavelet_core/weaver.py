@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -172,7 +172,13 @@ class AsyncWeaver:
         return await self.wait(run, revision.revision, timeout=wait, revision_id=revision.id)
 
     async def _write(
-        self, run: str, changes: Mapping[str, Any], replace: bool, deadline: float, over_unreadable: bool = False
+        self,
+        run: str,
+        changes: Mapping[str, Any],
+        replace: bool,
+        deadline: float,
+        over_unreadable: bool = False,
+        author: str | None = None,
     ) -> Revision:
         transport = await self._ready()
         delay = 0.005
@@ -197,7 +203,7 @@ class AsyncWeaver:
                                 run=run,
                                 revision=number + 1,
                                 config=merge_config(base_config, changes),
-                                author=self.author,
+                                author=author or self.author,
                             )
                             unconfirmed = revision
                             await transport.put(revision)
@@ -210,7 +216,7 @@ class AsyncWeaver:
                     return unconfirmed
                 base = current.config if current and not replace else {}
                 revision = Revision(
-                    run=run, revision=number + 1, config=merge_config(base, changes), author=self.author
+                    run=run, revision=number + 1, config=merge_config(base, changes), author=author or self.author
                 )
                 unconfirmed = revision
                 await transport.put(revision)
@@ -340,6 +346,82 @@ class AsyncWeaver:
         """Ids of the runs the transport knows."""
         return await (await self._ready()).runs()
 
+    async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
+        """The latest status of each of ``runs`` (``None`` for one without), in one batched or concurrent read
+        (see :meth:`~weavelet_core.Transport.statuses`)."""
+        for run in runs:
+            validate_run_id(run)
+        return await (await self._ready()).statuses(list(runs))
+
+    async def latests(self, runs: Sequence[str]) -> dict[str, Revision | CorruptEntry | None]:
+        """The newest revision of each of ``runs`` (a :class:`~weavelet_core.CorruptEntry` in place of an
+        unreadable one, ``None`` for a run without), in one batched or concurrent read."""
+        for run in runs:
+            validate_run_id(run)
+        return await (await self._ready()).latests(list(runs))
+
+    async def revision(self, run: str, number: int) -> Revision:
+        """Revision ``number`` of ``run``, from its kept history.
+
+        Raises ``ValueError`` when the run has no such revision (it was never written, or is older than the
+        history the transport keeps) and :class:`~weavelet_core.CorruptEntry` when it cannot be read.
+        """
+        validate_run_id(run)
+        entries = await (await self._ready()).history(run)
+        for entry in entries:
+            if entry.revision == number:
+                if isinstance(entry, CorruptEntry):
+                    raise entry
+                return entry
+        kept = f"revisions {entries[0].revision}-{entries[-1].revision}" if entries else "no revisions"
+        raise ValueError(f"run {run!r} has no revision {number} (the store keeps {kept}); see: weavelet history {run}")
+
+    async def revert(self, run: str, revision: int, *, wait: float | None = None) -> Revision | Outcome:
+        """Write a new revision whose config equals revision ``revision``'s (an undo), recorded in its author as
+        ``"<author> (revert of r<revision>)"``.
+
+        Commands (``stop``, ``checkpoint``, ...) keep their current values instead of the old ones: a command
+        acts when its value changes, and an undo must not repeat or revive one. Returns the new
+        :class:`Revision`, or with ``wait`` its :class:`Outcome` (see :meth:`wait`). Raises ``ValueError`` when
+        the revision is not kept, :class:`~weavelet_core.CorruptEntry` when it cannot be read, and what
+        :meth:`set` raises.
+        """
+        old = await self.revision(run, revision)
+        try:
+            current = await self.get(run)
+        except CorruptEntry:
+            current = None
+        config = {key: value for key, value in old.config.items() if key not in COMMAND_KEYS}
+        if current is not None:
+            config.update({key: value for key, value in current.config.items() if key in COMMAND_KEYS})
+        deadline = time.monotonic() + self.write_timeout
+        written: Revision | None = None
+        with anyio.move_on_after(self.write_timeout):
+            written = await self._write(run, config, True, deadline, author=f"{self.author}{revert_mark(revision)}")
+        if written is None:
+            raise TransportUnavailable(
+                f"could not write run {run!r} to {mask_password(self.url)} within {self.write_timeout:g}s"
+            )
+        self._last_written[run] = written
+        if wait is None:
+            return written
+        return await self.wait(run, written.revision, timeout=wait, revision_id=written.id)
+
+    async def diff(self, run: str, a: int, b: int) -> dict[str, tuple[Any, Any]]:
+        """What differs between revisions ``a`` and ``b`` of ``run``: ``{dotted.key: (value in a, value in b)}``,
+        ``None`` standing for a key that is absent. Raises what :meth:`revision` raises."""
+        first, second = await self.revision(run, a), await self.revision(run, b)
+        old, new = _flatten(first.config), _flatten(second.config)
+        return {
+            key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)
+        }
+
+    async def delete(self, run: str) -> None:
+        """Remove everything stored for ``run`` (revisions, status, outcomes). Raises
+        :class:`~weavelet_core.transport.DeleteUnsupported` when the transport cannot delete."""
+        validate_run_id(run)
+        await (await self._ready()).delete(run)
+
     async def aclose(self) -> None:
         if self._owns_transport:
             await self._transport.aclose()
@@ -352,6 +434,34 @@ class AsyncWeaver:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+COMMAND_KEYS = frozenset({"stop", "checkpoint", "rollback"})
+"""Config keys that are commands (act once per token); a revert leaves them out."""
+REVERT_MARK = " (revert of r{revision})"
+
+
+def revert_mark(revision: int) -> str:
+    """What :meth:`AsyncWeaver.revert` appends to a revision's author: `` (revert of r3)``."""
+    return REVERT_MARK.format(revision=revision)
+
+
+def reverted_revision(author: str) -> int | None:
+    """The revision a revert undid, read from its author, or ``None`` for an ordinary write."""
+    import re
+
+    found = re.search(r" \(revert of r(\d+)\)$", author)
+    return int(found.group(1)) if found else None
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _answers(outcome: Outcome, revision_id: str | None) -> bool:
@@ -497,6 +607,30 @@ class Weaver:
 
     def runs(self) -> list[str]:
         return self._portal.call(self._async.runs)
+
+    def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
+        """See :meth:`AsyncWeaver.statuses`."""
+        return self._portal.call(self._async.statuses, runs)
+
+    def latests(self, runs: Sequence[str]) -> dict[str, Revision | CorruptEntry | None]:
+        """See :meth:`AsyncWeaver.latests`."""
+        return self._portal.call(self._async.latests, runs)
+
+    def revision(self, run: str, number: int) -> Revision:
+        """See :meth:`AsyncWeaver.revision`."""
+        return self._portal.call(self._async.revision, run, number)
+
+    def revert(self, run: str, revision: int, *, wait: float | None = None) -> Revision | Outcome:
+        """See :meth:`AsyncWeaver.revert`."""
+        return self._portal.call(lambda: self._async.revert(run, revision, wait=wait))
+
+    def diff(self, run: str, a: int, b: int) -> dict[str, tuple[Any, Any]]:
+        """See :meth:`AsyncWeaver.diff`."""
+        return self._portal.call(self._async.diff, run, a, b)
+
+    def delete(self, run: str) -> None:
+        """See :meth:`AsyncWeaver.delete`."""
+        self._portal.call(self._async.delete, run)
 
     def close(self) -> None:
         """Close the transport and stop the background event loop, within a few seconds. Idempotent.

@@ -45,7 +45,7 @@ class WeaveletCallback(_CallbackBase):
         ``param_groups.<i>.<key>``, ``stop``, ``checkpoint``); keys with a handler are always allowed.
     :param optimizer_index: which optimizer revisions act on, when ``configure_optimizers`` returns several.
     :param checkpoint_dir: where the ``checkpoint`` command saves (default: the ``ModelCheckpoint``
-        directory, else ``<default_root_dir>/checkpoints``).
+        directory, else ``<default_root_dir>/checkpoints``), as ``<run>-weavelet-r<revision>-step<step>.ckpt``.
     :param check_every_n_steps: look for revisions every this many optimizer steps (1: every step). Under
         multi-process training each look is one broadcast from rank 0.
     :param report_interval: shortest time in seconds between two status reports.
@@ -57,6 +57,9 @@ class WeaveletCallback(_CallbackBase):
     :param takeover: take the run over from another live trainer instead of failing the fit start with
         :class:`~weavelet_core.RunOwned` (a stale one is taken over anyway, with a warning).
     :param process_options: more keyword arguments for :class:`~weavelet_core.WeaveletProcess`.
+    :param labels: ``key: value`` strings published in the run's status, for choosing runs
+        (``weavelet stop -l sweep=3``); default none. Keys and values are non-empty strings of at most 64
+        characters (else ``ValueError`` when the fit starts).
 
     Each fit is a new incarnation of the run. A fit that raises ends the run ``failed``, with the exception's
     type and message in its status; Ctrl-C ends it ``stopped``.
@@ -80,6 +83,7 @@ class WeaveletCallback(_CallbackBase):
         fresh: str = "reset",
         takeover: bool = False,
         process_options: Mapping[str, Any] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         if fresh not in ("reset", "adopt"):
@@ -94,6 +98,7 @@ class WeaveletCallback(_CallbackBase):
         self._report_interval = report_interval
         self._start_timeout = start_timeout
         self._process_options = dict(process_options or {})
+        self._labels = dict(labels or {})
         self._fresh, self._takeover = fresh, bool(takeover)
         self._resumed = False
         self.check_every_n_steps = check_every_n_steps
@@ -183,7 +188,9 @@ class WeaveletCallback(_CallbackBase):
                 fresh=self._fresh,
                 takeover=self._takeover,
                 process_options=self._process_options,
+                labels=self._labels,
             )
+            self.host.run = self.link.run
             resume = self._resumed or getattr(trainer, "ckpt_path", None) is not None
             try:
                 process = self.link.start(after=self.applier.applied_revision, resume=resume)

@@ -29,6 +29,8 @@ class LightningHost(OptimizerHost):
         self.index = index
         self.checkpoint_dir = checkpoint_dir
         self.trainer: Any = None
+        self.run = ""
+        """The run id, set by the callback when the fit starts; checkpoint file names begin with it."""
 
     def _strategy(self) -> Any:
         if self.trainer is None:
@@ -75,6 +77,9 @@ class LightningHost(OptimizerHost):
         if directory is None:
             callback = getattr(trainer, "checkpoint_callback", None)
             directory = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        # The run id is in the name: two runs saving into one directory never overwrite each other.
+        if self.run and not name.startswith(self.run):
+            name = f"{self.run}-{name}"
         path = Path(directory) / f"{name}.ckpt"
         trainer.save_checkpoint(str(path))
         return str(path)

@@ -5,6 +5,16 @@
 
 from __future__ import annotations
 
+try:
+    import torch as _torch  # noqa: F401  (checked first, so a missing torch says how to install it)
+except ModuleNotFoundError as _missing:  # pragma: no cover - exercised in a subprocess without torch
+    if _missing.name != "torch":
+        raise
+    raise ModuleNotFoundError(
+        'weavelet_torch needs PyTorch, which is not installed; install it with: pip install "weavelet[torch]"',
+        name="torch",
+    ) from None
+
 from weavelet_torch.applier import Applier, Verdict
 from weavelet_torch.attach import Attachment, LoopHost, attach
 from weavelet_torch.config import COMMANDS

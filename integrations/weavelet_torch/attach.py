@@ -102,6 +102,7 @@ class Attachment:
         fresh: str = "reset",
         takeover: bool = False,
         process_options: Mapping[str, Any] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.link = Link(
             run,
@@ -111,6 +112,7 @@ class Attachment:
             fresh=fresh,
             takeover=takeover,
             process_options=process_options,
+            labels=labels,
         )
         self._model = model
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -215,7 +217,8 @@ class Attachment:
     def _save_default(self, name: str) -> str:
         directory = self._checkpoint_dir or Path.cwd() / "weavelet-checkpoints" / self.run
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{name}.pt"
+        # The run id is in the name: two runs saving into one directory never overwrite each other.
+        path = directory / f"{name if name.startswith(self.run) else f'{self.run}-{name}'}.pt"
         assert self._model is not None
         payload = {
             "step": self._step,
@@ -254,6 +257,7 @@ def attach(
     fresh: str = "reset",
     takeover: bool = False,
     process_options: Mapping[str, Any] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Attachment:
     """Make a plain training loop remotely reconfigurable; use the result as a context manager.
 
@@ -266,7 +270,8 @@ def attach(
     :param allow: keys a revision may set (default: the optimizer's hyperparameters, ``optimizer``,
         ``param_groups.<i>.<key>``, ``stop``, ``checkpoint``); keys with a handler are always allowed.
     :param model: enables the ``checkpoint`` command: model, optimizer, schedulers and weavelet state are saved
-        with ``torch.save`` under ``checkpoint_dir`` (default ``./weavelet-checkpoints/<run>``).
+        with ``torch.save`` under ``checkpoint_dir`` (default ``./weavelet-checkpoints/<run>``), as
+        ``<run>-weavelet-r<revision>-step<step>.pt``.
     :param save_checkpoint: ``save(name) -> path``, to save checkpoints your own way instead.
     :param state: what :meth:`Attachment.state_dict` returned before, to resume: the optimizer is recreated with
         the type that was active (load its saved state into ``attachment.optimizer`` afterwards), and
@@ -279,6 +284,9 @@ def attach(
     :param takeover: take the run over from another live trainer instead of raising
         :class:`~weavelet_core.RunOwned` (a stale one is taken over anyway, with a warning).
     :param process_options: more keyword arguments for :class:`~weavelet_core.WeaveletProcess`.
+    :param labels: ``key: value`` strings published in the run's status, for choosing runs
+        (``weavelet stop -l sweep=3``); default none. Keys and values are non-empty strings of at most 64
+        characters (else ``ValueError`` at start).
 
     Leaving the ``with`` block by an exception ends the run ``failed``, with the exception in its status.
     """
@@ -297,4 +305,5 @@ def attach(
         fresh=fresh,
         takeover=takeover,
         process_options=process_options,
+        labels=labels,
     )

@@ -70,6 +70,8 @@ class Link:
         ``"adopt"``; see :class:`~weavelet_core.WeaveletProcess`).
     :param takeover: take the run over from a live owner instead of failing with ``RunOwned``.
     :param process_options: more keyword arguments for :class:`~weavelet_core.WeaveletProcess`.
+    :param labels: ``key: value`` strings published in the run's status, for choosing runs
+        (``weavelet stop -l sweep=3``); default none. Invalid labels raise ``ValueError`` at start.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Link:
         fresh: str = "reset",
         takeover: bool = False,
         process_options: Mapping[str, Any] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.run, self.generated = resolve_run(run)
         self.url = url
@@ -91,6 +94,7 @@ class Link:
             "status_interval": report_interval,
             "fresh": fresh,
             "takeover": takeover,
+            **({"labels": dict(labels)} if labels else {}),
             **dict(process_options or {}),
         }
         self.process: WeaveletProcess | None = None
@@ -144,13 +148,12 @@ class Link:
         if process is None:
             return
         if verdict.result == "applied":
-            log.info(
-                "weavelet: run %r revision %d applied at step %s: %s",
-                self.run,
-                verdict.revision,
-                verdict.step,
-                verdict.message,
-            )
+            line = f"weavelet: run {self.run!r} revision {verdict.revision} applied at step {verdict.step}: "
+            line += verdict.message or ""
+            if log.hasHandlers() and log.isEnabledFor(logging.INFO):
+                log.info("%s", line)  # the application logs INFO somewhere: it goes there
+            else:
+                print(line, file=sys.stderr, flush=True)  # one line on the training console, like rejections
         else:
             log.warning(
                 "weavelet: run %r revision %d %s: %s", self.run, verdict.revision, verdict.result, verdict.message

@@ -31,8 +31,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -40,6 +42,7 @@ from urllib.request import url2pathname
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import filelock
 
 from weavelet_core.errors import (
@@ -175,7 +178,7 @@ class FileTransport(Transport):
                 f"file transport: {action} {path}: {reason}; part of this path is a file, not a directory: "
                 f"move that file away or {elsewhere}"
             )
-        return f"file transport: {action} {path}: {reason}"
+        return f"file transport: {action} {path}: {reason}; {elsewhere}"
 
     def _check_open(self) -> None:
         if self._closed:
@@ -443,6 +446,39 @@ class FileTransport(Transport):
             await anyio.lowlevel.checkpoint()
         found.sort(key=lambda o: (o.revision, o.at))
         return found[-limit:] if limit else found
+
+    async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
+        """Every run's ``status.json``, read in one worker thread (no task per run; the event loop stays free)."""
+        self._check_open()
+        return await anyio.to_thread.run_sync(
+            lambda: {run: self._read(self._run_dir(run) / "status.json", Status) for run in runs}
+        )
+
+    async def latests(self, runs: Sequence[str]) -> dict[str, Entry | None]:
+        """Every run's newest revision, read in one worker thread (an unreadable one as its ``CorruptEntry``)."""
+        self._check_open()
+        return await anyio.to_thread.run_sync(lambda: {run: self._newest(run, self._run_dir(run)) for run in runs})
+
+    async def delete(self, run: str) -> None:
+        """Remove the run's directory (under its lock, so no write interleaves). The directory is first renamed
+        out of the way, so readers never see half of it."""
+        self._check_open()
+        run_dir = self._run_dir(run)
+        if not run_dir.exists():
+            return
+        graveyard = self.root / f".deleted-{run}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            with filelock.FileLock(run_dir / ".lock", timeout=LOCK_TIMEOUT):
+                os.replace(run_dir, graveyard)
+        except filelock.Timeout:
+            raise TransportUnavailable(
+                f"file transport: lock {run_dir / '.lock'} held by another process for over {LOCK_TIMEOUT:g}s"
+            ) from None
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._fs_exception("cannot delete", run_dir, exc) from None
+        shutil.rmtree(graveyard, ignore_errors=True)
 
     async def aclose(self) -> None:
         self._closed = True

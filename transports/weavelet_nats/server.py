@@ -1,9 +1,11 @@
 """``weavelet server``: a local nats-server with JetStream, in the foreground, until Ctrl-C or SIGTERM.
 
-It listens on loopback only (``127.0.0.1``), port 4222 by default, and keeps its JetStream store (the desired
-configs, statuses and outcomes) under ``--store-dir`` (default: ``nats`` in weavelet's per-user state
-directory), so stopping and starting it again loses nothing. When port 4222 is already taken and no
-``--port`` was given, it picks a free port; the URL to use is printed either way.
+It listens on loopback (``127.0.0.1``) unless ``--host`` says otherwise (``--host 0.0.0.0``: every interface,
+to serve other machines), and keeps its JetStream store (the desired configs, statuses and outcomes) under
+``--store-dir`` (default: ``nats`` in weavelet's per-user state directory), so stopping and starting it again
+loses nothing. Its port is stable across restarts: without ``--port`` it is 4222, else the port this store
+used last time (remembered in ``STORE/port``), else the first free one of 4223-4231; the URL to use is printed
+either way.
 
 The ``weavelet`` command imports this module only to run this subcommand; it imports nothing heavy.
 """
@@ -11,6 +13,7 @@ The ``weavelet`` command imports this module only to run this subcommand; it imp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -20,6 +23,10 @@ from types import FrameType
 from weavelet_nats.embedded import NatsServer, NatsServerFailed, port_is_free
 
 DEFAULT_PORT = 4222
+FALLBACK_PORTS = range(4223, 4232)
+"""Tried in order when 4222 (and the port this store used last) are taken: the same port on every restart."""
+PORT_FILE = "port"
+"""The file in the store directory remembering the port the server last listened on."""
 
 
 def _port(value: str) -> int:
@@ -35,11 +42,17 @@ def _port(value: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``weavelet server``'s options to ``parser``."""
     parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface, so "
+        "that trainers and weavers on other machines can connect: protect it with a firewall or NATS auth)",
+    )
+    parser.add_argument(
         "--port",
         type=_port,
         default=None,
-        help=f"TCP port on 127.0.0.1 (default {DEFAULT_PORT}, or a free port when {DEFAULT_PORT} is taken; "
-        "0 picks a free port)",
+        help=f"TCP port (default {DEFAULT_PORT}; when it is taken, the port this store used last time, else the "
+        f"first free one of {FALLBACK_PORTS.start}-{FALLBACK_PORTS.stop - 1}; 0 picks any free port)",
     )
     parser.add_argument(
         "--store-dir",
@@ -57,27 +70,60 @@ def default_store_dir() -> Path:
     return default_state_dir() / "nats"
 
 
-def _choose_port(requested: int | None) -> tuple[int | None, str]:
-    """The port to ask nats-server for (``None``: any free one) and a note for the user."""
+def _remembered_port(store_dir: Path) -> int | None:
+    try:
+        port = int((store_dir / PORT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return port if 0 < port <= 65535 else None
+
+
+def _choose_port(
+    requested: int | None, host: str = "127.0.0.1", store_dir: Path | None = None
+) -> tuple[int | None, str]:
+    """The port to ask nats-server for (``None``: any free one) and a note for the user.
+
+    Without ``requested``: 4222, else the port ``store_dir`` remembers, else the first free fallback port, so
+    the URL stays the same across restarts. Raises ``NatsServerFailed`` when the requested port, or every
+    candidate, is taken.
+    """
     if requested is None:
-        if port_is_free(DEFAULT_PORT):
-            return DEFAULT_PORT, ""
-        return None, f"port {DEFAULT_PORT} is in use, so a free port was chosen"
+        remembered = _remembered_port(store_dir) if store_dir is not None else None
+        candidates = [DEFAULT_PORT, *([remembered] if remembered and remembered != DEFAULT_PORT else []),
+                      *FALLBACK_PORTS]  # fmt: skip
+        for port in dict.fromkeys(candidates):
+            if port_is_free(port, host):
+                note = "" if port == DEFAULT_PORT else f"port {DEFAULT_PORT} is in use, so port {port} was chosen"
+                return port, note
+        raise NatsServerFailed(
+            f"ports {DEFAULT_PORT}-{FALLBACK_PORTS.stop - 1} on {host} are all in use; choose one with --port N, "
+            "or --port 0 for any free one"
+        )
     if requested == 0:
         return None, ""
-    if not port_is_free(requested):
+    if not port_is_free(requested, host):
         raise NatsServerFailed(
-            f"port {requested} on 127.0.0.1 is already in use (another nats-server?); choose another with "
+            f"port {requested} on {host} is already in use (another nats-server?); choose another with "
             "--port N, or --port 0 for a free one"
         )
     return requested, ""
 
 
+def _client_url(url: str, host: str) -> str:
+    """The URL to give clients: for a server on every interface, this machine's name instead of 0.0.0.0."""
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        return url.replace(f"//{host}:", f"//{socket.getfqdn()}:", 1).replace("//[::]:", f"//{socket.getfqdn()}:")
+    return url
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the server until SIGINT or SIGTERM; return the exit status (0 after a clean stop)."""
     store_dir: Path = (args.store_dir or default_store_dir()).expanduser().resolve()
-    port, note = _choose_port(args.port)
-    server = NatsServer(store_dir, port=port, die_with_parent=True)
+    host: str = getattr(args, "host", None) or "127.0.0.1"
+    port, note = _choose_port(args.port, host, store_dir)
+    server = NatsServer(store_dir, port=port, host=host, die_with_parent=True)
 
     stop = threading.Event()
 
@@ -87,14 +133,17 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
+        with contextlib.suppress(OSError):
+            (store_dir / PORT_FILE).write_text(f"{server.port}\n")
         out = sys.stdout
         if note:
             out.write(f"weavelet server: {note}\n")
+        url = _client_url(server.url, host)
         out.write(
-            f"weavelet server: nats-server with JetStream listening on {server.url}\n"
+            f"weavelet server: nats-server with JetStream listening on {url}\n"
             f"  store: {store_dir}\n"
             f"  log:   {server.log_path}\n"
-            f"use it with --url {server.url}, or: export WEAVELET_URL={server.url}\n"
+            f"use it with --url {url}, or: export WEAVELET_URL={url}\n"
             "press Ctrl-C to stop\n"
         )
         out.flush()
@@ -116,4 +165,4 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
-__all__ = ["DEFAULT_PORT", "add_arguments", "default_store_dir", "run"]
+__all__ = ["DEFAULT_PORT", "FALLBACK_PORTS", "add_arguments", "default_store_dir", "run"]

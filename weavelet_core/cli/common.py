@@ -1,0 +1,177 @@
+"""What every command module shares: exit statuses, errors, argument types and shared options."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from typing import Any
+
+from weavelet_core.errors import WeaveletError
+from weavelet_core.plugins import URL_ENV, default_url, mask_password
+from weavelet_core.protocol import Status
+from weavelet_core.weaver import AsyncWeaver
+
+PROG = "weavelet"
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_WAIT_TIMEOUT = 3
+EXIT_INTERRUPTED = 130
+DEFAULT_STALE_AFTER = 30.0
+"""Staleness limit for a status that does not say its keepalive (a version-1 writer)."""
+STALE_KEEPALIVES = 3
+"""A status is stale after this many of its keepalives without a heartbeat (plus two seconds of slack)."""
+DEBUG_ENV = "WEAVELET_DEBUG"
+
+
+class CliError(WeaveletError):
+    """A mistake in the command line, reported as one line with exit status 1."""
+
+
+class UsageError(Exception):
+    """An argument argparse refused; reported with the usage and exit status 2."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :class:`UsageError` instead of exiting, so that ``main`` can
+    report them as text or, with ``--json``, as a JSON object."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(message, self.format_usage())
+
+
+def url_of(args: argparse.Namespace) -> str:
+    """The transport URL the command uses (``--url``, else ``WEAVELET_URL``, else the per-user directory)."""
+    url: str | None = getattr(args, "url", None)
+    return url or default_url()
+
+
+def weaver(args: argparse.Namespace) -> AsyncWeaver:
+    """A weaver on the command's transport (open it with ``async with``)."""
+    return AsyncWeaver(getattr(args, "url", None))
+
+
+def where(args: argparse.Namespace) -> str:
+    return mask_password(url_of(args))
+
+
+def missing_run(run: str) -> CliError:
+    return CliError(f"run {run!r} has no revisions yet; write one with: weavelet set {run} KEY=VALUE")
+
+
+def is_stale(status: Status, stale_after: float | None, now: float) -> bool:
+    """Whether a live status has gone without a heartbeat for too long: ``stale_after`` seconds when given,
+    else :data:`STALE_KEEPALIVES` of the status's own keepalive (plus 2 s), else :data:`DEFAULT_STALE_AFTER`."""
+    if stale_after is None:
+        stale_after = STALE_KEEPALIVES * status.keepalive + 2.0 if status.keepalive > 0 else DEFAULT_STALE_AFTER
+    return status.live and status.age(now) > stale_after
+
+
+# -- argument types ----------------------------------------------------------------------------------------
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def wait_seconds(text: str) -> float:
+    """``--wait S``: a positive number of seconds, or ``inf`` to wait as long as it takes."""
+    if text.strip().lower() in ("inf", "infinity", "forever"):
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds or 'inf', got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds (or 'inf'), got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def revision_number(text: str) -> int:
+    """A revision number: ``3`` or ``r3``."""
+    return positive_int(text[1:] if text[:1] in ("r", "R") else text)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str) -> float:
+    """``90s``, ``30m``, ``12h``, ``7d``, ``2w`` or combinations (``1d12h``), in seconds."""
+    compact = text.strip().lower()
+    parts = _DURATION.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 30m, 12h, 7d or 2w, got {text!r}")
+    return sum(float(number) * _UNIT[unit] for number, unit in parts)
+
+
+# -- shared options ----------------------------------------------------------------------------------------
+
+URL_HELP = f"transport URL (default: ${URL_ENV}, else the per-user file:// directory)"
+
+
+def add_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=argparse.SUPPRESS, help=URL_HELP)
+
+
+def add_output(parser: argparse.ArgumentParser, *, wide: bool = False) -> None:
+    """``--json`` and, with ``wide``, ``-o {text,wide,json}``."""
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text (errors too)")
+    if wide:
+        parser.add_argument(
+            "-o",
+            "--output",
+            choices=("text", "wide", "json"),
+            default="text",
+            help="text (default), wide (more columns, nothing truncated) or json (same as --json)",
+        )
+
+
+def add_stale(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stale-after",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help=f"flag a running run as stale after S seconds without a heartbeat (default: {STALE_KEEPALIVES} of "
+        "the run's keepalive intervals plus 2 s)",
+    )
+
+
+def add_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=wait_seconds,
+        metavar="S",
+        help="wait up to S seconds (or 'inf') for the trainer's outcome (applied or rejected); fails at once "
+        "when the run's incarnation has ended",
+    )
+
+
+def wants_json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False)) or getattr(args, "output", None) == "json"
+
+
+def wide(args: argparse.Namespace) -> bool:
+    return getattr(args, "output", None) == "wide"

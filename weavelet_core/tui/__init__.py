@@ -1,0 +1,1 @@
+"""The terminal dashboard of ``weavelet top`` (needs Textual: ``pip install "weavelet[tui]"``)."""
