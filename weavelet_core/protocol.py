@@ -26,7 +26,8 @@ from weavelet_core.errors import InvalidRunId, ProtocolError
 
 PROTOCOL_VERSION = 2
 """The version written. Version 2 added the outcome's ``revision_id`` and ``incarnation`` and the status's
-``incarnation``, ``started_at``, ``keepalive``, ``last_outcome``, ``labels`` and ``schema``."""
+``incarnation``, ``started_at``, ``keepalive``, ``last_outcome``, ``labels`` and ``schema``, and the revision's
+``reverts``."""
 READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 """Versions a reader accepts: fields a version-1 message lacks take their defaults."""
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -121,6 +122,7 @@ class Revision:
     """One revision of a run's desired config: the whole config, not a diff.
 
     ``revision`` starts at 1 and increases by exactly 1 per write (compare-and-set on the previous one).
+    ``reverts`` is the revision this one undoes (its config, commands aside), or 0 for an ordinary write.
     """
 
     run: str
@@ -129,6 +131,7 @@ class Revision:
     author: str = ""
     created_at: float = dataclasses.field(default_factory=_now)
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    reverts: int = 0
 
     kind = "revision"
 
@@ -144,6 +147,7 @@ class Revision:
         _require_str(self.author, "revision.author")
         _require_number(self.created_at, "revision.created_at")
         _require_str(self.id, "revision.id")
+        _require_int(self.reverts, "revision.reverts", minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

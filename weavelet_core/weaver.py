@@ -179,6 +179,7 @@ class AsyncWeaver:
         deadline: float,
         over_unreadable: bool = False,
         author: str | None = None,
+        reverts: int = 0,
     ) -> Revision:
         transport = await self._ready()
         delay = 0.005
@@ -204,6 +205,7 @@ class AsyncWeaver:
                                 revision=number + 1,
                                 config=merge_config(base_config, changes),
                                 author=author or self.author,
+                                reverts=reverts,
                             )
                             unconfirmed = revision
                             await transport.put(revision)
@@ -216,7 +218,11 @@ class AsyncWeaver:
                     return unconfirmed
                 base = current.config if current and not replace else {}
                 revision = Revision(
-                    run=run, revision=number + 1, config=merge_config(base, changes), author=author or self.author
+                    run=run,
+                    revision=number + 1,
+                    config=merge_config(base, changes),
+                    author=author or self.author,
+                    reverts=reverts,
                 )
                 unconfirmed = revision
                 await transport.put(revision)
@@ -377,8 +383,8 @@ class AsyncWeaver:
         raise ValueError(f"run {run!r} has no revision {number} (the store keeps {kept}); see: weavelet history {run}")
 
     async def revert(self, run: str, revision: int, *, wait: float | None = None) -> Revision | Outcome:
-        """Write a new revision whose config equals revision ``revision``'s (an undo), recorded in its author as
-        ``"<author> (revert of r<revision>)"``.
+        """Write a new revision whose config equals revision ``revision``'s (an undo), recorded as such in its
+        :attr:`~weavelet_core.Revision.reverts`.
 
         Commands (``stop``, ``checkpoint``, ...) keep their current values instead of the old ones: a command
         acts when its value changes, and an undo must not repeat or revive one. Returns the new
@@ -397,7 +403,7 @@ class AsyncWeaver:
         deadline = time.monotonic() + self.write_timeout
         written: Revision | None = None
         with anyio.move_on_after(self.write_timeout):
-            written = await self._write(run, config, True, deadline, author=f"{self.author}{revert_mark(revision)}")
+            written = await self._write(run, config, True, deadline, reverts=revision)
         if written is None:
             raise TransportUnavailable(
                 f"could not write run {run!r} to {mask_password(self.url)} within {self.write_timeout:g}s"
@@ -438,20 +444,6 @@ class AsyncWeaver:
 
 COMMAND_KEYS = frozenset({"stop", "checkpoint", "rollback"})
 """Config keys that are commands (act once per token); a revert leaves them out."""
-REVERT_MARK = " (revert of r{revision})"
-
-
-def revert_mark(revision: int) -> str:
-    """What :meth:`AsyncWeaver.revert` appends to a revision's author: `` (revert of r3)``."""
-    return REVERT_MARK.format(revision=revision)
-
-
-def reverted_revision(author: str) -> int | None:
-    """The revision a revert undid, read from its author, or ``None`` for an ordinary write."""
-    import re
-
-    found = re.search(r" \(revert of r(\d+)\)$", author)
-    return int(found.group(1)) if found else None
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

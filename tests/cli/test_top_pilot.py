@@ -95,5 +95,5 @@ async def test_top_shows_runs_details_and_acts_after_confirmation(trainer: Train
             current = await weaver.get("pilot-a")
         assert current is not None
         assert current.config["lr"] == 0.1
-        assert current.author.endswith("(revert of r2)")
+        assert current.reverts == 2
         await pilot.press("q")

@@ -31,7 +31,7 @@ from weavelet_core.cli.common import (
 from weavelet_core.cli.selectors import add_selectors, label, matches, select, single
 from weavelet_core.errors import CorruptEntry
 from weavelet_core.protocol import LIFECYCLE_STATES, Outcome, Revision, Status, to_dict, validate_run_id
-from weavelet_core.weaver import AsyncWeaver, revert_mark, reverted_revision
+from weavelet_core.weaver import AsyncWeaver
 
 OUTCOME_WIDTH = 60
 """The history table's OUTCOME column is cut to this many characters (``-o wide`` shows it whole)."""
@@ -341,7 +341,7 @@ def _history_json(entry: Revision | CorruptEntry, by_revision: dict[int, list[Ou
         "unreadable": None if isinstance(entry, Revision) else {"revision": entry.revision, "reason": entry.reason},
         "outcome": to_dict(answers[-1]) if answers else None,
         "outcomes": [to_dict(o) for o in answers],
-        "reverts": reverted_revision(entry.author) if isinstance(entry, Revision) else None,
+        "reverts": (entry.reverts or None) if isinstance(entry, Revision) else None,
     }
 
 
@@ -360,10 +360,8 @@ def history_rows(
             if known_base
             else "(unknown: the revision before is unreadable) " + output.value_text(entry.config)
         )
-        reverts = reverted_revision(entry.author)
-        if reverts is not None:
-            author = author[: -len(revert_mark(reverts))] or "?"
-            changes = f"revert of r{reverts}: {changes}"
+        if entry.reverts:
+            changes = f"revert of r{entry.reverts}: {changes}"
     else:
         written, author, changes = "?", "?", f"UNREADABLE: {entry.reason}"
     rows = []

@@ -29,7 +29,7 @@ from weavelet_core.cli.selectors import GLOB_CHARS, add_selectors, select, singl
 from weavelet_core.cli.values import check_merge, parse_assignments
 from weavelet_core.errors import CorruptEntry, RunEnded, WaitTimeout, WeaveletError
 from weavelet_core.protocol import Outcome, Revision, to_dict, validate_run_id
-from weavelet_core.weaver import COMMAND_KEYS, AsyncWeaver, merge_config, revert_mark, reverted_revision
+from weavelet_core.weaver import COMMAND_KEYS, AsyncWeaver, merge_config
 
 
 @dataclasses.dataclass
@@ -157,8 +157,8 @@ def _print_written(result: Result, out: TextIO) -> None:
         out.write(f"{run}: no change: revision {result.previous.revision} already has this config; nothing written\n")
     elif result.revision is not None:
         change = output.describe_changes(previous, result.revision.config)
-        reverts = reverted_revision(result.revision.author)
-        mark = f", a revert of revision {reverts}" if reverts is not None else ""
+        reverts = result.revision.reverts
+        mark = f", a revert of revision {reverts}" if reverts else ""
         out.write(f"{run}: revision {result.revision.revision} stored{mark} ({change})\n")
     out.flush()
 
@@ -372,7 +372,7 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
         "revert",
         help="undo: write a new revision equal to an earlier one",
         description="Write a new revision whose config equals revision REV's (commands keep their current "
-        f"values), recorded in its author as '{revert_mark(3).strip()}' and shown so by 'weavelet history'.",
+        "values), recorded as a revert of REV in the new revision and shown so by 'weavelet history'.",
         epilog="""examples:
   weavelet revert demo 3 --wait 30
   weavelet revert -l sweep=3 2 --dry-run
