@@ -8,9 +8,12 @@ Then, in another terminal (same user, same machine; or set WEAVELET_URL on both 
     weavelet set mlp-1 optimizer=adam lr=0.001      # switch optimizer type, keeping the schedule
     weavelet set mlp-1 lr=0.0003 weight_decay=0.01   # edit hyperparameters in place
     weavelet set mlp-1 grad_clip=0.5                 # a key of this script's own (see the handler below)
-    weavelet set mlp-1 checkpoint=1                  # save a checkpoint now (a new value each time)
-    weavelet set mlp-1 stop=true                     # end the loop cleanly
+    weavelet checkpoint mlp-1                        # save a checkpoint now
+    weavelet stop mlp-1 --wait 30                    # end the loop cleanly
     weavelet status mlp-1                            # step, loss, active optimizer, last applied revision
+
+Each start is a new incarnation of the run: starting it again with the same ``--run`` does not inherit the
+earlier start's settings or its commands (one line on stderr says what the store held).
 
 Stop it and run the same command with ``--resume PATH`` (a checkpoint it wrote) to continue with the
 optimizer that was active, its state, and only revisions not yet applied.
