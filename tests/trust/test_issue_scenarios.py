@@ -118,7 +118,8 @@ def test_stop_and_checkpoint_act_while_another_key_is_rejected(
     assert "grad_clip=0, set in revision 1: send a positive number" in both.stdout
     assert "did you mean 'lr'" in both.stdout
     checkpoint = run_cli("--url", url, "checkpoint", "brake", "--wait", "20")
-    assert "checkpoint" in checkpoint.stdout and ".pt" in checkpoint.stdout, checkpoint.stdout
+    assert "checkpoint" in checkpoint.stdout, checkpoint.stdout
+    assert ".pt" in checkpoint.stdout, checkpoint.stdout
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 1
     # Fixing the keys applies every pending change at once and says so; the checkpoint does not act again.
     fixed = run_cli("--url", url, "set", "brake", "grad_clip=0.5", "lrr=", "--wait", "20")
