@@ -312,7 +312,7 @@ def test_authentication_failure_is_final_and_visible(
 
 
 # -- bad data ------------------------------------------------------------------------------------------------
-def test_a_revision_that_fails_validation_is_skipped_and_the_sidecar_keeps_running(
+def test_an_unreadable_revision_is_rejected_and_the_sidecar_keeps_running(
     make: Callable[..., WeaveletProcess], weaver: Weaver, run: str, store: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     process = make()
@@ -322,6 +322,7 @@ def test_a_revision_that_fails_validation_is_skipped_and_the_sidecar_keeps_runni
     assert got is not None
     pid = process.pid
 
+    # A torn latest.json with no readable number: the revision files stay the truth (a crash mid-write).
     run_dir = store / "runs" / run
     atomic_write(
         run_dir / "latest.json", b'{"v": 1, "kind": "revision", "run": "' + run.encode() + b'", "revision": "two"'
@@ -330,14 +331,27 @@ def test_a_revision_that_fails_validation_is_skipped_and_the_sidecar_keeps_runni
     assert process.poll() is None
     assert process.pid == pid
     assert process.state == "running"
+    second = weaver.set(run, {"lr": 0.2})
+    assert second.revision == 2
+    assert poll_until(process) == second
 
-    valid = Revision(run=run, revision=2, config={"lr": 0.2}, author="test")
-    atomic_write(run_dir / "revisions" / f"{2:020d}.json", encode(valid))
-    atomic_write(run_dir / "latest.json", encode(valid))
-    got = poll_until(process)
-    assert got == valid
+    # A revision a newer weavelet wrote: reported as what it is, with its number; writers number on top of it.
+    future = encode(Revision(run=run, revision=3, config={"lr": 0.3})).replace(b'"v":2', b'"v":3', 1)
+    atomic_write(run_dir / "revisions" / f"{3:020d}.json", future)
+    atomic_write(run_dir / "latest.json", future)
+    assert wait_until(lambda: weaver.outcome(run, 3) is not None, WAIT)
+    outcome = weaver.outcome(run, 3)
+    assert outcome is not None
+    assert outcome.result == "rejected"
+    assert outcome.message is not None
+    assert "revision 3 of run" in outcome.message
+    assert "unsupported protocol version 3" in outcome.message
+    assert process.poll() is None  # never handed to the trainer
+    fourth = weaver.set(run, {"lr": 0.4}, replace=True)
+    assert fourth.revision == 4
+    assert poll_until(process) == fourth
     assert process.restarts == 0
-    assert "skipping unreadable" in capfd.readouterr().err
+    assert "cannot be read" in capfd.readouterr().err
 
 
 # -- a stalled sidecar ---------------------------------------------------------------------------------------
