@@ -503,30 +503,20 @@ class WeaveletProcess:
             if result not in OUTCOME_RESULTS:
                 raise ProtocolError(f"result must be one of {', '.join(OUTCOME_RESULTS)}, got {result!r}")
             text = truncate(message) if isinstance(message, str) else message
-            revision_id = self._handed_id if revision == self._handed_out else ""
+            fields: dict[str, Any] = {
+                "run": self.run,
+                "revision": revision,
+                "revision_id": self._handed_id if revision == self._handed_out else "",
+                "incarnation": self.incarnation,
+                "result": result,
+                "step": step,
+            }
             try:
-                outcome = Outcome(
-                    run=self.run,
-                    revision=revision,
-                    revision_id=revision_id,
-                    incarnation=self.incarnation,
-                    result=result,
-                    step=step,
-                    message=text,
-                    detail=dict(detail or {}),
-                )
+                outcome = Outcome(**fields, message=text, detail=dict(detail or {}))
             except ProtocolError as exc:
                 if not detail:
                     raise
-                outcome = Outcome(
-                    run=self.run,
-                    revision=revision,
-                    revision_id=revision_id,
-                    incarnation=self.incarnation,
-                    result=result,
-                    step=step,
-                    message=truncate(f"{text or ''} (detail dropped: {exc})".strip()),
-                )
+                outcome = Outcome(**fields, message=truncate(f"{text or ''} (detail dropped: {exc})".strip()))
             self._recorder.record_outcome(outcome)
             self._send(outcome)
             self._recorder.flush(self._supervisor.channel.status if self._supervisor.channel else None)

@@ -252,23 +252,13 @@ class Sidecar:
         delay = low
         while True:
             transport: Transport | None = None
+            doing = f"connect to {self.url}"
             try:
                 transport = open_transport(self.config.url, **self.config.transport_options)
                 with anyio.fail_after(self.config.connect_timeout):
                     await transport.connect()
-            except FINAL_ERRORS as exc:
-                await self._close_quietly(transport)
-                self._fatal(exc)
-                return
-            except Exception as exc:
-                await self._close_quietly(transport)
-                reason = f"no answer within {self.config.connect_timeout:g}s" if isinstance(exc, TimeoutError) else exc
-                self._lost(f"cannot connect to {self.url}: {reason}", delay)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, high)
-                continue
-            try:
                 if not self.claimed:
+                    doing = f"claim run {self.run_id!r} on {self.url}"
                     with anyio.fail_after(max(self.config.connect_timeout, 5.0)):
                         await self._claim(transport)
             except FINAL_ERRORS as exc:
@@ -278,7 +268,7 @@ class Sidecar:
             except Exception as exc:
                 await self._close_quietly(transport)
                 reason = f"no answer within {self.config.connect_timeout:g}s" if isinstance(exc, TimeoutError) else exc
-                self._lost(f"cannot claim run {self.run_id!r} on {self.url}: {reason}", delay)
+                self._lost(f"cannot {doing}: {reason}", delay)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, high)
                 continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import getpass
 import os
 import random
@@ -198,24 +199,15 @@ class AsyncWeaver:
                             raise
                         current, number = None, exc.revision
                         if over_unreadable and not replace:
+                            # Merge onto the newest readable config, numbered on top of the unreadable entry.
                             readable = [e for e in await transport.history(run) if isinstance(e, Revision)]
-                            base_config = readable[-1].config if readable else {}
-                            revision = Revision(
-                                run=run,
-                                revision=number + 1,
-                                config=merge_config(base_config, changes),
-                                author=author or self.author,
-                                reverts=reverts,
-                            )
-                            unconfirmed = revision
-                            await transport.put(revision)
-                            return revision
+                            current = dataclasses.replace(readable[-1], revision=number) if readable else None
                     else:
                         number = current.revision if current else 0
                 else:
                     number = current.revision
                 if unconfirmed is not None and current is not None and current.id == unconfirmed.id:
-                    return unconfirmed
+                    return unconfirmed  # the earlier attempt landed: its reply was lost
                 base = current.config if current and not replace else {}
                 revision = Revision(
                     run=run,
