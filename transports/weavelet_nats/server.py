@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the server until SIGINT or SIGTERM; return the exit status (0 after a clean stop)."""
     store_dir: Path = (args.store_dir or default_store_dir()).expanduser().resolve()
     port, note = _choose_port(args.port)
-    server = NatsServer(store_dir, port=port, die_with_parent=True)
+    # Every JetStream write is on disk before it is acknowledged: the write rate of a control plane is tiny, and
+    # with the lazy default a crash can lose acknowledged writes (Jepsen, NATS 2.12.1, 2025-12-08).
+    server = NatsServer(store_dir, port=port, die_with_parent=True, sync_always=True)
 
     stop = threading.Event()
 
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             f"weavelet server: nats-server with JetStream listening on {server.url}\n"
             f"  store: {store_dir}\n"
             f"  log:   {server.log_path}\n"
+            "  every JetStream write is synced to disk before it is acknowledged (sync_interval: always)\n"
             f"use it with --url {server.url}, or: export WEAVELET_URL={server.url}\n"
             "press Ctrl-C to stop\n"
         )

@@ -314,20 +314,51 @@ class NatsTransport(Transport):
         return TransportUnavailable(f"cannot connect to NATS server {where} within {deadline} (no answer)")
 
     async def _bucket(self, js: JetStreamContext, role: str, history: int) -> KeyValue:
+        """The bucket of ``role``, created (with ``history`` and the ``replicas`` setting) if missing."""
         name = f"{self.settings.prefix}-{role}"
+        replicas = self.settings.replicas
         try:
-            return await js.key_value(name)
+            kv = await js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
             pass
+        else:
+            if replicas > 1:
+                await self._check_replicas(kv, name)
+            return kv
         try:
             return await js.create_key_value(
                 bucket=name,
                 history=history,
                 storage=api.StorageType.FILE,
                 description=f"weavelet {role}",
+                replicas=replicas,
+                # reads by key go to $JS.API.DIRECT.GET.<stream>.<subject>, which permissions can limit per run
+                direct=True,
             )
-        except nats.js.errors.BadRequestError:
+        except nats.js.errors.BadRequestError as exc:
+            if "replicas" in str(exc).lower():
+                raise TransportUnavailable(
+                    f"NATS server {self.settings.display} cannot keep {replicas} replicas of bucket {name!r} "
+                    f"({exc.description or exc}); run a JetStream cluster of at least {replicas} servers, or "
+                    "lower ?replicas="
+                ) from None
             return await js.key_value(name)  # created by another client meanwhile
+
+    async def _check_replicas(self, kv: KeyValue, name: str) -> None:
+        """Warn when an existing bucket keeps fewer replicas than the ``replicas`` setting asks for."""
+        status = await kv.status()
+        have = status.stream_info.config.num_replicas or 1
+        if have < self.settings.replicas:
+            log.warning(
+                "NATS %s: bucket %r keeps %d replica(s), fewer than replicas=%d; weavelet sets replicas only "
+                "when it creates a bucket: raise it with 'nats stream edit KV_%s --replicas %d'",
+                self.settings.display,
+                name,
+                have,
+                self.settings.replicas,
+                name,
+                self.settings.replicas,
+            )
 
     @staticmethod
     async def _close_client(nc: Client) -> None:
