@@ -163,3 +163,17 @@ def test_a_killed_server_command_takes_its_nats_server_with_it(start_server: Sta
     server.kill()  # SIGKILL: no chance to stop its child itself
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == [], "nats-server outlived the killed 'weavelet server'"
+
+
+def test_the_server_syncs_every_jetstream_write_to_disk(start_server: StartServer, tmp_path: Path) -> None:
+    """Jepsen's NATS 2.12.1 analysis (2025-12-08) lost acknowledged writes with the lazy default fsync."""
+    store = tmp_path / "store"
+    server = start_server(["--port", "0", "--store-dir", str(store)])
+    url = server.wait_url()
+    config = (store / "nats-server.conf").read_text()
+    assert "sync_interval: always" in config
+    with Weaver(url) as weaver:
+        assert weaver.set("r1", {"lr": 0.1}).revision == 1
+    status, out, err = server.interrupt()
+    assert status == 0, err
+    assert "synced to disk before it is acknowledged" in out

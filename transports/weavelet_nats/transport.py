@@ -36,6 +36,7 @@ import json
 import logging
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
@@ -67,6 +68,10 @@ M = TypeVar("M", Revision, Status, Outcome)
 
 WATCH_POLL = 0.25
 """Seconds a watch waits for an update before checking for a reconnect or a close."""
+WATCH_CHECK = 0.5
+"""Seconds between a quiet watch's reads of the run's newest revision. A newer one that the watcher has not
+delivered by the next read means its consumer is gone (a JetStream cluster lost the node it lived on, which
+nats-py notices only after missed heartbeats, ~10 s): the watch is recreated."""
 CLOSE_TIMEOUT = 5.0
 LIST_PAGES = 1000
 """Most pages of subjects ``runs()`` asks a stream for (the server sends up to 100,000 subjects a page)."""
@@ -335,14 +340,22 @@ class NatsTransport(Transport):
                 # reads by key go to $JS.API.DIRECT.GET.<stream>.<subject>, which permissions can limit per run
                 direct=True,
             )
-        except nats.js.errors.BadRequestError as exc:
-            if "replicas" in str(exc).lower():
-                raise TransportUnavailable(
-                    f"NATS server {self.settings.display} cannot keep {replicas} replicas of bucket {name!r} "
-                    f"({exc.description or exc}); run a JetStream cluster of at least {replicas} servers, or "
-                    "lower ?replicas="
-                ) from None
-            return await js.key_value(name)  # created by another client meanwhile
+        except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as exc:
+            try:
+                return await js.key_value(name)  # created by another client meanwhile
+            except nats.js.errors.BucketNotFoundError:
+                pass
+            reason = exc.description or exc
+            hint = "check the server's JetStream limits and this user's permission to create streams"
+            if replicas > 1:
+                hint = (
+                    f"{replicas} replicas need a JetStream cluster of at least {replicas} servers: run one, or lower "
+                    "?replicas="
+                )
+            raise TransportUnavailable(
+                f"NATS server {self.settings.display} cannot create bucket {name!r} with {replicas} replica(s) "
+                f"({reason}); {hint}"
+            ) from None
 
     async def _check_replicas(self, kv: KeyValue, name: str) -> None:
         """Warn when an existing bucket keeps fewer replicas than the ``replicas`` setting asks for."""
@@ -422,6 +435,12 @@ class NatsTransport(Transport):
         try:
             with scope:
                 yield
+        except nats.js.errors.NoStreamResponseError:
+            # A publish nobody stored: in a cluster, the stream is electing a new leader (a second or two).
+            raise TransportUnavailable(
+                f"NATS server {self.settings.display}: no JetStream stream answered while trying to {action} (in a "
+                "cluster, the stream is electing a new leader after losing one); retry in a moment"
+            ) from None
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
             raise TransportUnavailable(
                 f"NATS server {self.settings.display}: JetStream is not available ({exc}); start the server "
@@ -638,10 +657,22 @@ class NatsTransport(Transport):
                     if entry.revision > last:
                         last = entry.revision
                         yield entry
+                checked = time.monotonic()
+                suspect = 0  # a newer revision the last check found that the watcher had not delivered yet
                 while not self._closed and generation == self._generation:
                     try:
                         update = await _next_update(watcher, WATCH_POLL)
                     except nats.errors.TimeoutError:
+                        if time.monotonic() - checked < WATCH_CHECK:
+                            continue
+                        checked = time.monotonic()
+                        newest = await self._check_newest(run, key)
+                        if suspect and last < suspect:
+                            # Two checks apart, still undelivered: the watcher's consumer is gone (in a cluster it
+                            # lives on the stream leader, and the connection to a surviving node stays up).
+                            log.info("NATS %s: watch of run %r fell behind; recreating it", self.settings.display, run)
+                            break
+                        suspect = newest if newest > last else 0
                         continue
                     if update is None:
                         continue  # end of the initial values
@@ -663,6 +694,15 @@ class NatsTransport(Transport):
             finally:
                 self._watchers.discard(watcher)
                 await _stop(watcher)
+
+    async def _check_newest(self, run: str, key: str) -> int:
+        """The number of the run's newest revision, or 0 when it has none or the server cannot say now."""
+        try:
+            with self._mapped(f"check run {run!r}", "desired"):
+                newest = await self._newest(run, key)
+        except TransportUnavailable:
+            return 0
+        return 0 if newest is None else newest[0].revision
 
     async def runs(self) -> list[str]:
         """Runs with a revision or a status: the subjects the two buckets' streams hold (one stream-info request
