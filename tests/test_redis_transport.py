@@ -159,7 +159,12 @@ async def test_key_layout_is_the_documented_one(weavelet_redis_url: str, raw: ai
             await t.publish_status(Status(run=run, state="running", step=step))
         await t.publish_outcome(Outcome(run=run, revision=1, result="applied", step=3))
     assert await raw.smembers(f"{prefix}runs") == {run.encode()}
-    assert keys.revisions(run) == f"{prefix}run:{run}:revisions"
+    # Every key of a run carries the run as its hash tag: one Redis Cluster slot per run.
+    assert keys.run(run) == f"{prefix}run:{{{run}}}"
+    assert keys.revisions(run) == f"{prefix}run:{{{run}}}:revisions"
+    assert keys.status_stream(run) == f"{prefix}run:{{{run}}}:status"
+    assert keys.outcomes(run) == f"{prefix}run:{{{run}}}:outcomes"
+    assert keys.outcome_index(run) == f"{prefix}run:{{{run}}}:outcomes:index"
     entries: Any = await raw.xrange(keys.revisions(run))
     assert len(entries) == 1
     assert entries[0][1][b"revision"] == b"1"
