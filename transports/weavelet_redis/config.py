@@ -221,7 +221,9 @@ def _parse_multi(url: str, display: str, scheme: str) -> tuple[dict[str, Any], s
         settings["service"] = unquote(segments[0])
         db = segments[1] if len(segments) > 1 else "0"
         if len(segments) > 2 or not db.isdigit():
-            raise ValueError(f"redis URL {display!r}: after the service comes only a database number, as in /mymaster/0")
+            raise ValueError(
+                f"redis URL {display!r}: after the service comes only a database number, as in /mymaster/0"
+            )
         connection["db"] = int(db)
     elif segments not in ([], ["0"]):
         raise ValueError(f"redis URL {display!r}: a Redis Cluster has only database 0; leave the path out")

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
@@ -526,13 +527,12 @@ def _delete_keys(url: str, prefix: str) -> None:
 
 @pytest.fixture
 def weavelet_redis_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerFactory]:
-    """Start private redis-servers: ``factory(password=None, persistent=False, tls=None) -> RedisServer``."""
+    """Start private redis-servers: ``factory(**kwargs) -> RedisServer`` with :class:`RedisServer`'s keyword
+    arguments (``password``, ``persistent``, ``tls``, ``replica_of``, ``args``); all are stopped after the test."""
     started: list[RedisServer] = []
 
-    def factory(*, password: str | None = None, persistent: bool = False, tls: TlsFiles | None = None) -> RedisServer:
-        server = RedisServer(
-            tmp_path_factory.mktemp("redis-private"), password=password, persistent=persistent, tls=tls
-        )
+    def factory(**kwargs: Any) -> RedisServer:
+        server = RedisServer(tmp_path_factory.mktemp("redis-private"), **kwargs)
         started.append(server)
         return _start_or_fail(server)
 

@@ -44,6 +44,7 @@ from weavelet_core.errors import (
     PermissionDenied,
     ProtocolError,
     RevisionConflict,
+    TransportError,
     TransportUnavailable,
 )
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
@@ -165,16 +166,18 @@ class RedisTransport(Transport):
         await self._call(f"list run {run!r} in {self.keys.runs()}", client.sadd(self.keys.runs(), run))
 
     async def _replicated(self, pipe: Any, run: str, number: int) -> Any:
-        """Run ``pipe`` (a write, then ``WAIT``) and return the write's reply; raise ``TransportUnavailable`` when
+        """Run ``pipe`` (a write, then ``WAIT``) and return the write's reply; raise ``TransportError`` (final) when
         fewer than ``wait_replicas`` replicas confirmed the write within ``wait_timeout``."""
         s = self.settings
         pipe.execute_command("WAIT", s.wait_replicas, max(1, round(s.wait_timeout * 1000)))
         reply, acked = await self._call(f"write run {run!r}", pipe.execute())
         if int(acked) < s.wait_replicas:
-            raise TransportUnavailable(
+            # Final, not TransportUnavailable: a retry would find the revision on the master and count it as
+            # written without the replicas having it. The caller decides (weavelet get shows it is there).
+            raise TransportError(
                 f"redis at {self.url}: revision {number} of run {run!r} is on the master, but only {acked} of the "
-                f"{s.wait_replicas} replicas asked for (wait_replicas) confirmed it within {s.wait_timeout:g}s, so "
-                "a failover now could lose it; check the replicas (INFO replication) and retry"
+                f"{s.wait_replicas} replicas asked for (wait_replicas) confirmed it within {s.wait_timeout:g}s, so a "
+                "failover now could lose it; check the replicas (INFO replication) and the run (weavelet get)"
             )
         return reply
 
