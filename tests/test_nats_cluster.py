@@ -55,7 +55,9 @@ def _poll(process: WeaveletProcess, timeout: float, until: int) -> Revision:
 def trainer(weavelet_nats_cluster: NatsCluster) -> Iterator[tuple[WeaveletProcess, str, str]]:
     """A weavelet sidecar watching a fresh run over the cluster: (process, run, url)."""
     run = f"cluster-{uuid.uuid4().hex[:8]}"
-    url = f"{weavelet_nats_cluster.url}?replicas=3&connect_timeout=10"
+    # Short requests: while the cluster elects a new leader (seconds), a request to the lost one fails fast and
+    # is retried instead of waiting out the default 5 s.
+    url = f"{weavelet_nats_cluster.url}?replicas=3&connect_timeout=10&request_timeout=1.5"
     process = WeaveletProcess(run, url, heartbeat_interval=0.2, restart_backoff=(0.1, 1.0))
     process.start(timeout=30)
     try:

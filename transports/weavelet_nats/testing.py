@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from weavelet_core.testing.servers import DEFAULT_READY_TIMEOUT, ServerFailed, ServerGroup
+from weavelet_core.testing.servers import DEFAULT_READY_TIMEOUT, ServerFailed, ServerGroup, free_port
 from weavelet_nats.embedded import NatsServer, NatsServerFailed, NatsServerNotFound, find_nats_server
 
 NatsServerFactory = Callable[..., NatsServer]
@@ -80,24 +80,43 @@ class NatsCluster(ServerGroup):
         return "nats://" + ",".join(node.address for node in self.nodes)
 
     def start(self, timeout: float = DEFAULT_READY_TIMEOUT) -> NatsCluster:
-        """Pick every node's ports, start all nodes, and return once each reports healthy; raise
-        :class:`NatsServerFailed` (stopping every node) otherwise."""
-        for node in self.nodes:
-            node.choose_ports()
-        for node in self.nodes:
-            node.routes = [other.route_url for other in self.nodes if other is not node]
-        try:
+        """Pick every node's ports (distinct, free), start all nodes, and return once each reports healthy; raise
+        :class:`NatsServerFailed` (stopping every node) otherwise. A first start picks the ports again (up to 3
+        times) when another process took one meanwhile; a restart keeps them."""
+        fresh = all(node.port is None for node in self.nodes)
+        for attempt in range(3 if fresh else 1):
+            if fresh:
+                self._pick_ports()
             for node in self.nodes:
-                if not node.running:
-                    if node.binary is None:
-                        node.binary = find_nats_server()
-                    node.launch(timeout)
-            for node in self.nodes:
-                node.wait_ready(timeout)
-        except ServerFailed as exc:
-            self.close()
-            raise NatsServerFailed(str(exc)) from None
-        return self
+                node.routes = [other.route_url for other in self.nodes if other is not node]
+            try:
+                for node in self.nodes:
+                    if not node.running:
+                        if node.binary is None:
+                            node.binary = find_nats_server()
+                        node.launch(timeout)
+                for node in self.nodes:
+                    node.wait_ready(timeout)
+                return self
+            except ServerFailed as exc:
+                in_use = any(node.address_in_use in node.log_tail(5).lower() for node in self.nodes)
+                self.close()
+                if not (fresh and in_use) or attempt == 2:
+                    raise NatsServerFailed(str(exc)) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _pick_ports(self) -> None:
+        taken: set[int] = set()
+
+        def pick() -> int:
+            while True:
+                port = free_port()
+                if port not in taken:
+                    taken.add(port)
+                    return port
+
+        for node in self.nodes:
+            node.port, node.cluster_port, node.monitor_port = pick(), pick(), pick()
 
     def node(self, server_name: str) -> NatsServer:
         """The node whose ``server_name`` is ``server_name``; ``KeyError`` if none."""

@@ -37,8 +37,9 @@ import logging
 import re
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -120,6 +121,39 @@ def key_run(key: str) -> str | None:
         return validate_run_id(run)
     except ValueError:
         return None
+
+
+class _NamedConsumers:
+    """A JetStream context whose push subscriptions create *named* consumers.
+
+    nats-py's key-value watcher creates an unnamed ordered consumer, on the API subject
+    ``$JS.API.CONSUMER.CREATE.<stream>``, which does not name the key. A named one is created on
+    ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter subject>``, so server permissions can allow a user to watch
+    one run's key and no other (see docs/deploy.md).
+    """
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+    async def subscribe(self, subject: str, **kwargs: Any) -> Any:
+        if kwargs.get("config") is None:
+            kwargs["config"] = api.ConsumerConfig(name=f"weavelet-{uuid.uuid4().hex[:16]}")
+        return await self._js.subscribe(subject, **kwargs)
+
+
+async def _named_watch(kv: KeyValue, keys: str, **kwargs: Any) -> KeyValue.KeyWatcher:
+    """``kv.watch(keys, **kwargs)`` over a named consumer (see :class:`_NamedConsumers`)."""
+    named = KeyValue(
+        name=kv._name,
+        stream=kv._stream,
+        pre=kv._pre,
+        js=cast(JetStreamContext, _NamedConsumers(kv._js)),
+        direct=kv._direct,
+    )
+    return await named.watch(keys, **kwargs)
 
 
 async def _next_update(watcher: KeyValue.KeyWatcher, timeout: float) -> object:
@@ -231,6 +265,7 @@ class NatsTransport(Transport):
             "user": s.user,
             "password": s.password,
             "token": s.token,
+            "inbox_prefix": s.inbox_prefix,
         }
         if s.tls:
             kwargs["tls"] = self._ssl_context()
@@ -268,8 +303,20 @@ class NatsTransport(Transport):
         js = nc.jetstream(timeout=s.request_timeout)
         try:
             with self._mapped("open buckets"):
-                for role, history in (("desired", s.history), ("status", 1), ("outcomes", 1)):
-                    self._buckets[role] = await self._bucket(js, role, history)
+                failures: list[Exception] = []
+
+                async def open_bucket(role: str, history: int) -> None:
+                    try:
+                        self._buckets[role] = await self._bucket(js, role, history)
+                    except Exception as exc:  # raised below as itself, not as an exception group
+                        failures.append(exc)
+
+                # At once: in a cluster electing a stream leader each may wait for the request timeout.
+                async with anyio.create_task_group() as tg:
+                    for role, history in (("desired", s.history), ("status", 1), ("outcomes", 1)):
+                        tg.start_soon(open_bucket, role, history)
+                if failures:
+                    raise failures[0]
         except BaseException:
             self._nc = None
             await self._close_client(nc)
@@ -319,14 +366,25 @@ class NatsTransport(Transport):
         return TransportUnavailable(f"cannot connect to NATS server {where} within {deadline} (no answer)")
 
     async def _bucket(self, js: JetStreamContext, role: str, history: int) -> KeyValue:
-        """The bucket of ``role``, created (with ``history`` and the ``replicas`` setting) if missing."""
+        """The bucket of ``role``, created (with ``history`` and the ``replicas`` setting) if missing.
+
+        While a cluster elects the bucket's stream leader (a few seconds after losing a node) its requests get no
+        answer: they are retried every 0.25 s until ``connect_timeout``, so a client reconnecting then is ready
+        as soon as the stream is, instead of failing the whole connect.
+        """
         name = f"{self.settings.prefix}-{role}"
         replicas = self.settings.replicas
-        try:
-            kv = await js.key_value(name)
-        except nats.js.errors.BucketNotFoundError:
-            pass
-        else:
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            try:
+                kv = await js.key_value(name)
+            except nats.js.errors.BucketNotFoundError:
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                if time.monotonic() + 0.25 > deadline:
+                    raise
+                await anyio.sleep(0.25)
+                continue
             if replicas > 1:
                 await self._check_replicas(kv, name)
             return kv
@@ -444,7 +502,8 @@ class NatsTransport(Transport):
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
             raise TransportUnavailable(
                 f"NATS server {self.settings.display}: JetStream is not available ({exc}); start the server "
-                "with JetStream enabled (nats-server -js, as 'weavelet server' does)"
+                "with JetStream enabled (nats-server -js, as 'weavelet server' does), or, in a cluster that just "
+                "lost a node, retry once it has elected new stream leaders"
             ) from None
         except (
             nats.errors.TimeoutError,
@@ -473,8 +532,8 @@ class NatsTransport(Transport):
 
     def _permission_error(self, action: str, denial: _Denial, subject: str) -> PermissionDenied:
         shown = subject if subject and subject.lower() == denial.subject else denial.subject
-        if shown.startswith("_inbox."):
-            shown = "_INBOX.>"  # the client's reply subjects (the server's text is lowercased)
+        if shown.startswith(f"{self.settings.inbox_prefix.lower()}."):
+            shown = f"{self.settings.inbox_prefix}.>"  # the client's reply subjects (the server's text is lowercased)
         if denial.kind == "publish":
             needed, rule = "publish", f'publish: {{ allow: ["{shown}"] }}'
         else:
@@ -483,7 +542,7 @@ class NatsTransport(Transport):
             f"NATS server {self.settings.display}: permission denied to {action}: the user may not {needed} to "
             f"{shown!r}; grant it in the server's authorization block ({rule}; weavelet needs publish on "
             f"$JS.API.> and $KV.{self.settings.prefix}-desired.>, $KV.{self.settings.prefix}-status.>, "
-            f"$KV.{self.settings.prefix}-outcomes.> and subscribe on _INBOX.>, see docs/nats.md)"
+            f"$KV.{self.settings.prefix}-outcomes.> and subscribe on {self.settings.inbox_prefix}.>, see docs/nats.md and docs/deploy.md)"
         )
 
     def _decode(self, data: bytes | None, kind: type[M], what: str) -> M | None:
@@ -540,7 +599,7 @@ class NatsTransport(Transport):
         (sent early when messages are in flight as the consumer is inspected: nats.py #995, #842), this counts
         what the consumer will deliver and reads until the entry that has nothing pending after it.
         """
-        watcher = await kv.watch(keys, include_history=include_history)
+        watcher = await _named_watch(kv, keys, include_history=include_history)
         found: list[KeyValue.Entry] = []
         try:
             assert watcher._sub is not None
@@ -638,7 +697,7 @@ class NatsTransport(Transport):
                 desired = self._kv("desired")
                 with self._mapped(f"watch run {run!r}", "desired"):
                     reconciled = await self._newest(run, key)
-                    watcher = await desired.watch(key)
+                    watcher = await _named_watch(desired, key)
             except TransportUnavailable as exc:
                 if self._closed:
                     return
@@ -697,9 +756,10 @@ class NatsTransport(Transport):
 
     async def _check_newest(self, run: str, key: str) -> int:
         """The number of the run's newest revision, or 0 when it has none or the server cannot say now."""
+        newest = None
         try:
-            with self._mapped(f"check run {run!r}", "desired"):
-                newest = await self._newest(run, key)
+            with anyio.move_on_after(WATCH_CHECK), self._mapped(f"check run {run!r}", "desired"):
+                newest = await self._newest(run, key)  # best effort: never holds the watch up for long
         except TransportUnavailable:
             return 0
         return 0 if newest is None else newest[0].revision
