@@ -542,7 +542,8 @@ class NatsTransport(Transport):
             f"NATS server {self.settings.display}: permission denied to {action}: the user may not {needed} to "
             f"{shown!r}; grant it in the server's authorization block ({rule}; weavelet needs publish on "
             f"$JS.API.> and $KV.{self.settings.prefix}-desired.>, $KV.{self.settings.prefix}-status.>, "
-            f"$KV.{self.settings.prefix}-outcomes.> and subscribe on {self.settings.inbox_prefix}.>, see docs/nats.md and docs/deploy.md)"
+            f"$KV.{self.settings.prefix}-outcomes.> and subscribe on {self.settings.inbox_prefix}.>; per-run "
+            "rules: docs/deploy.md)"
         )
 
     def _decode(self, data: bytes | None, kind: type[M], what: str) -> M | None:
