@@ -110,6 +110,8 @@ class RedisServer(ManagedServer):
         self.tls = tls
         self.replica_of = replica_of
         self.cluster = cluster
+        if cluster:
+            self.port_below = 55536  # the cluster bus listens on the port + 10000
         self.args = list(args or [])
         self._external_url: str | None = None
 

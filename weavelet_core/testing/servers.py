@@ -38,13 +38,14 @@ class ServerFailed(WeaveletError, RuntimeError):
     """A managed server exited or did not become ready in time; the message ends with the end of its log."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now, never one of :data:`RESERVED_PORTS`."""
+def free_port(host: str = "127.0.0.1", *, below: int = 65536) -> int:
+    """A TCP port free on ``host`` now, below ``below`` (a Redis Cluster node needs its port + 10000 free too, so
+    at most 55535), never one of :data:`RESERVED_PORTS`."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
             port = int(sock.getsockname()[1])
-        if port not in RESERVED_PORTS:
+        if port not in RESERVED_PORTS and port < below:
             return port
 
 
@@ -90,6 +91,8 @@ class ManagedServer:
     """Name used in messages (``nats-server``, ``redis-server``...)."""
     log_name = "server.log"
     address_in_use = "address already in use"
+    port_below = 65536
+    """Ports picked for this server are below this."""
     """Text of the server's log, lowercased, that means its port was taken (a free port is then picked again)."""
 
     def __init__(
@@ -171,7 +174,7 @@ class ManagedServer:
         """Pick :attr:`port` (and :meth:`pick_extra_ports`) if not chosen yet; a group calls it on every member
         before it writes any member's configuration."""
         if self.port is None:
-            self.port = free_port(self.host)
+            self.port = free_port(self.host, below=self.port_below)
             self.pick_extra_ports()
 
     def launch(self, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
