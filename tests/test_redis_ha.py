@@ -208,3 +208,23 @@ def test_cluster_runs_spread_over_slots_and_nodes(redis_cluster: RedisCluster) -
                 assert len({key_slot(k.encode()) for k in keys}) == 1, "one run's keys share one slot"
 
     anyio.run(go)
+
+
+def test_an_unreachable_cluster_or_sentinel_is_unavailable_with_one_line() -> None:
+    from weavelet_core.testing.servers import free_port
+
+    async def go() -> None:
+        for url in (
+            f"redis+cluster://127.0.0.1:{free_port(below=55536)}?connect_timeout=2",
+            f"redis+sentinel://127.0.0.1:{free_port()}/mymaster/0?connect_timeout=2",
+        ):
+            transport = open_transport(url)
+            started = time.monotonic()
+            with pytest.raises(TransportUnavailable) as info:
+                await transport.connect()
+            await transport.aclose()
+            assert time.monotonic() - started < 4, url
+            assert "\n" not in str(info.value)
+            assert url.split("?")[0] in str(info.value)
+
+    anyio.run(go)

@@ -36,7 +36,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import EqualJitterBackoff, ExponentialBackoff, NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from weavelet_core.errors import (
     AuthenticationFailed,
@@ -185,7 +185,7 @@ class RedisTransport(Transport):
         """Await one redis-py call; its errors become weavelet's (see :func:`weavelet_redis.errors.translate`)."""
         try:
             return await pending
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise translate(exc, self.url, action, self.keys.prefix) from exc
 
     async def connect(self) -> None:
