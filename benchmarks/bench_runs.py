@@ -42,7 +42,7 @@ def file_url() -> Iterator[str]:
 
 @contextmanager
 def redis_url() -> Iterator[str]:
-    from weavelet_core.testing.redis import RedisServer
+    from weavelet_redis.testing import RedisServer
 
     with tempfile.TemporaryDirectory(prefix="bench-runs-redis-") as directory:
         server = RedisServer(Path(directory)).start()

@@ -32,7 +32,7 @@ import anyio
 import redis.asyncio as aioredis
 
 from weavelet_core import AsyncWeaver, Revision, Weaver, open_transport
-from weavelet_core.testing.redis import RedisServer, find_redis_server
+from weavelet_redis.testing import RedisServer, find_redis_server
 
 TARGET_RATIO = 2.0
 WARMUP = 50

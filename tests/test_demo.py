@@ -68,7 +68,7 @@ def test_demo_runs_to_the_end_and_writes_its_plot(tmp_path: Path, isolated_env: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("server", ["nats_server", "redis_server"])
+@pytest.mark.parametrize("server", ["weavelet_nats_server", "weavelet_redis_server"])
 def test_demo_over_a_server(
     tmp_path: Path, isolated_env: dict[str, str], server: str, request: pytest.FixtureRequest
 ) -> None:

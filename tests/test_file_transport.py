@@ -187,7 +187,7 @@ def test_unwritable_store_directory_is_reported_and_nothing_lost(tmp_path: Path,
     _make_immutable(run_dir / "revisions", immutable)
     with pytest.raises(TransportError) as info:
         _run(_write, url, "demo", {"lr": 0.2})
-    assert "Operation not permitted; fix its permissions" in str(info.value)
+    assert "Operation not permitted; the store is read-only for this user (reading still works" in str(info.value)
     latest, history = _run(_read, url, "demo")
     assert latest is not None
     assert (latest.revision, latest.config) == (1, {"lr": 0.1})
@@ -197,10 +197,13 @@ def test_unwritable_store_directory_is_reported_and_nothing_lost(tmp_path: Path,
     with pytest.raises(TransportError) as info:
         _run(_write, url, "other", {"lr": 0.3})
     assert str(info.value) == (
-        f"file transport directory {tmp_path / 'store'} is not writable by this user; fix its permissions or "
-        "choose another directory with --url file:///path or WEAVELET_URL"
+        f"file transport: cannot write {tmp_path / 'store' / 'runs' / 'other'}: Operation not permitted; the store "
+        "is read-only for this user (reading still works: weavelet get, status, history, runs); to write, fix its "
+        "permissions or choose another directory with --url file:///path or WEAVELET_URL"
     )
     assert not isinstance(info.value, TransportUnavailable)  # retrying cannot help: the weaver fails at once
+    latest, _ = _run(_read, url, "demo")
+    assert latest is not None, "a read-only store still serves reads"
 
 
 # -- a crash in the middle of a write ----------------------------------------------------------------------
@@ -410,3 +413,176 @@ def test_outcomes_are_bounded_per_revision_and_per_run(tmp_path: Path) -> None:
             assert [o.revision for o in await transport.outcomes("demo")] == [3, 4, 5]
 
     _run(go)
+
+
+# -- shared storage: ownership, modes, a team group, read-only stores -------------------------------------------
+OTHER_UID = 65534  # nobody
+TEAM_GROUP = "nogroup"  # gid 65534 on Debian and Ubuntu
+
+
+def _connect_ok(url: str) -> None:
+    async def go() -> None:
+        transport = open_transport(url)
+        await transport.connect()
+        await transport.aclose()
+
+    _run(go)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o7777
+
+
+def test_new_store_directories_are_private(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    _run(_write, store.as_uri(), "demo", {"lr": 0.1})
+    run_dir = store / "runs" / "demo"
+    for directory in (store, store / "runs", run_dir, run_dir / "revisions"):
+        assert _mode(directory) == 0o700, directory
+    assert _mode(run_dir / "latest.json") == 0o600
+
+
+def test_group_option_makes_a_team_directory(tmp_path: Path) -> None:
+    import grp
+
+    gid = grp.getgrnam(TEAM_GROUP).gr_gid
+    store = tmp_path / "team"
+    url = f"{store.as_uri()}?group={TEAM_GROUP}"
+    _run(_write, url, "demo", {"lr": 0.1})
+    run_dir = store / "runs" / "demo"
+    for directory in (store, store / "runs", run_dir, run_dir / "revisions"):
+        assert _mode(directory) == 0o2770, directory  # setgid: what teammates create keeps the group
+        assert directory.stat().st_gid == gid
+    assert _mode(run_dir / "latest.json") == 0o660
+    assert (run_dir / "latest.json").stat().st_gid == gid
+    latest, _ = _run(_read, url, "demo")
+    assert latest is not None
+
+
+def test_an_unknown_group_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"group 'no-such-team' does not exist on this host; create it"):
+        open_transport(f"{(tmp_path / 's').as_uri()}?group=no-such-team")
+
+
+def test_a_store_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    _run(_write, store.as_uri(), "demo", {"lr": 0.1})
+    os.chown(store, OTHER_UID, OTHER_UID)
+    with pytest.raises(TransportError) as info:
+        _connect_ok(store.as_uri())
+    message = str(info.value)
+    assert message.startswith(f"file transport: refusing {store}: it is owned by nobody (uid {OTHER_UID})")
+    assert "chown -R root" in message
+    assert "?group=GROUP" in message
+    # Owned by the team group, named in the URL: trusted.
+    _connect_ok(f"{store.as_uri()}?group={TEAM_GROUP}")
+
+
+def test_a_store_or_run_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    url = store.as_uri()
+    _run(_write, url, "demo", {"lr": 0.1})
+    store.chmod(0o707)
+    with pytest.raises(TransportError, match=r"every user may write it \(mode 0707\).*chmod -R o-w"):
+        _connect_ok(url)
+    store.chmod(0o700)
+    run_dir = store / "runs" / "demo"
+    run_dir.chmod(0o777)
+    with pytest.raises(TransportError, match=rf"refusing {run_dir}: every user may write it"):
+        _run(_read, url, "demo")
+    run_dir.chmod(0o700)
+    latest, _ = _run(_read, url, "demo")
+    assert latest is not None
+
+
+def test_a_run_directory_replaced_by_another_user_is_refused(run_cli: CliRunner, tmp_path: Path) -> None:
+    """The probe of the issue: another local user swapped a run's directory for one with a forged revision."""
+    store = tmp_path / "store"
+    url = store.as_uri()
+    _run(_write, url, "demo", {"lr": 0.1})
+    run_dir = store / "runs" / "demo"
+    shutil.rmtree(run_dir)
+    (run_dir / "revisions").mkdir(parents=True)
+    forged = encode(Revision(run="demo", revision=2, config={"lr": 99.0}, author="root@vm"))
+    (run_dir / "latest.json").write_bytes(forged)
+    for path in (run_dir, run_dir / "revisions", run_dir / "latest.json"):
+        os.chown(path, OTHER_UID, OTHER_UID)
+    with pytest.raises(TransportError, match=rf"refusing {run_dir}: it is owned by nobody"):
+        _run(_read, url, "demo")
+    done = run_cli("get", "demo", "--url", url)
+    assert done.returncode == 1
+    assert "refusing" in done.stderr
+    assert "99" not in done.stdout
+
+
+def test_a_store_below_a_directory_anyone_may_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(TransportError, match=r"its parent .*shared is writable by every user \(mode 0777\)"):
+        _connect_ok((shared / "store").as_uri())
+    shared.chmod(0o1777)  # sticky, like /tmp: others cannot rename what is not theirs
+    _connect_ok((shared / "store").as_uri())
+
+
+@pytest.fixture
+def world_readable_dir() -> Iterator[Path]:
+    """A directory under /tmp that another user can reach (pytest's tmp_path is private to root)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="weavelet-shared-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_read_only_team_store_serves_read_commands_to_another_user(
+    run_cli: CliRunner, world_readable_dir: Path, isolated_env: dict[str, str]
+) -> None:
+    """Written by one user; a teammate (another uid in the store's group, without write permission) reads it with
+    ``status``, ``get``, ``history`` and ``runs``, and a write fails saying the store is read-only."""
+    store = world_readable_dir / "team"
+    url = f"{store.as_uri()}?group={TEAM_GROUP}"
+    _run(_write, url, "demo", {"lr": 0.1}, {"lr": 0.2})
+
+    async def status() -> None:
+        async with open_transport(url) as transport:
+            await transport.publish_status(Status(run="demo", state="running", step=5))
+
+    _run(status)
+    for path in [store, *store.rglob("*")]:
+        path.chmod(_mode(path) & ~0o020)  # the group may read, not write
+    env = {
+        **isolated_env,
+        "HOME": str(world_readable_dir),
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+
+    def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+        command = ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups"]
+        return subprocess.run(
+            [*command, sys.executable, "-m", "weavelet_core", *args, "--url", url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=world_readable_dir,
+        )
+
+    for args, expected in (
+        (("status", "demo"), "running"),
+        (("get", "demo"), "0.2"),
+        (("history", "demo"), "0.1"),
+        (("runs",), "demo"),
+    ):
+        done = as_nobody(*args)
+        assert done.returncode == 0, (args, done.stderr)
+        assert expected in done.stdout, (args, done.stdout)
+    done = as_nobody("set", "demo", "lr=0.3")
+    assert done.returncode == 1
+    assert "Permission denied; the store is read-only for this user (reading still works" in done.stderr
+    assert done.stderr.count("\n") == 1

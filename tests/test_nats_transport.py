@@ -7,16 +7,23 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from weavelet_core import open_transport
-from weavelet_core.errors import CorruptEntry, InvalidRunId, RevisionConflict, TransportUnavailable
+from weavelet_core.errors import (
+    AuthenticationFailed,
+    CorruptEntry,
+    InvalidRunId,
+    RevisionConflict,
+    TransportUnavailable,
+)
 from weavelet_core.plugins import get_registry
 from weavelet_core.protocol import Outcome, Revision, Status
 from weavelet_core.testing import TransportConformance
-from weavelet_core.testing.nats import NatsServer
 from weavelet_core.transport import Transport
+from weavelet_nats.testing import NatsServer, NatsServerFactory
 from weavelet_nats.transport import NatsTransport, key_run, run_key
 from weavelet_nats.url import InvalidNatsUrl, parse_url
 
@@ -29,8 +36,8 @@ async def _put_raw(transport: Transport, run: str, data: bytes) -> None:
 
 class TestNatsTransport(TransportConformance):
     @pytest.fixture
-    def transport_url(self, nats_url: str) -> str:
-        return nats_url
+    def transport_url(self, weavelet_nats_url: str) -> str:
+        return weavelet_nats_url
 
     async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
         await _put_raw(transport, run, data)  # the key stores no number apart from the payload
@@ -40,8 +47,8 @@ class TestNatsTransportWithPrefix(TransportConformance):
     """Buckets under another prefix are independent of the default ones."""
 
     @pytest.fixture
-    def transport_url(self, nats_url: str) -> str:
-        return f"{nats_url}?prefix=other-{uuid.uuid4().hex[:6]}&history=50"
+    def transport_url(self, weavelet_nats_url: str) -> str:
+        return f"{weavelet_nats_url}?prefix=other-{uuid.uuid4().hex[:6]}&history=50"
 
     async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
         await _put_raw(transport, run, data)
@@ -163,8 +170,8 @@ def test_plugin_module_imports_without_nats_py() -> None:
 
 # -- behaviour beyond the suite ----------------------------------------------------------------------------
 @pytest.mark.anyio
-async def test_calls_after_aclose_fail_clearly(nats_url: str) -> None:
-    transport = open_transport(nats_url)
+async def test_calls_after_aclose_fail_clearly(weavelet_nats_url: str) -> None:
+    transport = open_transport(weavelet_nats_url)
     await transport.connect()
     await transport.aclose()
     with pytest.raises(TransportUnavailable, match="closed"):
@@ -172,9 +179,9 @@ async def test_calls_after_aclose_fail_clearly(nats_url: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_history_keeps_the_newest_revisions_up_to_the_bucket_limit(nats_server: NatsServer) -> None:
+async def test_history_keeps_the_newest_revisions_up_to_the_bucket_limit(weavelet_nats_server: NatsServer) -> None:
     prefix = f"hist-{uuid.uuid4().hex[:6]}"
-    transport = open_transport(f"{nats_server.url}?prefix={prefix}&history=5")
+    transport = open_transport(f"{weavelet_nats_server.url}?prefix={prefix}&history=5")
     await transport.connect()
     try:
         for number in range(1, 9):
@@ -191,11 +198,11 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
-async def test_runs_lists_every_run_every_time(nats_server: NatsServer) -> None:
+async def test_runs_lists_every_run_every_time(weavelet_nats_server: NatsServer) -> None:
     """nats-py's ``keys()`` can end early and return part of a bucket (nats.py #995, #842); ``runs()`` does not
     rely on it: 200 listings in a row all see every run (with revisions, with a status, with both)."""
     prefix = f"runs-{uuid.uuid4().hex[:6]}"
-    transport = open_transport(f"{nats_server.url}?prefix={prefix}")
+    transport = open_transport(f"{weavelet_nats_server.url}?prefix={prefix}")
     await transport.connect()
     try:
         await transport.put(Revision(run="a.1", revision=1, config={}))
@@ -213,9 +220,9 @@ async def test_runs_lists_every_run_every_time(nats_server: NatsServer) -> None:
 
 
 @pytest.mark.anyio
-async def test_runs_leaves_out_deleted_keys(nats_server: NatsServer) -> None:
+async def test_runs_leaves_out_deleted_keys(weavelet_nats_server: NatsServer) -> None:
     prefix = f"runs-{uuid.uuid4().hex[:6]}"
-    transport = open_transport(f"{nats_server.url}?prefix={prefix}")
+    transport = open_transport(f"{weavelet_nats_server.url}?prefix={prefix}")
     await transport.connect()
     try:
         assert isinstance(transport, NatsTransport)
@@ -228,10 +235,10 @@ async def test_runs_leaves_out_deleted_keys(nats_server: NatsServer) -> None:
 
 
 @pytest.mark.anyio
-async def test_unreadable_newest_entry_numbers_from_the_json_it_still_shows(nats_url: str) -> None:
+async def test_unreadable_newest_entry_numbers_from_the_json_it_still_shows(weavelet_nats_url: str) -> None:
     """An entry of a newer protocol version keeps the number it shows, however far ahead; writers continue there."""
     run = f"json-{uuid.uuid4().hex[:8]}"
-    async with open_transport(nats_url) as transport:
+    async with open_transport(weavelet_nats_url) as transport:
         await transport.put(Revision(run=run, revision=1, config={}))
         await _put_raw(transport, run, b'{"v": 9, "revision": 41, "whatever": true}')
         with pytest.raises(CorruptEntry) as info:
@@ -246,9 +253,9 @@ async def test_unreadable_newest_entry_numbers_from_the_json_it_still_shows(nats
 
 
 @pytest.mark.anyio
-async def test_version_1_outcomes_still_read_and_are_kept_beside_new_ones(nats_url: str) -> None:
+async def test_version_1_outcomes_still_read_and_are_kept_beside_new_ones(weavelet_nats_url: str) -> None:
     run = f"v1-{uuid.uuid4().hex[:8]}"
-    async with open_transport(nats_url) as transport:
+    async with open_transport(weavelet_nats_url) as transport:
         assert isinstance(transport, NatsTransport)
         v1 = {"v": 1, "kind": "outcome", "run": run, "revision": 1, "result": "applied", "step": 4, "at": 100.5}
         await transport._kv("outcomes").put(f"{run_key(run)}.1", json.dumps(v1).encode())
@@ -260,3 +267,113 @@ async def test_version_1_outcomes_still_read_and_are_kept_beside_new_ones(nats_u
         await transport.publish_outcome(newer)
         assert await transport.outcomes(run) == [legacy, newer]
         assert await transport.outcome(run, 1) == newer
+
+
+async def _connected(url: str, **options: object) -> Transport:
+    transport = open_transport(url, **options)
+    await transport.connect()
+    return transport
+
+
+# -- faults only NATS has (the shared ones: test_transport_faults.py) -------------------------------------
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("server_auth", "url_auth"),
+    [
+        ({"user": "alice", "password": "right-pw"}, "alice:wrong-pw@"),
+        ({"user": "alice", "password": "right-pw"}, ""),
+        ({"token": "right-token"}, "wrong-token@"),
+    ],
+    ids=["wrong-password", "no-credentials", "wrong-token"],
+)
+async def test_bad_credentials_fail_with_one_line_within_the_deadline(
+    weavelet_nats_server_factory: NatsServerFactory, server_auth: dict[str, str], url_auth: str
+) -> None:
+    server = weavelet_nats_server_factory(**server_auth)
+    transport = open_transport(f"nats://{url_auth}{server.address}?connect_timeout=3")
+    started = time.monotonic()
+    with pytest.raises(AuthenticationFailed) as info:
+        await transport.connect()
+    assert time.monotonic() - started < 3.0
+    message = str(info.value)
+    assert "authentication failed" in message
+    assert "\n" not in message
+    assert "wrong-pw" not in message
+    assert "wrong-token" not in message
+    await transport.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("auth", [{"user": "alice", "password": "p@ss:w/rd"}, {"token": "s3cr3t-token"}])
+async def test_right_credentials_connect(weavelet_nats_server_factory: NatsServerFactory, auth: dict[str, str]) -> None:
+    server = weavelet_nats_server_factory(**auth)
+    if "token" in auth:
+        url = f"nats://{auth['token']}@{server.address}"
+    else:
+        url = f"nats://{auth['user']}:p%40ss%3Aw%2Frd@{server.address}"
+    transport = await _connected(url)
+    try:
+        await transport.put(Revision(run="r", revision=1, config={"ok": True}))
+        latest = await transport.latest("r")
+        assert latest is not None
+        assert latest.config == {"ok": True}
+    finally:
+        await transport.aclose()
+
+
+@pytest.mark.anyio
+async def test_refused_connection_names_the_cause_within_the_deadline(
+    weavelet_nats_server_factory: NatsServerFactory,
+) -> None:
+    server = weavelet_nats_server_factory()
+    server.stop()
+    transport = open_transport(f"{server.url}?connect_timeout=1")
+    started = time.monotonic()
+    with pytest.raises(TransportUnavailable) as info:
+        await transport.connect()
+    assert time.monotonic() - started < 2.5
+    assert "connection refused" in str(info.value)
+    assert "weavelet server" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (it is its own CA) and its key, made with openssl."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.anyio
+async def test_tls_with_the_ca_connects_and_without_it_names_tls(
+    weavelet_nats_server_factory: NatsServerFactory, tls_files: tuple[Path, Path]
+) -> None:
+    cert, key = tls_files
+    server = weavelet_nats_server_factory(tls_cert=cert, tls_key=key)
+    assert server.url.startswith("tls://")
+    transport = await _connected(f"{server.url}?tls_ca={cert}")
+    try:
+        await transport.put(Revision(run="r", revision=1, config={"tls": True}))
+        assert (await transport.latest("r")) is not None
+    finally:
+        await transport.aclose()
+
+    for url in (f"{server.url}?connect_timeout=3", f"nats://{server.address}?connect_timeout=3"):
+        untrusted = open_transport(url)
+        started = time.monotonic()
+        with pytest.raises(TransportUnavailable) as info:
+            await untrusted.connect()
+        assert time.monotonic() - started < 3.5
+        assert "TLS" in str(info.value)
+        assert "tls_ca" in str(info.value)
+        await untrusted.aclose()

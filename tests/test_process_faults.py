@@ -18,9 +18,9 @@ import pytest
 
 from weavelet_core import Revision, WeaveletProcess, Weaver
 from weavelet_core.protocol import encode
-from weavelet_core.testing.nats import NatsServerFactory
 from weavelet_core.testing.process import TrainerProcess, leftovers, wait_until
 from weavelet_file.transport import atomic_write
+from weavelet_nats.testing import NatsServerFactory
 
 WAIT = 15.0
 
@@ -263,9 +263,9 @@ def test_file_transport_outage_during_a_run(
 
 
 def test_nats_server_outage_during_a_run(
-    nats_server_factory: NatsServerFactory, make: Callable[..., WeaveletProcess], run: str
+    weavelet_nats_server_factory: NatsServerFactory, make: Callable[..., WeaveletProcess], run: str
 ) -> None:
-    server = nats_server_factory()
+    server = weavelet_nats_server_factory()
     process = make(url=server.url)
     process.start(timeout=WAIT)
     with Weaver(server.url) as weaver:
@@ -292,9 +292,11 @@ def test_nats_server_outage_during_a_run(
 
 
 def test_authentication_failure_is_final_and_visible(
-    nats_server_factory: NatsServerFactory, make: Callable[..., WeaveletProcess], caplog: pytest.LogCaptureFixture
+    weavelet_nats_server_factory: NatsServerFactory,
+    make: Callable[..., WeaveletProcess],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    server = nats_server_factory(user="alice", password="right")
+    server = weavelet_nats_server_factory(user="alice", password="right")
     wrong = server.url.replace("nats://", "nats://alice:wrong@")
     process = make(url=wrong, connect_timeout=5.0)
     with caplog.at_level(logging.ERROR, logger="weavelet_core.process"):

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,13 +17,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from weavelet_core import AsyncWeaver, Outcome, Revision, Status, open_transport
-from weavelet_core.errors import CorruptEntry, RevisionConflict, TransportUnavailable
+from weavelet_core.errors import AuthenticationFailed, CorruptEntry, RevisionConflict, TransportUnavailable
 from weavelet_core.plugins import get_registry
 from weavelet_core.protocol import encode
 from weavelet_core.testing import TransportConformance
-from weavelet_core.testing.redis import RedisServer, TlsFiles, free_port, with_query
 from weavelet_core.transport import Transport
 from weavelet_redis.config import KeyLayout, parse_url
+from weavelet_redis.testing import RedisServer, RedisServerFactory, TlsFiles, free_port, with_query
 from weavelet_redis.transport import RedisTransport
 
 pytestmark = pytest.mark.anyio
@@ -36,8 +37,8 @@ def anyio_backend() -> str:
 
 class TestRedisTransport(TransportConformance):
     @pytest.fixture
-    def transport_url(self, redis_url: str) -> str:
-        return redis_url
+    def transport_url(self, weavelet_redis_url: str) -> str:
+        return weavelet_redis_url
 
     async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
         assert isinstance(transport, RedisTransport)
@@ -50,8 +51,8 @@ class TestRedisTransport(TransportConformance):
 
 
 @pytest.fixture
-async def transport(redis_url: str) -> AsyncIterator[RedisTransport]:
-    t = open_transport(redis_url)
+async def transport(weavelet_redis_url: str) -> AsyncIterator[RedisTransport]:
+    t = open_transport(weavelet_redis_url)
     assert isinstance(t, RedisTransport)
     await t.connect()
     try:
@@ -61,8 +62,8 @@ async def transport(redis_url: str) -> AsyncIterator[RedisTransport]:
 
 
 @pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
+async def raw(weavelet_redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(weavelet_redis_server.url)
     try:
         yield client
     finally:
@@ -136,7 +137,7 @@ def test_unknown_keyword_option_lists_the_known_ones() -> None:
         parse_url("redis://h", histroy=3)
 
 
-async def test_repr_and_messages_never_show_the_password(redis_server: RedisServer) -> None:
+async def test_repr_and_messages_never_show_the_password(weavelet_redis_server: RedisServer) -> None:
     url = f"redis://user:hunter2@127.0.0.1:{free_port()}/0"
     t = open_transport(url)
     assert "hunter2" not in repr(t)
@@ -148,17 +149,22 @@ async def test_repr_and_messages_never_show_the_password(redis_server: RedisServ
 
 
 # -- key layout and storage -----------------------------------------------------------------------------
-async def test_key_layout_is_the_documented_one(redis_url: str, raw: aioredis.Redis) -> None:
-    prefix = _prefix(redis_url, "layout:")
+async def test_key_layout_is_the_documented_one(weavelet_redis_url: str, raw: aioredis.Redis) -> None:
+    prefix = _prefix(weavelet_redis_url, "layout:")
     run = _run()
     keys = KeyLayout(prefix)
-    async with open_transport(with_query(redis_url, prefix=prefix, status_history="3")) as t:
+    async with open_transport(with_query(weavelet_redis_url, prefix=prefix, status_history="3")) as t:
         await t.put(Revision(run=run, revision=1, config={"lr": 0.1}))
         for step in range(10):
             await t.publish_status(Status(run=run, state="running", step=step))
         await t.publish_outcome(Outcome(run=run, revision=1, result="applied", step=3))
     assert await raw.smembers(f"{prefix}runs") == {run.encode()}
-    assert keys.revisions(run) == f"{prefix}run:{run}:revisions"
+    # Every key of a run carries the run as its hash tag: one Redis Cluster slot per run.
+    assert keys.run(run) == f"{prefix}run:{{{run}}}"
+    assert keys.revisions(run) == f"{prefix}run:{{{run}}}:revisions"
+    assert keys.status_stream(run) == f"{prefix}run:{{{run}}}:status"
+    assert keys.outcomes(run) == f"{prefix}run:{{{run}}}:outcomes"
+    assert keys.outcome_index(run) == f"{prefix}run:{{{run}}}:outcomes:index"
     entries: Any = await raw.xrange(keys.revisions(run))
     assert len(entries) == 1
     assert entries[0][1][b"revision"] == b"1"
@@ -173,11 +179,11 @@ async def test_key_layout_is_the_documented_one(redis_url: str, raw: aioredis.Re
     assert json.loads(outcome)["result"] == "applied"
 
 
-async def test_prefixes_isolate_deployments_on_one_server(redis_url: str) -> None:
+async def test_prefixes_isolate_deployments_on_one_server(weavelet_redis_url: str) -> None:
     run = _run()
     async with (
-        open_transport(with_query(redis_url, prefix=_prefix(redis_url, "a:"))) as a,
-        open_transport(with_query(redis_url, prefix=_prefix(redis_url, "b:"))) as b,
+        open_transport(with_query(weavelet_redis_url, prefix=_prefix(weavelet_redis_url, "a:"))) as a,
+        open_transport(with_query(weavelet_redis_url, prefix=_prefix(weavelet_redis_url, "b:"))) as b,
     ):
         await a.put(Revision(run=run, revision=1, config={"side": "a"}))
         assert await b.latest(run) is None
@@ -188,9 +194,9 @@ async def test_prefixes_isolate_deployments_on_one_server(redis_url: str) -> Non
         assert latest.config == {"side": "a"}
 
 
-async def test_history_is_capped_and_keeps_the_newest(redis_url: str) -> None:
+async def test_history_is_capped_and_keeps_the_newest(weavelet_redis_url: str) -> None:
     run = _run()
-    async with open_transport(with_query(redis_url, history="10")) as t:
+    async with open_transport(with_query(weavelet_redis_url, history="10")) as t:
         for number in range(1, 501):
             await t.put(Revision(run=run, revision=number, config={"n": number}))
         for number in range(1, 31):
@@ -259,9 +265,9 @@ async def test_version_1_outcomes_still_read_and_are_kept_beside_new_ones(
     assert await transport.outcome(run, 1) == newer
 
 
-async def test_outcome_storage_is_bounded(redis_url: str, raw: aioredis.Redis) -> None:
+async def test_outcome_storage_is_bounded(weavelet_redis_url: str, raw: aioredis.Redis) -> None:
     run = _run()
-    async with open_transport(redis_url, history=3) as t:
+    async with open_transport(weavelet_redis_url, history=3) as t:
         assert isinstance(t, RedisTransport)
         for n in range(12):
             await t.publish_outcome(Outcome(run=run, revision=1, result="applied", at=1000.0 + n, incarnation=f"i{n}"))
@@ -274,9 +280,9 @@ async def test_outcome_storage_is_bounded(redis_url: str, raw: aioredis.Redis) -
         assert await raw.zcard(t.keys.outcome_index(run)) == 3
 
 
-async def test_watch_ends_when_the_transport_is_closed(redis_url: str) -> None:
+async def test_watch_ends_when_the_transport_is_closed(weavelet_redis_url: str) -> None:
     run = _run()
-    t = open_transport(redis_url, block=1.0, socket_timeout=3.0)
+    t = open_transport(weavelet_redis_url, block=1.0, socket_timeout=3.0)
     await t.connect()
     await t.put(Revision(run=run, revision=1, config={}))
     watcher = t.watch(run)
@@ -296,9 +302,9 @@ async def test_watch_ends_when_the_transport_is_closed(redis_url: str) -> None:
             await ended.wait()
 
 
-async def test_weaver_round_trip_over_redis(redis_url: str) -> None:
+async def test_weaver_round_trip_over_redis(weavelet_redis_url: str) -> None:
     run = _run()
-    async with AsyncWeaver(redis_url) as weaver:
+    async with AsyncWeaver(weavelet_redis_url) as weaver:
         first = await weaver.set(run, {"lr": 0.1, "optimizer": {"name": "sgd", "momentum": 0.9}})
         second = await weaver.set(run, {"optimizer": {"name": "adam"}})
         assert (first.revision, second.revision) == (1, 2)
@@ -324,8 +330,10 @@ def _make_tls_files(directory: Path) -> TlsFiles:
     return TlsFiles(cert=directory / "server.pem", key=directory / "server.key", ca=directory / "ca.pem")
 
 
-async def test_rediss_tls_with_a_private_ca(redis_server_factory: Callable[..., RedisServer], tmp_path: Path) -> None:
-    server = redis_server_factory(tls=_make_tls_files(tmp_path))
+async def test_rediss_tls_with_a_private_ca(
+    weavelet_redis_server_factory: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    server = weavelet_redis_server_factory(tls=_make_tls_files(tmp_path))
     assert server.url.startswith("rediss://")
     run = _run()
     async with open_transport(server.url) as t:
@@ -343,12 +351,12 @@ async def test_rediss_tls_with_a_private_ca(redis_server_factory: Callable[..., 
 
 
 # -- the command line -----------------------------------------------------------------------------------
-def test_cli_set_and_get_against_redis(run_cli: CliRunner, redis_url: str) -> None:
+def test_cli_set_and_get_against_redis(run_cli: CliRunner, weavelet_redis_url: str) -> None:
     run = _run()
-    written = run_cli("set", run, "lr=0.1", "optimizer=adam", "--url", redis_url)
+    written = run_cli("set", run, "lr=0.1", "optimizer=adam", "--url", weavelet_redis_url)
     assert written.returncode == 0, written.stderr
     assert f"{run}: revision 1 stored" in written.stdout
-    shown = run_cli("get", run, "--json", "--url", redis_url)
+    shown = run_cli("get", run, "--json", "--url", weavelet_redis_url)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["config"] == {"lr": 0.1, "optimizer": "adam"}
 
@@ -367,7 +375,7 @@ def test_plugin_and_fixtures_load_without_the_driver() -> None:
         """
         import sys
         sys.modules["redis"] = None  # as if redis-py were not installed: importing it fails
-        import weavelet_core.testing.redis
+        import weavelet_redis.testing
         from weavelet_core import open_transport
         from weavelet_core.errors import MissingDriver
         from weavelet_core.plugins import get_registry
@@ -394,3 +402,113 @@ async def test_writing_the_same_revision_twice_is_not_a_conflict(transport: Redi
         await transport.put(Revision(run=run, revision=1, config={"lr": 0.1}))
     assert info.value.current == 1
     assert [r.id for r in await transport.history(run)] == [revision.id]
+
+
+# -- faults only Redis has (the shared ones: test_transport_faults.py) ------------------------------------
+DELIVERY_DEADLINE = 3.0
+
+
+class Collector:
+    """Consumes a watch in the background and records what arrived, and when."""
+
+    def __init__(self, transport: Transport, run: str) -> None:
+        self.transport = transport
+        self.run = run
+        self.revisions: list[Revision] = []
+        self.arrived: list[float] = []
+        self._changed = anyio.Event()
+
+    async def consume(self) -> None:
+        watcher: AsyncIterator[Revision] = self.transport.watch(self.run)
+        async for revision in watcher:
+            self.revisions.append(revision)
+            self.arrived.append(time.monotonic())
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    @property
+    def numbers(self) -> list[int]:
+        return [r.revision for r in self.revisions]
+
+    async def until(self, number: int, timeout: float) -> float:
+        """Wait until revision ``number`` has arrived; return when it did (monotonic seconds)."""
+        with anyio.fail_after(timeout):
+            while number not in self.numbers:
+                await self._changed.wait()
+        return self.arrived[self.numbers.index(number)]
+
+
+async def _kill_restart_write(server: RedisServer, url: str, *, persistent: bool) -> None:
+    run = _run()
+    async with open_transport(url) as watching, AsyncWeaver(url) as weaver:
+        collector = Collector(watching, run)
+        await weaver.set(run, {"lr": 0.1})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collector.consume)
+            await collector.until(1, timeout=5)
+            for lr in (0.2, 0.3):
+                await weaver.set(run, {"lr": lr})
+            await collector.until(3, timeout=5)
+
+            server.kill()
+            await anyio.sleep(0.3)  # the watcher notices and starts reconnecting
+            server.start()
+
+            before = await weaver.get(run)
+            if persistent:
+                # appendfsync always: every acknowledged write survived the SIGKILL.
+                assert before is not None
+                assert (before.revision, before.config) == (3, {"lr": 0.3})
+            else:
+                # No persistence: the restarted server is empty. Numbering starts again at 1, and a watcher
+                # never delivers a number it already delivered: revisions 1-3 are not passed on again.
+                assert before is None
+                for lr in (1.1, 1.2, 1.3):
+                    await weaver.set(run, {"lr": lr})
+            written = await weaver.set(run, {"lr": 0.4})
+            assert written.revision == 4
+            written_at = time.monotonic()
+            arrived_at = await collector.until(4, timeout=10)
+            tg.cancel_scope.cancel()
+
+    assert arrived_at - written_at < DELIVERY_DEADLINE
+    assert collector.numbers == [1, 2, 3, 4]
+    assert collector.revisions[-1].config["lr"] == 0.4
+    assert len({r.id for r in collector.revisions}) == 4
+
+
+@pytest.mark.slow
+async def test_sigkill_and_restart_without_persistence(
+    weavelet_redis_server_factory: RedisServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = weavelet_redis_server_factory()
+    await _kill_restart_write(server, server.url, persistent=False)
+    assert "skipping revision 1, not newer than revision 3 already delivered" in caplog.text
+
+
+@pytest.mark.parametrize("credentials", ["wrong-password", None], ids=["wrong-password", "no-password"])
+async def test_bad_credentials_are_a_one_line_authentication_error(
+    weavelet_redis_server_factory: RedisServerFactory, credentials: str | None
+) -> None:
+    server = weavelet_redis_server_factory(password="right-password")
+    url = server.url_with(credentials)
+    t = open_transport(url, connect_timeout=3)
+    started = time.monotonic()
+    with pytest.raises(AuthenticationFailed) as info:
+        await t.connect()
+    assert time.monotonic() - started < 3.0
+    await t.aclose()
+    message = str(info.value)
+    assert message.startswith(f"redis at {server.url_with('***' if credentials else None)}: authentication failed (")
+    assert "check the user name and password in the URL" in message
+    assert "\n" not in message
+    assert "right-password" not in message
+    assert "wrong-password" not in message
+    # The Weaver does not retry a refused password until its deadline: it is final.
+    started = time.monotonic()
+    with pytest.raises(AuthenticationFailed):
+        async with AsyncWeaver(url, write_timeout=30.0) as weaver:
+            await weaver.set(_run(), {"lr": 0.1})
+    assert time.monotonic() - started < 3.0
+    async with AsyncWeaver(server.url) as weaver:
+        assert (await weaver.set(_run(), {"lr": 0.1})).revision == 1

@@ -193,3 +193,17 @@ def test_the_port_stays_the_same_across_restarts_when_4222_is_taken(
     assert "port 4222 is in use, so port 4229 was chosen" in note
     taken.discard(4222)
     assert server_cli._choose_port(None, "127.0.0.1", store)[0] == 4222
+
+
+def test_the_server_syncs_every_jetstream_write_to_disk(start_server: StartServer, tmp_path: Path) -> None:
+    """Jepsen's NATS 2.12.1 analysis (2025-12-08) lost acknowledged writes with the lazy default fsync."""
+    store = tmp_path / "store"
+    server = start_server(["--port", "0", "--store-dir", str(store)])
+    url = server.wait_url()
+    config = (store / "nats-server.conf").read_text()
+    assert "sync_interval: always" in config
+    with Weaver(url) as weaver:
+        assert weaver.set("r1", {"lr": 0.1}).revision == 1
+    status, out, err = server.interrupt()
+    assert status == 0, err
+    assert "synced to disk before it is acknowledged" in out

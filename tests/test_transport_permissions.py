@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from weavelet_core import open_transport
 from weavelet_core.errors import AuthenticationFailed, PermissionDenied
 from weavelet_core.protocol import Outcome, Revision, Status
-from weavelet_core.testing.nats import NatsServer, NatsServerFactory
-from weavelet_core.testing.redis import RedisServer
 from weavelet_core.transport import Transport
+from weavelet_nats.testing import NatsServer, NatsServerFactory
+from weavelet_redis.testing import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -51,8 +51,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def nats_with_users(nats_server_factory: NatsServerFactory) -> NatsServer:
-    return nats_server_factory(config=NATS_USERS)
+def nats_with_users(weavelet_nats_server_factory: NatsServerFactory) -> NatsServer:
+    return weavelet_nats_server_factory(config=NATS_USERS)
 
 
 @contextlib.asynccontextmanager
@@ -118,8 +118,8 @@ async def test_nats_wrong_password_is_still_an_authentication_failure(nats_with_
 
 
 @pytest.fixture
-async def redis_with_users(redis_server_factory: Callable[..., RedisServer]) -> RedisServer:
-    server = redis_server_factory()
+async def redis_with_users(weavelet_redis_server_factory: Callable[..., RedisServer]) -> RedisServer:
+    server = weavelet_redis_server_factory()
     admin = aioredis.Redis.from_url(server.url)
     try:
         await admin.execute_command("ACL", "SETUSER", "reader", "on", ">reader-pw", "~*", "+@read", "+@connection")

@@ -9,92 +9,88 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 
 from weavelet_core import open_transport
+from weavelet_core.testing.servers import ManagedServer
 
 
 @dataclasses.dataclass
 class Store:
-    """One transport under test."""
+    """One transport under test; ``server`` is its broker process, if it has one."""
 
     name: str
     url: str
     write_raw: Callable[[str, int, bytes], None]
-    pid: Callable[[], int | None] = lambda: None
-    restart: Callable[[], None] | None = None
+    server: ManagedServer | None = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[bool]:
         """SIGSTOP the server for the block; yields whether there was one to stop."""
-        pid = self.pid()
-        if pid is None:
+        if self.server is None:
             yield False
             return
-        os.kill(pid, signal.SIGSTOP)
+        self.server.pause()
         try:
             yield True
         finally:
-            os.kill(pid, signal.SIGCONT)
+            self.server.resume()
+
+    def restart(self) -> bool:
+        """SIGKILL the server and start it again on the same port and data; whether there was one."""
+        if self.server is None:
+            return False
+        self.server.kill()
+        self.server.start()
+        return True
 
 
-def _run_async(fn: Callable[[], object]) -> None:
+def _run_async(fn: Callable[[], Awaitable[None]]) -> None:
     async def main() -> None:
         with anyio.fail_after(10):
-            await fn()  # type: ignore[misc]
+            await fn()
 
     anyio.run(main, backend="asyncio")
 
 
 def file_store(url: str) -> Store:
+    from weavelet_file import FileTransport
+
     def write_raw(run: str, number: int, data: bytes) -> None:
         async def go() -> None:
             async with open_transport(url) as transport:
-                await transport.put_raw(run, number, data)  # type: ignore[attr-defined]
+                assert isinstance(transport, FileTransport)
+                await transport.put_raw(run, number, data)
 
         _run_async(go)
 
     return Store("file", url, write_raw)
 
 
-def nats_store(server: object) -> Store:
+def nats_store(server: ManagedServer) -> Store:
     from weavelet_nats.transport import NatsTransport, run_key
-
-    url: str = server.url  # type: ignore[attr-defined]
 
     def write_raw(run: str, number: int, data: bytes) -> None:
         async def go() -> None:
-            async with open_transport(url) as transport:
+            async with open_transport(server.url) as transport:
                 assert isinstance(transport, NatsTransport)
                 await transport._kv("desired").put(run_key(run), data)  # the key holds no number of its own
 
         _run_async(go)
 
-    def pid() -> int | None:
-        process = server.process  # type: ignore[attr-defined]
-        return process.pid if process is not None and process.poll() is None else None
-
-    def restart() -> None:
-        server.kill()  # type: ignore[attr-defined]
-        server.start()  # type: ignore[attr-defined]
-
-    return Store("nats", url, write_raw, pid, restart)
+    return Store("nats", server.url, write_raw, server)
 
 
-def redis_store(server: object) -> Store:
+def redis_store(server: ManagedServer) -> Store:
     import redis.asyncio as aioredis
 
     from weavelet_redis.transport import RedisTransport
 
-    url: str = server.url  # type: ignore[attr-defined]
-
     def write_raw(run: str, number: int, data: bytes) -> None:
         async def go() -> None:
-            async with open_transport(url) as transport:
+            async with open_transport(server.url) as transport:
                 assert isinstance(transport, RedisTransport)
                 client = aioredis.Redis.from_url(transport.settings.driver_url)
                 try:
@@ -105,11 +101,4 @@ def redis_store(server: object) -> Store:
 
         _run_async(go)
 
-    def pid() -> int | None:
-        return server.pid  # type: ignore[attr-defined, no-any-return]
-
-    def restart() -> None:
-        server.kill()  # type: ignore[attr-defined]
-        server.start()  # type: ignore[attr-defined]
-
-    return Store("redis", url, write_raw, pid, restart)
+    return Store("redis", server.url, write_raw, server)

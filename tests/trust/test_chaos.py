@@ -40,8 +40,8 @@ def chaos_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "file":
         return file_store((tmp_path / "store").as_uri())
     if request.param == "nats":
-        return nats_store(request.getfixturevalue("nats_server_factory")())
-    return redis_store(request.getfixturevalue("redis_server_factory")(persistent=True))
+        return nats_store(request.getfixturevalue("weavelet_nats_server_factory")())
+    return redis_store(request.getfixturevalue("weavelet_redis_server_factory")(persistent=True))
 
 
 class Chaos:
@@ -181,8 +181,7 @@ class Chaos:
             self.counts["broker SIGSTOP"] += 1
 
     def restart_broker(self) -> None:
-        if self.store.restart is not None:
-            self.store.restart()
+        if self.store.restart():
             self.counts["broker SIGKILL + restart"] += 1
 
     def stop_trainer(self, weaver: Weaver, trainer: subprocess.Popen[str]) -> None:

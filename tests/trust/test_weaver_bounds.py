@@ -18,8 +18,8 @@ import pytest
 
 from weavelet_core import RunEnded, TransportUnavailable, Weaver
 from weavelet_core.protocol import Status
-from weavelet_core.testing.nats import NatsServerFactory
-from weavelet_core.testing.redis import RedisServerFactory
+from weavelet_nats.testing import NatsServerFactory
+from weavelet_redis.testing import RedisServerFactory
 
 from .conftest import WAIT, Make, PollUntil
 
@@ -159,15 +159,15 @@ def _check_write_timeout(url: str, pid: int, **options: Any) -> None:
 
 
 @pytest.mark.slow
-def test_write_timeout_holds_against_a_stopped_nats_server(nats_server_factory: NatsServerFactory) -> None:
-    server = nats_server_factory()
+def test_write_timeout_holds_against_a_stopped_nats_server(weavelet_nats_server_factory: NatsServerFactory) -> None:
+    server = weavelet_nats_server_factory()
     assert server.process is not None
     _check_write_timeout(server.url, server.process.pid)
 
 
 @pytest.mark.slow
-def test_write_timeout_holds_against_a_stopped_redis_server(redis_server_factory: RedisServerFactory) -> None:
-    server = redis_server_factory()
+def test_write_timeout_holds_against_a_stopped_redis_server(weavelet_redis_server_factory: RedisServerFactory) -> None:
+    server = weavelet_redis_server_factory()
     assert server.pid is not None
     _check_write_timeout(server.url, server.pid)
 
@@ -187,9 +187,9 @@ authorization {
 
 @pytest.mark.slow
 def test_a_trainer_whose_nats_user_may_not_publish_fails_for_good_naming_the_subject(
-    nats_server_factory: NatsServerFactory, make: Make, run: str
+    weavelet_nats_server_factory: NatsServerFactory, make: Make, run: str
 ) -> None:
-    server = nats_server_factory(config=NATS_READ_ONLY_TRAINER)
+    server = weavelet_nats_server_factory(config=NATS_READ_ONLY_TRAINER)
     with Weaver(f"nats://admin:admin-pw@{server.address}") as admin:
         admin.set(run, {"lr": 0.1})  # creates the buckets the reader may read
     process = make(url=f"nats://reader:reader-pw@{server.address}", fresh="adopt", max_restarts=3)

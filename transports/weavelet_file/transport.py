@@ -26,18 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import hashlib
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 from urllib.request import url2pathname
 
 import anyio
@@ -112,10 +115,42 @@ def lenient_revision_number(data: bytes) -> int | None:
     return None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new content, never a mix."""
+def _group_id(name: str) -> int:
+    """The id of group ``name`` (or a number); ``ValueError`` naming the fix when there is no such group."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ValueError(
+            f"file transport: group {name!r} does not exist on this host; create it (groupadd {name}) or fix "
+            "?group= in the URL"
+        ) from None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old or the new content, never a mix.
+
+    The file is created ``0600`` (``mkstemp``); ``mode`` sets other permission bits (``0o660`` for a team store).
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -137,28 +172,118 @@ class FileTransport(Transport):
         *,
         history: int = DEFAULT_HISTORY,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        group: str | None = None,
         **_ignored: Any,
     ) -> None:
         self.url = url
         self.root = path_from_url(url)
-        self.history_limit = max(1, int(history))
-        self.poll_interval = poll_interval
+        query = dict(parse_qsl(urlsplit(url).query))
+        self.history_limit = max(1, int(query.get("history", history)))
+        self.poll_interval = float(query.get("poll_interval", poll_interval))
+        group = group if group is not None else query.get("group")
+        self.group: str | None = group or None
+        self._gid: int | None = _group_id(group) if group else None
+        self._dir_mode = 0o2770 if self._gid is not None else 0o700
+        self._file_mode = 0o660 if self._gid is not None else None
+        self._trusted: dict[Path, tuple[int, int, int, int]] = {}
         self._closed = False
 
     # -- paths -------------------------------------------------------------------------------------------
     def _run_dir(self, run: str) -> Path:
-        return self.root / "runs" / validate_run_id(run)
+        """The run's directory, after checking that it can be trusted (when it exists)."""
+        path = self.root / "runs" / validate_run_id(run)
+        self._check_trusted(path)
+        return path
 
     async def connect(self) -> None:
+        """Create the store (``0700``; ``02770`` and the group with ``group``) if it is missing and check that it
+        can be trusted (see :meth:`_check_trusted`). A store this user may only read still opens: reads work,
+        writes raise ``TransportError`` saying the store is read-only."""
+        runs = self.root / "runs"
         try:
-            (self.root / "runs").mkdir(parents=True, exist_ok=True)
+            self._makedirs(runs)
         except OSError as exc:
-            raise self._fs_exception("cannot create", self.root, exc) from None
-        if not os.access(self.root / "runs", os.W_OK | os.X_OK):
+            if not (exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and runs.is_dir()):
+                raise self._fs_exception("cannot create", self.root, exc) from None
+        self._check_parents(self.root)
+        self._check_trusted(self.root)
+        self._check_trusted(runs)
+
+    def _makedirs(self, path: Path) -> None:
+        """``mkdir -p`` with this store's mode (and group) on every directory it creates."""
+        if path.is_dir():
+            return
+        if path.parent != path:
+            self._makedirs(path.parent)
+        try:
+            os.mkdir(path, self._dir_mode & 0o777)
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+            return
+        if self._gid is not None:
+            os.chown(path, -1, self._gid)
+        os.chmod(path, self._dir_mode)  # mkdir's mode is masked by the umask, and drops the setgid bit
+
+    def _check_parents(self, path: Path) -> None:
+        """Refuse a store below a directory that others may write without the sticky bit: they could replace it."""
+        for parent in path.resolve().parents:
+            try:
+                st = os.stat(parent)
+            except OSError:
+                continue
+            if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+                raise TransportError(
+                    f"file transport: refusing store {self.root}: its parent {parent} is writable by every user "
+                    f"(mode {stat.S_IMODE(st.st_mode):04o}), so anyone could replace the store; fix it with "
+                    f"'chmod o-w {parent}' (or 'chmod +t {parent}'), or choose another directory with --url "
+                    "file:///path or WEAVELET_URL"
+                )
+
+    def _check_trusted(self, path: Path) -> None:
+        """Refuse ``path`` (a store or run directory) unless this user owns it (or, with ``group``, the group does)
+        and no one else may write it, as OpenSSH's StrictModes does. Raise ``TransportError`` saying how to fix."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._fs_exception("cannot read", path, exc) from None
+        signature = (st.st_ino, st.st_uid, st.st_gid, st.st_mode)
+        if self._trusted.get(path) == signature:
+            return
+        me = os.geteuid()
+        mode = stat.S_IMODE(st.st_mode)
+        team = f"the team group {_group_name(self._gid)}" if self._gid is not None else ""
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise TransportError(
-                f"file transport directory {self.root} is not writable by this user; fix its permissions or "
-                "choose another directory with --url file:///path or WEAVELET_URL"
+                f"file transport: refusing {path}: it is not a plain directory (a symbolic link or a file another "
+                "user may have put there); remove it, or choose another directory with --url file:///path"
             )
+        owned = st.st_uid == me or (self._gid is not None and st.st_gid == self._gid)
+        if not owned:
+            fix = f"'chown -R {_user_name(me).split(' ')[0]} {path}'"
+            if self._gid is None:
+                fix += ", or for a team directory give its group: --url 'file://...?group=GROUP'"
+            else:
+                fix += f" or 'chgrp -R {self.group} {path}'"
+            raise TransportError(
+                f"file transport: refusing {path}: it is owned by {_user_name(st.st_uid)} and group "
+                f"{_group_name(st.st_gid)}, not by you ({_user_name(me)}){' or ' + team if team else ''}, so its "
+                f"revisions may not be yours; if it is yours, fix it with {fix}"
+            )
+        if mode & stat.S_IWOTH:
+            raise TransportError(
+                f"file transport: refusing {path}: every user may write it (mode {mode:04o}), so anyone could "
+                f"change a run's desired config; fix it with 'chmod -R o-w {path}'"
+            )
+        if mode & stat.S_IWGRP and st.st_gid not in (self._gid, os.getegid()):
+            raise TransportError(
+                f"file transport: refusing {path}: group {_group_name(st.st_gid)} may write it (mode {mode:04o}) "
+                f"and is not the store's group; fix it with 'chmod -R g-w {path}', or name that group with "
+                "?group= if it is your team's"
+            )
+        self._trusted[path] = signature
 
     def _fs_exception(self, action: str, path: Path, exc: OSError) -> TransportError:
         """``TransportError`` for what retrying cannot fix (permissions, a file in the way), else
@@ -172,6 +297,11 @@ class FileTransport(Transport):
         reason = exc.strerror or str(exc)
         elsewhere = "choose another directory with --url file:///path or WEAVELET_URL"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            if action == "cannot write":
+                return (
+                    f"file transport: {action} {path}: {reason}; the store is read-only for this user (reading "
+                    f"still works: weavelet get, status, history, runs); to write, fix its permissions or {elsewhere}"
+                )
             return f"file transport: {action} {path}: {reason}; fix its permissions or {elsewhere}"
         if exc.errno in (errno.ENOTDIR, errno.EEXIST):
             return (
@@ -218,16 +348,16 @@ class FileTransport(Transport):
     def _put_locked(self, run: str, number: int, data: bytes, compare: bool) -> None:
         run_dir = self._run_dir(run)
         try:
-            (run_dir / "revisions").mkdir(parents=True, exist_ok=True)
-            lock = filelock.FileLock(run_dir / ".lock", timeout=LOCK_TIMEOUT)
+            self._makedirs(run_dir / "revisions")
+            lock = filelock.FileLock(run_dir / ".lock", timeout=LOCK_TIMEOUT, mode=0o660 if self._gid else 0o600)
             with lock:
                 if compare:
                     current = self._newest(run, run_dir)
                     current_number = current.revision if current is not None else 0
                     if current_number != number - 1:
                         raise RevisionConflict(run, number - 1, current_number)
-                atomic_write(run_dir / "revisions" / _name(number), data)
-                atomic_write(run_dir / "latest.json", data)
+                atomic_write(run_dir / "revisions" / _name(number), data, self._file_mode)
+                atomic_write(run_dir / "latest.json", data, self._file_mode)
                 self._trim(run_dir / "revisions", number)
         except filelock.Timeout:
             raise TransportUnavailable(
@@ -357,6 +487,7 @@ class FileTransport(Transport):
                 signature = None
             if signature is not None and signature != seen:
                 seen = signature
+                self._check_trusted(run_dir)  # replaced meanwhile by someone else's directory?
                 newest = self._newest(run, run_dir)
                 if newest is not None and newest.revision > last:
                     pending: list[Entry] = []
@@ -398,8 +529,8 @@ class FileTransport(Transport):
     # -- status and outcomes -----------------------------------------------------------------------------
     def _write(self, path: Path, data: bytes) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, data)
+            self._makedirs(path.parent)
+            atomic_write(path, data, self._file_mode)
         except OSError as exc:
             raise self._fs_exception("cannot write", path, exc) from None
 

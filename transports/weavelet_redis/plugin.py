@@ -22,10 +22,10 @@ def weavelet_transports() -> list[TransportSpec]:
     return [
         TransportSpec(
             name="redis",
-            schemes=("redis", "rediss"),
+            schemes=("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"),
             factory=_make,
             requires=("redis",),
             extra="redis",
-            description="Redis streams (redis-server 5 or newer); rediss:// for TLS",
+            description="Redis streams (redis-server 5 or newer); rediss:// for TLS, redis+sentinel://, redis+cluster://",
         )
     ]

@@ -1,8 +1,9 @@
 """Lua scripts run atomically on the server (registered with ``register_script``, called by ``EVALSHA``).
 
 Every write that must not interleave with another writer is one script, so no client-side locking or
-``WATCH`` retry loop is needed. Redis Cluster is not supported: the scripts touch a run's keys and the shared
-run set, which may live in different slots.
+``WATCH`` retry loop is needed. A script touches only the keys of one run, which share a hash tag (``{RUN}``) and
+so one Redis Cluster slot; the run index is updated by the client after the script (a script touching it too
+would fail with ``CROSSSLOT`` on a cluster).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ NUMBER_SCAN = 64
 
 PUT_REVISION = """
 -- Compare-and-set of a run's newest revision.
--- KEYS: [1] revisions stream, [2] run hash, [3] run set
--- ARGV: [1] expected current revision, [2] new revision, [3] payload, [4] MAXLEN, [5] run id
+-- KEYS: [1] revisions stream, [2] run hash
+-- ARGV: [1] expected current revision, [2] new revision, [3] payload, [4] MAXLEN
 -- Returns {1, entry id} when stored, {0, current revision (a string)} when the expected revision is not current.
 -- The current revision is the newest entry's 'revision' field, whether or not its payload decodes; an entry
 -- without a usable field counts as one more than the nearest numbered entry before it (within 64 entries),
@@ -47,17 +48,15 @@ if current ~= ARGV[1] then
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'revision', ARGV[2], 'data', ARGV[3])
 redis.call('HSET', KEYS[2], 'revision', ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[5])
 return {1, id}
 """
 
 PUBLISH_STATUS = """
 -- Replace a run's latest status and append it to the run's capped status stream.
--- KEYS: [1] run hash, [2] status stream, [3] run set
--- ARGV: [1] payload, [2] MAXLEN of the status stream, [3] run id
+-- KEYS: [1] run hash, [2] status stream
+-- ARGV: [1] payload, [2] MAXLEN of the status stream
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[3])
 return 1
 """
 

@@ -28,13 +28,15 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import EqualJitterBackoff, ExponentialBackoff, NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from weavelet_core.errors import (
     AuthenticationFailed,
@@ -42,6 +44,7 @@ from weavelet_core.errors import (
     PermissionDenied,
     ProtocolError,
     RevisionConflict,
+    TransportError,
     TransportUnavailable,
 )
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
@@ -111,18 +114,39 @@ class RedisTransport(Transport):
         self.keys = self.settings.keys
         self._client: aioredis.Redis | None = None
         self._watch_clients: set[aioredis.Redis] = set()
+        self._sentinels: list[Sentinel] = []
         self._closed = False
 
     # -- connections -------------------------------------------------------------------------------------
     def _new_client(self, *, retries: int) -> aioredis.Redis:
+        """A client of the URL's kind: one server, the master Sentinel names, or a Redis Cluster."""
+        s = self.settings
         backoff = ExponentialBackoff(cap=0.1, base=0.01) if retries else NoBackoff()
-        return aioredis.Redis.from_url(
-            self.settings.driver_url,
-            socket_timeout=self.settings.socket_timeout,
-            socket_connect_timeout=self.settings.connect_timeout,
-            retry=Retry(backoff, retries),
-            decode_responses=False,
-        )
+        common: dict[str, Any] = {
+            "socket_timeout": s.socket_timeout,
+            "socket_connect_timeout": s.connect_timeout,
+            "decode_responses": False,
+        }
+        if s.mode == "sentinel":
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(s.nodes),
+                sentinel_kwargs={"socket_timeout": s.connect_timeout, "socket_connect_timeout": s.connect_timeout},
+                **dict(s.connection),
+                **common,
+            )
+            self._sentinels.append(sentinel)
+            master: aioredis.Redis = sentinel.master_for(s.service, retry=Retry(backoff, retries))
+            return master
+        if s.mode == "cluster":
+            cluster = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in s.nodes],
+                retry=Retry(backoff, max(retries, 1)),
+                **dict(s.connection),
+                **common,
+            )
+            # RedisCluster has the same command methods; typed as one client for the code below.
+            return cast(aioredis.Redis, cluster)
+        return aioredis.Redis.from_url(s.driver_url, retry=Retry(backoff, retries), **common)
 
     def _redis(self) -> aioredis.Redis:
         if self._closed:
@@ -137,11 +161,31 @@ class RedisTransport(Transport):
             self._client = client
         return self._client
 
+    async def _index(self, client: aioredis.Redis, run: str) -> None:
+        """Add ``run`` to the run index (its own key: never in a script with the run's keys, see scripts.py)."""
+        await self._call(f"list run {run!r} in {self.keys.runs()}", client.sadd(self.keys.runs(), run))
+
+    async def _replicated(self, pipe: Any, run: str, number: int) -> Any:
+        """Run ``pipe`` (a write, then ``WAIT``) and return the write's reply; raise ``TransportError`` (final) when
+        fewer than ``wait_replicas`` replicas confirmed the write within ``wait_timeout``."""
+        s = self.settings
+        pipe.execute_command("WAIT", s.wait_replicas, max(1, round(s.wait_timeout * 1000)))
+        reply, acked = await self._call(f"write run {run!r}", pipe.execute())
+        if int(acked) < s.wait_replicas:
+            # Final, not TransportUnavailable: a retry would find the revision on the master and count it as
+            # written without the replicas having it. The caller decides (weavelet get shows it is there).
+            raise TransportError(
+                f"redis at {self.url}: revision {number} of run {run!r} is on the master, but only {acked} of the "
+                f"{s.wait_replicas} replicas asked for (wait_replicas) confirmed it within {s.wait_timeout:g}s, so a "
+                "failover now could lose it; check the replicas (INFO replication) and the run (weavelet get)"
+            )
+        return reply
+
     async def _call(self, action: str, pending: Awaitable[Any]) -> Any:
         """Await one redis-py call; its errors become weavelet's (see :func:`weavelet_redis.errors.translate`)."""
         try:
             return await pending
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise translate(exc, self.url, action, self.keys.prefix) from exc
 
     async def connect(self) -> None:
@@ -162,10 +206,15 @@ class RedisTransport(Transport):
         clients = [*self._watch_clients, *([self._client] if self._client is not None else [])]
         self._watch_clients.clear()
         self._client = None
+        sentinels, self._sentinels = self._sentinels, []
         with anyio.move_on_after(5.0, shield=True):
             for client in clients:
                 with contextlib.suppress(RedisError, OSError):
                     await client.aclose()
+            for sentinel in sentinels:
+                for node in sentinel.sentinels:
+                    with contextlib.suppress(RedisError, OSError):
+                        await node.aclose()
 
     # -- revisions ---------------------------------------------------------------------------------------
     def _decode_entry(self, run: str, number: int, fields: dict[bytes, bytes]) -> StoredEntry:
@@ -204,21 +253,29 @@ class RedisTransport(Transport):
         run = revision.run
         data = encode(revision)
         action = f"write run {run!r}"
-        stored, value = await self._call(
-            action,
-            self._put_script(
-                keys=[self.keys.revisions(run), self.keys.run(run), self.keys.runs()],
-                args=[str(revision.revision - 1), revision.revision, data, self.settings.history, run],
-                client=client,
-            ),
-        )
+        keys = [self.keys.revisions(run), self.keys.run(run)]
+        args: list[str | int | bytes] = [str(revision.revision - 1), revision.revision, data, self.settings.history]
+        if self.settings.wait_replicas:
+            pipe = client.pipeline(transaction=False)  # the WAIT must follow the write on its connection
+            await self._put_script(keys=keys, args=args, client=pipe)
+            stored, value = await self._replicated(pipe, run, revision.revision)
+        else:
+            stored, value = await self._call(action, self._put_script(keys=keys, args=args, client=client))
         if stored:
+            await self._index(client, run)
             return
         current = int(value)
         if current == revision.revision:
             # A reply lost on a dropped connection, then retried: the first attempt may have been ours.
             newest = await self._newest_entry(client, run)
             if newest is not None and newest[1].get(b"data") == data:
+                if self.settings.wait_replicas:
+                    # Confirm it is replicated: a write on this connection, then WAIT for it (replication is in
+                    # order, so a replica that has this write has the revision too).
+                    pipe = client.pipeline(transaction=False)
+                    pipe.hset(self.keys.run(run), "revision", str(revision.revision))
+                    await self._replicated(pipe, run, revision.revision)
+                await self._index(client, run)
                 return
         raise RevisionConflict(run, revision.revision - 1, current)
 
@@ -374,11 +431,12 @@ class RedisTransport(Transport):
         await self._call(
             f"publish the status of run {run!r}",
             self._status_script(
-                keys=[self.keys.run(run), self.keys.status_stream(run), self.keys.runs()],
-                args=[data, self.settings.status_history, run],
+                keys=[self.keys.run(run), self.keys.status_stream(run)],
+                args=[data, self.settings.status_history],
                 client=client,
             ),
         )
+        await self._index(client, run)
 
     async def status(self, run: str) -> Status | None:
         validate_run_id(run)

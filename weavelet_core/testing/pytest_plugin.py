@@ -1,9 +1,6 @@
-"""pytest plugin (entry point ``pytest11: weavelet``): fixtures for weavelet and its plugin authors.
+"""pytest plugin of weavelet's core (entry point ``pytest11: weavelet``).
 
-- ``nats_server`` / ``redis_server``: real servers on free loopback ports, started once per session.
-- ``nats_server_factory`` / ``redis_server_factory``: start private servers (for outage tests: stop, kill,
-  restart on the same port).
+It provides no fixtures of its own: each transport registers its test-server fixtures through its own entry
+point (``weavelet_nats.testing``, ``weavelet_redis.testing``), named with a ``weavelet_`` prefix, so the core
+names no transport and a user's pytest session gets no generic fixture names from weavelet.
 """
-
-from weavelet_core.testing.nats import *  # noqa: F403
-from weavelet_core.testing.redis import *  # noqa: F403
