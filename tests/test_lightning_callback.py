@@ -332,11 +332,13 @@ def test_sidecar_stops_when_the_fit_fails(tmp_path: Path, url: str, weaver: Weav
         fit.fit(Explodes(), make_loader(make_data(1024)))
     process = wc.process
     assert process is not None
-    assert process.state == "stopped"
+    assert process.state == "failed"
     assert process.pid is None
     status = weaver.status("explodes")
     assert status is not None
-    assert status.state == "stopped"
+    assert status.state == "failed"
+    assert status.message is not None
+    assert "boom" in status.message
     assert status.step == 5
 
 

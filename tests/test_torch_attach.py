@@ -146,7 +146,7 @@ def test_checkpoint_and_resume_in_a_plain_loop(tmp_path: Path, url: str, weaver:
         resumed = Loop(model2, x, y)
         resumed.run(live2, weaver, 10, {}, start=saved.step)
     assert set(resumed.stepped) == {"Adam"}
-    assert live2.verdicts == [], "already applied revisions must not be applied again"
+    assert list(live2.verdicts) == [], "already applied revisions must not be applied again"
 
 
 def test_stop_and_bad_input_in_a_plain_loop(url: str, weaver: Weaver) -> None:
@@ -194,7 +194,9 @@ def test_sidecar_stops_when_the_loop_raises(url: str) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         train()
     assert states == ["running"]
-    assert live.process.state == "stopped"
+    # The sidecar is gone, and the run ended failed with the exception (a loop that raised is not "stopped").
+    assert live.process.pid is None
+    assert live.process.state == "failed"
 
 
 def test_attach_rejects_a_non_optimizer(url: str) -> None:
