@@ -532,6 +532,7 @@ class _Checker:
         self.commands = list(schema.get("commands") or COMMANDS)
         allow = schema.get("allow")
         self.allow = frozenset(allow) if isinstance(allow, list) else None
+        self.unsupported: Mapping[str, Any] = schema.get("unsupported") or {}
         self.hints: set[str] = set()
 
     def hyper(self, type_name: str) -> set[str] | None:
@@ -629,6 +630,9 @@ def _check_slot_key(
     if local == OPTIMIZER:
         if not c.allowed(prefix, OPTIMIZER):
             raise ConfigProblem(not_allowed(key, c.allow, c.handlers))
+        named = value.strip().lower() if isinstance(value, str) else ""
+        if named in c.unsupported:
+            raise ConfigProblem(f"optimizer {value!r} cannot be switched to in a running fit: {c.unsupported[named]}")
         if target is None:
             raise ConfigProblem(unknown_optimizer(value, c.types))
         if target != active and slot.get("swap"):
