@@ -194,6 +194,8 @@ def test_sidecar_stops_when_the_loop_raises(url: str) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         train()
     assert states == ["running"]
+    # The sidecar is gone, and the run ended failed with the exception (a loop that raised is not "stopped").
+    assert live.process.pid is None
     assert live.process.state == "failed"
     assert live.process.message == "the training loop raised RuntimeError: boom"
 

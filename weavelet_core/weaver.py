@@ -325,6 +325,34 @@ class AsyncWeaver:
         validate_run_id(run)
         return await (await self._ready()).status(run)
 
+    async def check(
+        self, run: str, changes: Mapping[str, Any], *, replace: bool = False, status: Status | None = None
+    ) -> list[str]:
+        """What the live trainer of ``run`` would refuse in ``changes`` (merged onto the current desired config,
+        or replacing it with ``replace``), in the trainer's own words (``lr: -1 is negative; send a value >= 0``,
+        ``unknown key 'lrr'; did you mean 'lr'? ...``); empty when nothing visible is wrong. See
+        :func:`weavelet_core.schema.check` for what is checked.
+
+        Judged against the schema the live run publishes in its status (``status``: one already read). A run with
+        no live status, or a trainer that publishes no schema, gives an empty list: nothing to check against
+        (tell the two apart with :meth:`status`). Nothing is written.
+
+        Raises :class:`~weavelet_core.InvalidRunId` for a bad run id, and what :meth:`status` raises.
+        """
+        from weavelet_core import schema
+
+        validate_run_id(run)
+        if status is None:
+            status = await self.status(run)
+        if status is None or not status.live or not status.schema:
+            return []
+        base: Mapping[str, Any] = {}
+        if not replace:
+            with contextlib.suppress(CorruptEntry):
+                previous = await self.get(run)
+                base = previous.config if previous is not None else {}
+        return schema.check(status.schema, changes, base)
+
     async def history(self, run: str, *, limit: int | None = None) -> list[Entry]:
         """The run's revisions, oldest first; an unreadable one appears as a :class:`~weavelet_core.CorruptEntry`."""
         validate_run_id(run)
@@ -579,6 +607,12 @@ class Weaver:
 
     def status(self, run: str) -> Status | None:
         return self._portal.call(self._async.status, run)
+
+    def check(
+        self, run: str, changes: Mapping[str, Any], *, replace: bool = False, status: Status | None = None
+    ) -> list[str]:
+        """What the live trainer of ``run`` would refuse in ``changes``; see :meth:`AsyncWeaver.check`."""
+        return self._portal.call(lambda: self._async.check(run, changes, replace=replace, status=status))
 
     def history(self, run: str, *, limit: int | None = None) -> list[Entry]:
         return self._portal.call(lambda: self._async.history(run, limit=limit))

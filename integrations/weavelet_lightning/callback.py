@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any, overload
 from weavelet_core.errors import RunOwned
 from weavelet_core.plugins import get_registry
 from weavelet_core.protocol import validate_run_id
+from weavelet_core.schema import check_optimizer_names
 from weavelet_lightning import _compat
 from weavelet_lightning.host import LightningHost
 from weavelet_torch.applier import Applier, F, Validator, Verdict
 from weavelet_torch.attach import KEPT_VERDICTS
-from weavelet_torch.link import Link
+from weavelet_torch.link import RUN_ENV, Link
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback as _CallbackBase
@@ -43,7 +44,12 @@ class WeaveletCallback(_CallbackBase):
     :param url: transport URL; default ``WEAVELET_URL``, else the per-user ``file://`` directory.
     :param allow: keys a revision may set (default: the optimizer's hyperparameters, ``optimizer``,
         ``param_groups.<i>.<key>``, ``stop``, ``checkpoint``); keys with a handler are always allowed.
-    :param optimizer_index: which optimizer revisions act on, when ``configure_optimizers`` returns several.
+    :param optimizer_index: which optimizer revisions act on, when ``configure_optimizers`` returns several
+        and only one is steered (default 0).
+    :param optimizers: steer several of the trainer's optimizers, by name: ``{"generator": 0, "discriminator":
+        1}`` (names to indexes in ``trainer.optimizers``). Each one's keys are then nested under its name in a
+        revision (``weavelet set gan generator.lr=1e-4 discriminator.optimizer=sgd``); commands and handler keys
+        stay top-level; a revision applies to all of them or to none.
     :param checkpoint_dir: where the ``checkpoint`` command saves (default: the ``ModelCheckpoint``
         directory, else ``<default_root_dir>/checkpoints``), as ``<run>-weavelet-r<revision>-step<step>.ckpt``.
     :param check_every_n_steps: look for revisions every this many optimizer steps (1: every step). Under
@@ -60,6 +66,14 @@ class WeaveletCallback(_CallbackBase):
     :param labels: ``key: value`` strings published in the run's status, for choosing runs
         (``weavelet stop -l sweep=3``); default none. Keys and values are non-empty strings of at most 64
         characters (else ``ValueError`` when the fit starts).
+    :raises ValueError: for a bad ``fresh``, ``check_every_n_steps``, run id, ``optimizers`` (names must be
+        identifiers, indexes distinct integers >= 0) or both ``optimizers`` and ``optimizer_index``;
+        :class:`~weavelet_core.UnknownTransport` for a URL no transport handles.
+
+    Two callbacks in one Trainer work when they steer different optimizers and report to different runs; two
+    that would steer the same optimizer, or share a run, are refused when the fit starts (at ``setup``), and
+    two with the same optimizer selection already when the Trainer is built (Lightning's "more than one
+    stateful callback"): steer several optimizers with one callback and ``optimizers={...}`` instead.
 
     Each fit is a new incarnation of the run. A fit that raises ends the run ``failed``, with the exception's
     type and message in its status; Ctrl-C ends it ``stopped``.
@@ -76,6 +90,7 @@ class WeaveletCallback(_CallbackBase):
         *,
         allow: Iterable[str] | None = None,
         optimizer_index: int = 0,
+        optimizers: Mapping[str, int] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         check_every_n_steps: int = 1,
         report_interval: float = 1.0,
@@ -102,12 +117,13 @@ class WeaveletCallback(_CallbackBase):
         self._fresh, self._takeover = fresh, bool(takeover)
         self._resumed = False
         self.check_every_n_steps = check_every_n_steps
-        self.host = LightningHost(optimizer_index, checkpoint_dir)
+        indexes = _check_optimizers(optimizers, optimizer_index)
+        self.host = LightningHost(optimizer_index, checkpoint_dir, indexes=indexes)
         self.applier = Applier(self.host, allow=allow)
         self.link: Link | None = None
         #: The newest verdicts, at most ``KEPT_VERDICTS`` (older ones are in the run's history).
         self.verdicts: collections.deque[Verdict] = collections.deque(maxlen=KEPT_VERDICTS)
-        self._restore_name: str | None = None
+        self._restore_pending = False
         self._last_step = -1
         self._active = False
 
@@ -139,7 +155,18 @@ class WeaveletCallback(_CallbackBase):
 
     @property
     def state_key(self) -> str:
+        # The usual callback keeps the key its checkpoints have always had; others are named by what they steer,
+        # so that callbacks steering different optimizers can share a Trainer and each finds its own state.
+        if self.host.indexes:
+            steers = ",".join(f"{name}={index}" for name, index in self.host.indexes.items())
+            return f"WeaveletCallback[optimizers={steers}]"
+        if self.host.index != 0:
+            return f"WeaveletCallback[optimizer_index={self.host.index}]"
         return "WeaveletCallback"
+
+    def steered_indexes(self) -> frozenset[int]:
+        """The indexes in ``trainer.optimizers`` this callback steers."""
+        return frozenset(self.host.indexes.values()) if self.host.indexes else frozenset({self.host.index})
 
     # ----------------------------------------------------------------- checkpoint state
 
@@ -150,28 +177,54 @@ class WeaveletCallback(_CallbackBase):
         # Runs before the strategy builds the optimizers (on_fit_start recreates the recorded type then), or,
         # for strategies restoring after setup, after on_fit_start: then recreate at once. Either way it is
         # before Lightning loads the optimizer state (restore_training_state).
-        self._restore_name = self.applier.load_state_dict(state_dict)
+        self.applier.load_state_dict(state_dict)
+        self._restore_pending = True
         self._resumed = True
         if self._active:
             self._recreate()
 
     def _recreate(self) -> None:
-        name, self._restore_name = self._restore_name, None
-        if name is None:
+        pending, self._restore_pending = self._restore_pending, False
+        if not pending or not self.applier.saved_optimizers:
             return
-        target_differs = name != self.applier.current_choice().name
         refusal = self.host.swap_refusal()
-        if target_differs and refusal is not None:
-            log.warning("weavelet: cannot recreate optimizer %r from the checkpoint: %s", name, refusal)
+        if refusal is not None and self.applier.saved_differs():
+            log.warning(
+                "weavelet: cannot recreate optimizers %r from the checkpoint: %s",
+                self.applier.saved_optimizers,
+                refusal,
+            )
             return
-        if self.applier.recreate(name):
-            log.info("weavelet: recreated optimizer %r from the checkpoint before loading its state", name)
+        for name in self.applier.recreate_saved():
+            log.info(
+                "weavelet: recreated optimizer %s%r from the checkpoint before loading its state",
+                f"{name}=" if name else "",
+                self.applier.saved_optimizers[name],
+            )
 
     # ----------------------------------------------------------------- lifecycle hooks
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
+            self._refuse_overlap(trainer)
             self.host.trainer = trainer
+
+    def _refuse_overlap(self, trainer: Any) -> None:
+        """Two weavelet callbacks in one Trainer must steer different optimizers and report to different runs."""
+        for other in getattr(trainer, "callbacks", ()):
+            if other is self or not isinstance(other, WeaveletCallback):
+                continue
+            shared = sorted(self.steered_indexes() & other.steered_indexes())
+            mine = self._run or os.environ.get(RUN_ENV) or None
+            theirs = other._run or os.environ.get(RUN_ENV) or None
+            same_run = mine is not None and mine == theirs
+            if shared or same_run:
+                why = f"both steer optimizer index {shared[0]}" if shared else f"both report to run {mine!r}"
+                raise ValueError(
+                    f"two WeaveletCallbacks in one Trainer: {why}; steer several optimizers with one callback, "
+                    'WeaveletCallback(optimizers={"generator": 0, "discriminator": 1}), or give each its own '
+                    "optimizer_index and run"
+                )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.host.trainer = trainer
@@ -268,11 +321,13 @@ class WeaveletCallback(_CallbackBase):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if loss is not None and hasattr(loss, "numel") and "loss" not in metrics:
             metrics["loss"] = loss.detach()
+        ready = bool(trainer.strategy.optimizers)
         link.report(
             step=trainer.global_step,
             epoch=trainer.current_epoch,
             metrics=metrics,
-            optimizer=self.applier.describe() if trainer.strategy.optimizers else None,
+            optimizer=self.applier.describe() if ready else None,
+            schema=self.applier.schema() if ready else None,
             force=force,
         )
 
@@ -286,3 +341,25 @@ class WeaveletCallback(_CallbackBase):
         except Exception as exc:
             log.debug("weavelet: final status report failed: %s", exc)
         link.stop(error=error)
+
+
+def _check_optimizers(optimizers: Mapping[str, int] | None, optimizer_index: int) -> dict[str, int]:
+    """``optimizers`` checked (see :class:`WeaveletCallback`); empty when not given."""
+    if optimizers is None:
+        return {}
+    if optimizer_index != 0:
+        raise ValueError(
+            "give either optimizer_index (one optimizer) or optimizers={name: index, ...} (several), not both"
+        )
+    if not isinstance(optimizers, Mapping) or not optimizers:
+        raise ValueError('optimizers must be a non-empty mapping of names to indexes, like {"generator": 0}')
+    names = check_optimizer_names(optimizers)
+    indexes: dict[str, int] = {}
+    for name in names:
+        index = optimizers[name]
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"optimizers[{name!r}] must be an index >= 0 into trainer.optimizers, got {index!r}")
+        if index in indexes.values():
+            raise ValueError(f"optimizers: index {index} is given twice; each name steers its own optimizer")
+        indexes[name] = index
+    return indexes

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,18 @@ class LightningHost(OptimizerHost):
     :param index: which of the trainer's optimizers revisions act on (0 for the usual single optimizer).
     :param checkpoint_dir: where the ``checkpoint`` command saves; default: the ``ModelCheckpoint`` callback's
         directory, else ``<default_root_dir>/checkpoints``.
+    :param indexes: several optimizers by name (``{"generator": 0, "discriminator": 1}``), instead of ``index``.
     """
 
-    def __init__(self, index: int = 0, checkpoint_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        index: int = 0,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        *,
+        indexes: Mapping[str, int] | None = None,
+    ) -> None:
         self.index = index
+        self.indexes = dict(indexes or {})
         self.checkpoint_dir = checkpoint_dir
         self.trainer: Any = None
         self.run = ""
@@ -37,24 +45,37 @@ class LightningHost(OptimizerHost):
             raise RuntimeError("the weavelet callback is not attached to a running fit yet")
         return self.trainer.strategy
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
+    def _at(self, index: int, told: str) -> torch.optim.Optimizer:
         optimizers = self._strategy().optimizers
-        if self.index >= len(optimizers):
+        if index >= len(optimizers):
             raise RuntimeError(
-                f"the trainer has {len(optimizers)} optimizer(s); the weavelet callback was told to use "
-                f"optimizer_index={self.index}"
+                f"the trainer has {len(optimizers)} optimizer(s); the weavelet callback was told to use {told}"
             )
-        optimizer: torch.optim.Optimizer = optimizers[self.index]
+        optimizer: torch.optim.Optimizer = optimizers[index]
         return optimizer
 
-    def schedulers(self) -> Sequence[Any]:
-        optimizer = self.optimizer
+    def optimizer_names(self) -> Sequence[str]:
+        return tuple(self.indexes)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._at(self.index, f"optimizer_index={self.index}")
+
+    def optimizer_of(self, name: str) -> torch.optim.Optimizer:
+        return self._at(self.indexes[name], f"optimizers={{{name!r}: {self.indexes[name]}, ...}}")
+
+    def _driving(self, optimizer: torch.optim.Optimizer) -> list[Any]:
         return [
             config.scheduler
             for config in self._strategy().lr_scheduler_configs
             if any(getattr(s, "optimizer", None) is optimizer for s in walk([config.scheduler]))
         ]
+
+    def schedulers(self) -> Sequence[Any]:
+        return self._driving(self.optimizer)
+
+    def schedulers_of(self, name: str) -> Sequence[Any]:
+        return self._driving(self.optimizer_of(name))
 
     def swap_refusal(self) -> str | None:
         strategy = self._strategy()
@@ -66,9 +87,15 @@ class LightningHost(OptimizerHost):
         return None
 
     def install(self, optimizer: torch.optim.Optimizer) -> None:
+        self._put(self.index, optimizer)
+
+    def install_of(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        self._put(self.indexes[name], optimizer)
+
+    def _put(self, index: int, optimizer: torch.optim.Optimizer) -> None:
         strategy = self._strategy()
         optimizers = list(strategy.optimizers)
-        optimizers[self.index] = optimizer
+        optimizers[index] = optimizer
         strategy.optimizers = optimizers
 
     def save_checkpoint(self, name: str) -> str:

@@ -30,21 +30,21 @@ every time.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import torch
 
+from weavelet_core import schema as core_schema
 from weavelet_torch import config as cfg
 from weavelet_torch.errors import Rejected
 from weavelet_torch.host import OptimizerHost
 from weavelet_torch.optimizers import (
     CARRIED_ON_SWITCH,
     IMPLEMENTATION_FLAGS,
+    UNSUPPORTED,
     OptimizerChoice,
     choice_for_class,
     decoupled_weight_decay,
@@ -60,7 +60,7 @@ from weavelet_torch.schedulers import (
     rescale_lrs,
     scale_schedule,
 )
-from weavelet_torch.values import check_value, to_json
+from weavelet_torch.values import check_value, spec_of, to_json
 
 Handler = Callable[[Any], None]
 """``handler(value)``: acts on a user key's new value; raising rejects the revision."""
@@ -83,19 +83,11 @@ COMMAND_ORDER = (cfg.CHECKPOINT, cfg.STOP)
 
 STOPPING = "stopping at the end of this step"
 
-KEY_ALIASES = {
-    "learning_rate": "lr",
-    "learningrate": "lr",
-    "wd": "weight_decay",
-    "weightdecay": "weight_decay",
-    "epsilon": "eps",
-    "beta1": "betas",
-    "beta2": "betas",
-    "mom": "momentum",
-    "lr_multiplier": "lr_scale",
-    "lr_factor": "lr_scale",
-}
+KEY_ALIASES = core_schema.KEY_ALIASES
 """Names people use for a key under another spelling, suggested when a revision sends them."""
+
+STATE_FORMAT_JOB = 3
+"""Format of :meth:`Applier.state_dict` for a job steering several optimizers (adds ``optimizers``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,15 +145,49 @@ class _Switch:
     notes: list[str]
 
 
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    """One optimizer the applier steers: the only one (``name`` ``None``, keys top-level) or one of a job's
+    several (keys nested under ``name``)."""
+
+    name: str | None
+    host: OptimizerHost
+    installed: torch.optim.Optimizer | None = None
+    installed_name: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        return "" if self.name is None else f"{self.name}."
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.host.optimizer if self.name is None else self.host.optimizer_of(self.name)
+
+    def schedulers(self) -> Sequence[Any]:
+        return self.host.schedulers() if self.name is None else self.host.schedulers_of(self.name)
+
+    def install(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.name is None:
+            self.host.install(optimizer)
+        else:
+            self.host.install_of(self.name, optimizer)
+
+    def owns(self, key: str) -> bool:
+        return self.name is None or key.startswith(self.prefix)
+
+    def note(self, text: str) -> str:
+        return text if self.name is None else f"{self.name}: {text}"
+
+
 @dataclasses.dataclass
 class _Plan:
+    slot: _Slot
     revision: int
     flat: dict[str, Any]
     target: OptimizerChoice
     swap: bool
     values: dict[int, dict[str, Any]]
     explicit: dict[int, dict[str, Any]]
-    handlers: list[tuple[str, Handler, Any]]
     changes: dict[str, list[Any]]
     scale_factor: float = 1.0
     new_optimizer: torch.optim.Optimizer | None = None
@@ -190,15 +216,10 @@ def _scale_of(value: Any) -> float:
 
 
 def _check_scale(key: str, value: object) -> float:
-    if value is None:
-        return 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        shown = f"the string {value!r}" if isinstance(value, str) else type(value).__name__
-        raise Rejected(f"{key}: expected a number > 0 (1 = the schedule as built), got {shown}")
-    number = float(value)
-    if not math.isfinite(number) or number <= 0:
-        raise Rejected(f"{key}: {value!r} is not a finite number > 0; send for example {key}=0.5 (1 = as built)")
-    return number
+    try:
+        return core_schema.check_scale(key, value)
+    except core_schema.ConfigProblem as exc:
+        raise Rejected(str(exc)) from None
 
 
 def _show_value(value: Any, limit: int = 60) -> str:
@@ -253,12 +274,19 @@ def _step_scheduler(scheduler: Any) -> None:
 
 
 class Applier:
-    """Validates and applies revisions to the optimizer of one training loop.
+    """Validates and applies revisions to the optimizers of one training loop.
 
-    :param host: the loop's side (:class:`~weavelet_torch.host.OptimizerHost`).
+    :param host: the loop's side (:class:`~weavelet_torch.host.OptimizerHost`). A host steering several
+        optimizers (:meth:`~weavelet_torch.host.OptimizerHost.optimizer_names` not empty) makes this a *job*
+        applier: each optimizer's keys nest under its name (``generator.lr``), a revision applies to all of them
+        or to none (every optimizer is validated and rehearsed, then all are committed; a failure puts every one
+        back), and commands and handler keys stay top-level.
     :param allow: the keys a revision may set remotely; default: the optimizer's hyperparameters,
-        ``optimizer``, ``lr_scale``, per-group overrides and the commands. Keys with a handler are always allowed.
+        ``optimizer``, ``lr_scale``, per-group overrides and the commands. Keys with a handler are always
+        allowed. With several optimizers, ``"lr"`` allows ``lr`` of every one, ``"generator.lr"`` of one.
     :param optimizers: the optimizers a revision may name; default: ``torch.optim`` plus plugins.
+    :raises ValueError: when the host's optimizer names are not distinct identifiers, or collide with a key
+        weavelet uses (``optimizer``, ``stop``, ...).
 
     Attributes the integration may set or read:
 
@@ -267,6 +295,7 @@ class Applier:
     - ``applied_revision``, ``applied_config``: the last applied revision and its flat config.
     - ``acted_commands``: the last token seen of each command (acted, ignored or failed).
     - ``last_checkpoint``: the path of the last checkpoint a ``checkpoint`` command saved.
+    - ``names``: the optimizer names of a job (empty for one optimizer).
     """
 
     def __init__(
@@ -285,10 +314,14 @@ class Applier:
         self.applied_config: dict[str, Any] = {}
         self.acted_commands: dict[str, Any] = {}
         self.last_checkpoint: str | None = None
-        self._installed: torch.optim.Optimizer | None = None
-        self._installed_name: str | None = None
+        self.names: tuple[str, ...] = core_schema.check_optimizer_names(host.optimizer_names())
+        self._slots = [_Slot(name, host) for name in self.names] if self.names else [_Slot(None, host)]
         self._received: dict[str, Any] = {}
         self._origin: dict[str, int] = {}
+        self.saved_optimizers: dict[str, str] = {}
+        """The optimizer types a loaded state recorded (``{"": "adam"}`` for one optimizer, else by name)."""
+        self._types_schema: dict[str, Any] | None = None
+        self._schema: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- configuration
 
@@ -310,15 +343,21 @@ class Applier:
 
         The handler runs when a revision changes the key's value. ``validate(value)`` (optional) runs during
         validation, before anything is applied; either raising rejects the revision with its message.
+
+        :raises ValueError: for an empty key, a key weavelet handles itself, or the name of one of the optimizers.
+        :raises TypeError: for a handler that is not callable.
         """
         reserved = (cfg.OPTIMIZER, cfg.PARAM_GROUPS, cfg.LR_SCALE, *cfg.COMMANDS)
         if not isinstance(key, str) or not key or key in reserved or key.startswith(cfg.PARAM_GROUPS + "."):
             raise ValueError(f"cannot register a handler for {key!r}: it is empty or a key weavelet handles itself")
+        if key in self.names or key.partition(".")[0] in self.names:
+            raise ValueError(f"cannot register a handler for {key!r}: it names one of the optimizers of this run")
 
         def register(fn: F) -> F:
             if not callable(fn):
                 raise TypeError(f"handler for {key!r} must be callable, got {type(fn).__name__}")
             self._handlers[key] = (fn, validate)
+            self._schema = None
             return fn
 
         if handler is not None:
@@ -327,21 +366,33 @@ class Applier:
 
     # ----------------------------------------------------------------- state
 
-    def current_choice(self) -> OptimizerChoice:
-        """The optimizer type the loop steps now."""
-        optimizer = self.host.optimizer
-        if optimizer is self._installed and self._installed_name in self.known:
-            return self.known[self._installed_name]
+    def _slot(self, name: str | None) -> _Slot:
+        if name is None and len(self._slots) == 1:
+            return self._slots[0]
+        for slot in self._slots:
+            if slot.name == name:
+                return slot
+        known = ", ".join(self.names) if self.names else "(one optimizer; give no name)"
+        raise KeyError(f"no optimizer named {name!r} in this run; its optimizers: {known}")
+
+    def current_choice(self, name: str | None = None) -> OptimizerChoice:
+        """The optimizer type the loop steps now (``name``: which of a job's optimizers; ``None`` for the only
+        one). Raises ``KeyError`` for an unknown name."""
+        return self._choice(self._slot(name))
+
+    def _choice(self, slot: _Slot) -> OptimizerChoice:
+        optimizer = slot.optimizer
+        if optimizer is slot.installed and slot.installed_name in self.known:
+            return self.known[slot.installed_name]
         name = name_of(optimizer, self.known)
         choice = self.known.get(name)
         if choice is not None and (choice.cls is None or choice.cls is type(optimizer)):
             return choice
         return choice_for_class(type(optimizer), name)
 
-    def describe(self) -> dict[str, Any]:
-        """The active optimizer as a JSON object for status reports: name and group 0's hyperparameters."""
-        choice = self.current_choice()
-        groups = self.host.optimizer.param_groups
+    def _describe(self, slot: _Slot) -> dict[str, Any]:
+        choice = self._choice(slot)
+        groups = slot.optimizer.param_groups
         spec: dict[str, Any] = {"name": choice.name}
         if groups:
             for key, value in groups[0].items():
@@ -353,34 +404,68 @@ class Applier:
             spec["param_groups"] = len(groups)
         return spec
 
+    def describe(self) -> dict[str, Any]:
+        """The active optimizer as a JSON object for status reports: name and group 0's hyperparameters. With
+        several optimizers: ``{"name": "generator=adam, discriminator=sgd", "generator": {...}, ...}``."""
+        if not self.names:
+            return self._describe(self._slots[0])
+        each = {str(slot.name): self._describe(slot) for slot in self._slots}
+        return {"name": ", ".join(f"{n}={d['name']}" for n, d in each.items()), **each}
+
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint must keep: the active optimizer's name, the last applied revision and config, and
-        the command tokens already carried out (so a resume does not act on them again)."""
-        try:
-            name: str | None = self.current_choice().name
-        except RuntimeError:  # the host has no optimizer (a callback not attached to a fit)
-            name = None
-        return {
+        """What a checkpoint must keep: the active optimizer's name (with several, each one's under
+        ``optimizers``), the last applied revision and config, and the command tokens already carried out (so a
+        resume does not act on them again)."""
+        types: dict[str, str] = {}
+        for slot in self._slots:
+            try:
+                types[slot.name or ""] = self._choice(slot).name
+            except RuntimeError:  # the host has no optimizer (a callback not attached to a fit)
+                pass
+        state: dict[str, Any] = {
             "format": STATE_FORMAT,
-            "optimizer": name,
+            "optimizer": types.get("") if not self.names else None,
             "applied_revision": self.applied_revision,
             "applied_config": dict(self.applied_config),
             "acted_commands": dict(self.acted_commands),
             "last_checkpoint": self.last_checkpoint,
         }
+        if self.names:
+            state["format"] = STATE_FORMAT_JOB
+            state["optimizers"] = types
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> str | None:
-        """Take back :meth:`state_dict`; return the optimizer name it recorded (see :meth:`recreate`).
+        """Take back :meth:`state_dict`; return the optimizer name it recorded for a single optimizer (see
+        :meth:`recreate`). The types of every optimizer go to :attr:`saved_optimizers` (see
+        :meth:`recreate_saved`).
 
-        Reads formats 1 and 2 (format 1 kept command tokens in the applied config).
+        Reads formats 1, 2 and 3 (format 1 kept command tokens in the applied config; 3 is a job's).
 
-        :raises ValueError: for any other format.
+        :raises ValueError: for any other format, or a state of several optimizers loaded into an applier of
+            one (or the other way round).
         """
-        if state.get("format") not in (1, STATE_FORMAT):
+        if state.get("format") not in (1, STATE_FORMAT, STATE_FORMAT_JOB):
             raise ValueError(
-                f"weavelet state has format {state.get('format')!r}, this version reads 1 and {STATE_FORMAT}; "
+                f"weavelet state has format {state.get('format')!r}, this version reads 1 to {STATE_FORMAT_JOB}; "
                 "resume with the weavelet version that wrote the checkpoint"
             )
+        saved = state.get("optimizers")
+        if isinstance(saved, Mapping) and saved:
+            types = {str(k): v for k, v in saved.items() if isinstance(v, str)}
+            if not self.names:
+                raise ValueError(
+                    f"this weavelet state steered several optimizers ({', '.join(types)}); this run steers one: "
+                    "resume with the same optimizers={...} as the run that wrote it"
+                )
+        else:
+            name = state.get("optimizer")
+            types = {"": name} if isinstance(name, str) else {}
+            if self.names and types:
+                raise ValueError(
+                    f"this weavelet state steered one optimizer; this run steers several ({', '.join(self.names)}): "
+                    "resume with one optimizer as the run that wrote it did"
+                )
         self.applied_revision = int(state.get("applied_revision", 0))
         self.applied_config = dict(state.get("applied_config", {}))
         acted = state.get("acted_commands")
@@ -388,27 +473,110 @@ class Applier:
             acted = {key: self.applied_config[key] for key in cfg.COMMANDS if key in self.applied_config}
         self.acted_commands = dict(acted)
         self.last_checkpoint = state.get("last_checkpoint")
-        name = state.get("optimizer")
-        return name if isinstance(name, str) else None
+        self.saved_optimizers = types
+        return types.get("")
 
-    def recreate(self, name: str) -> bool:
+    def recreate(self, name: str, optimizer: str | None = None) -> bool:
         """Make the loop's optimizer an optimizer of type ``name`` (when resuming), over the same groups.
 
-        Returns whether a new optimizer was installed (``False`` when it already has that type). Used before
-        the optimizer's saved state is loaded, so the saved state lands in an optimizer of the right type.
+        :param optimizer: which of a job's optimizers (``None``: the only one).
+        :returns: whether a new optimizer was installed (``False`` when it already has that type). Used before
+            the optimizer's saved state is loaded, so the saved state lands in an optimizer of the right type.
+        :raises Rejected: for a type this run cannot build.
         """
+        slot = self._slot(optimizer)
         try:
             target = resolve(name, self.known)
         except Rejected as exc:
             raise Rejected(f"cannot resume with the optimizer the checkpoint was written with: {exc}") from None
-        if self._same_type(target):
+        if self._same_type(slot, target):
             return False
-        switch = self._switch(
-            target, self.host.optimizer.param_groups, {}, [g["params"] for g in self.host.optimizer.param_groups]
-        )
+        groups = slot.optimizer.param_groups
+        switch = self._switch(slot, target, groups, {}, [g["params"] for g in groups])
         new = self._construct(target, switch.specs)
-        self._install(target, new)
+        self._install(slot, target, new)
+        self._schema = None
         return True
+
+    def recreate_saved(self) -> list[str]:
+        """Recreate every optimizer type :meth:`load_state_dict` recorded (see :meth:`recreate`); return the
+        names (``""`` for the only one) whose optimizer was replaced. Names this run no longer has are skipped."""
+        replaced = []
+        for name, kind in self.saved_optimizers.items():
+            if name and name not in self.names:
+                continue
+            if self.recreate(kind, name or None):
+                replaced.append(name)
+        return replaced
+
+    def saved_differs(self) -> bool:
+        """Whether a recorded optimizer type (see :meth:`load_state_dict`) differs from the active one."""
+        for name, kind in self.saved_optimizers.items():
+            if name and name not in self.names:
+                continue
+            if self._choice(self._slot(name or None)).name != kind:
+                return True
+        return False
+
+    # ----------------------------------------------------------------- schema
+
+    def schema(self) -> dict[str, Any]:
+        """What this run accepts, for the run's status (see :mod:`weavelet_core.schema` for the format): each
+        optimizer's active type, param-group count and hyperparameters with kind and range, every optimizer type
+        a revision may name with its hyperparameters, handler keys, commands and the allow-list.
+
+        Returns the same object while nothing in it changed (a status report passes a new one on at once).
+        """
+        if self._types_schema is None:
+            self._types_schema = {name: self._type_schema(choice) for name, choice in sorted(self.known.items())}
+        types = self._types_schema
+        try:
+            refusal = self.host.swap_refusal()
+        except RuntimeError:  # not attached to a running fit yet
+            refusal = None
+        entries = []
+        for slot in self._slots:
+            choice = self._choice(slot)
+            if choice.name not in types:
+                types = {**types, choice.name: self._type_schema(choice)}
+            groups = slot.optimizer.param_groups
+            first: Mapping[str, Any] = groups[0] if groups else {}
+            names = choice.hyperparameters
+            if names is None:
+                names = frozenset(k for k in first if k != "params" and k not in IMPLEMENTATION_FLAGS)
+            keys = {k: spec_of(k, first.get(k, choice.defaults.get(k))) for k in sorted(names)}
+            own = sorted({k for g in groups for k in g if k != "params" and k not in keys} - IMPLEMENTATION_FLAGS)
+            entries.append(
+                {
+                    "name": slot.name,
+                    "type": choice.name,
+                    "param_groups": len(groups),
+                    "keys": keys,
+                    "group_keys": own,
+                    "swap": refusal,
+                }
+            )
+        schema: dict[str, Any] = {
+            "version": core_schema.SCHEMA_VERSION,
+            "nested": bool(self.names),
+            "optimizers": entries,
+            "types": types,
+            "unsupported": dict(UNSUPPORTED),
+            "flags": sorted(IMPLEMENTATION_FLAGS),
+            "handlers": sorted(self._handlers),
+            "commands": list(cfg.COMMANDS),
+            "allow": sorted(self.allow) if self.allow is not None else None,
+        }
+        if schema != self._schema:
+            self._schema = schema
+        assert self._schema is not None
+        return self._schema
+
+    @staticmethod
+    def _type_schema(choice: OptimizerChoice) -> dict[str, Any]:
+        if choice.hyperparameters is None:
+            return {"keys": None}
+        return {"keys": {k: spec_of(k, choice.defaults.get(k)) for k in sorted(choice.hyperparameters)}}
 
     # ----------------------------------------------------------------- apply
 
@@ -437,7 +605,7 @@ class Applier:
 
         problems: list[_Problem] = []
         try:
-            flat: dict[str, Any] | None = cfg.flatten(config)
+            flat: dict[str, Any] | None = cfg.flatten(config, self.names)
         except Rejected as exc:
             flat = None
             problems.append(_Problem(None, str(exc)))
@@ -446,36 +614,53 @@ class Applier:
         acting, command_problems, ignored = self._read_commands(source, baseline=baseline)
         problems.extend(command_problems)
 
-        plan: _Plan | None = None
+        plans: list[_Plan] = []
+        handlers: list[tuple[str, Handler, Any]] = []
         if flat is not None:
+            found: list[_Problem] = []
             try:
-                plan = self._plan(revision, flat, problems)
-                if plan is not None and not problems:
-                    self._rehearse(plan)
-                    if plan.swap:
-                        assert plan.switch is not None
-                        plan.new_optimizer = self._construct(plan.target, plan.switch.specs)
+                handlers = self._plan_job(flat, found)
+                for slot in self._slots:
+                    plan = self._plan(slot, revision, flat, found)
+                    if plan is not None:
+                        plans.append(plan)
+                order = {key: i for i, key in enumerate(flat)}
+                found.sort(key=lambda p: order.get(p.key, -1) if p.key is not None else -1)
+                problems.extend(found)
+                if not problems:
+                    for plan in plans:
+                        self._check_combination(plan, revision)
+                    for plan in plans:
+                        self._rehearse(plan)
+                    for plan in plans:
+                        if plan.swap:
+                            assert plan.switch is not None
+                            plan.new_optimizer = self._construct(plan.target, plan.switch.specs)
             except Rejected as exc:
                 problems.append(_Problem(getattr(exc, "key", None), str(exc)))
             except Exception as exc:  # a config shape nobody foresaw must not end the training run
                 problems.append(_Problem(None, f"could not validate the config: {type(exc).__name__}: {exc}"))
-        if problems or plan is None:
+        if problems or len(plans) != len(self._slots):
+            if not problems:
+                problems.append(_Problem(None, "could not validate the config"))
             return self._refuse(revision, step, self._render(problems, revision), acting, ignored, len(problems))
 
-        for key, handler, value in plan.handlers:
+        for key, handler, value in handlers:
             try:
                 handler(value)
             except Exception as exc:
                 text = f"{key}: its handler raised {type(exc).__name__}: {exc}"
                 return self._refuse(revision, step, self._render([_Problem(key, text)], revision), acting, ignored)
 
-        previous = (self.applied_revision, self.applied_config, self._installed, self._installed_name)
-        snapshot = Snapshot(self.host.optimizer, self.host.schedulers())
+        previous = (self.applied_revision, self.applied_config, [(s.installed, s.installed_name) for s in self._slots])
+        snapshots = [Snapshot(slot.optimizer, slot.schedulers()) for slot in self._slots]
+        notes: list[str] = []
         try:
-            plan.notes.extend(self._commit(plan))
-            self.applied_revision, self.applied_config = revision, plan.flat
+            for plan in plans:
+                notes.extend(plan.slot.note(n) for n in self._commit(plan))
+            self.applied_revision, self.applied_config = revision, flat if flat is not None else {}
         except Exception as exc:
-            self._rollback(snapshot, previous)
+            self._rollback(snapshots, previous)
             reason = str(exc) if isinstance(exc, Rejected) else f"{type(exc).__name__}: {exc}"
             return self._refuse(revision, step, f"could not apply, nothing was changed: {reason}", acting, ignored)
 
@@ -483,12 +668,15 @@ class Applier:
         failed_checkpoint = commands.get(cfg.CHECKPOINT, "").startswith("failed:")
         if failed_checkpoint:
             # A checkpoint asked for together with changes must show them: without it, none of them stay.
-            self._rollback(snapshot, previous)
+            self._rollback(snapshots, previous)
             reason = f"could not apply, nothing was changed: checkpoint {commands[cfg.CHECKPOINT]}"
             return self._verdict(revision, "rejected", None, reason, {}, commands, ignored)
 
-        detail = self._applied_detail(plan)
-        return self._verdict(revision, "applied", step, self._summary(plan, detail), detail, commands, ignored)
+        if any(plan.swap for plan in plans):
+            self._schema = None
+        detail = self._applied_detail(plans, notes)
+        message = self._summary(revision, plans, handlers, detail)
+        return self._verdict(revision, "applied", step, message, detail, commands, ignored)
 
     # ----------------------------------------------------------------- commands
 
@@ -643,39 +831,70 @@ class Applier:
 
     # ----------------------------------------------------------------- validation
 
-    def _same_type(self, target: OptimizerChoice) -> bool:
-        current = self.current_choice()
-        return target.name == current.name or (target.cls is not None and target.cls is type(self.host.optimizer))
+    def _same_type(self, slot: _Slot, target: OptimizerChoice) -> bool:
+        current = self._choice(slot)
+        return target.name == current.name or (target.cls is not None and target.cls is type(slot.optimizer))
 
-    def _allowed(self, key: str) -> bool:
-        return self.allow is None or key in self.allow
+    def _allowed(self, key: str, slot: _Slot | None = None) -> bool:
+        if self.allow is None or key in self.allow:
+            return True
+        return slot is not None and slot.name is not None and f"{slot.prefix}{key}" in self.allow
 
-    def _plan(self, revision: int, flat: dict[str, Any], problems: list[_Problem]) -> _Plan | None:
-        """The changes ``flat`` asks for; append what is wrong with it to ``problems`` (then ``None``)."""
+    def _plan_job(self, flat: Mapping[str, Any], problems: list[_Problem]) -> list[tuple[str, Handler, Any]]:
+        """Check the keys no optimizer owns (handler keys; with several optimizers, anything top-level that is
+        not a command) and return the handlers to run."""
         old = self.applied_config
-        optimizer = self.host.optimizer
+        handlers: list[tuple[str, Handler, Any]] = []
+        for key, value in flat.items():
+            if key in cfg.COMMANDS:
+                continue
+            if key in self._handlers:
+                handler, validate = self._handlers[key]
+                if validate is not None:
+                    try:
+                        validate(value)
+                    except Exception as exc:
+                        problems.append(_Problem(key, f"{key}: {exc}"))
+                        continue
+                if key not in old or not _same(old[key], value):
+                    handlers.append((key, handler, value))
+            elif self.names and not any(slot.owns(key) for slot in self._slots):
+                if key in (cfg.OPTIMIZER, cfg.LR_SCALE) or cfg.group_key(key) is not None or key in self._everywhere():
+                    problems.append(_Problem(key, core_schema.not_nested(key, self.names)))
+                else:
+                    text, hint = core_schema.unknown_top_level(key.partition(".")[0], self.names, self._handlers)
+                    problems.append(_Problem(key, text, hint))
+        return handlers
+
+    def _plan(self, slot: _Slot, revision: int, flat: dict[str, Any], problems: list[_Problem]) -> _Plan | None:
+        """The changes ``flat`` asks of ``slot``'s optimizer; append what is wrong with it to ``problems`` (then
+        ``None``)."""
+        old = self.applied_config
+        prefix = slot.prefix
+        optimizer = slot.optimizer
         groups = optimizer.param_groups
-        current = self.current_choice()
+        current = self._choice(slot)
+        optimizer_key = prefix + cfg.OPTIMIZER
 
         target: OptimizerChoice | None = current
         swap = False
-        if cfg.OPTIMIZER in flat:
-            if not self._allowed(cfg.OPTIMIZER):
-                problems.append(_Problem(cfg.OPTIMIZER, self._not_allowed(cfg.OPTIMIZER)))
+        if optimizer_key in flat:
+            if not self._allowed(cfg.OPTIMIZER, slot):
+                problems.append(_Problem(optimizer_key, self._not_allowed(optimizer_key)))
             else:
                 try:
-                    target = resolve(flat[cfg.OPTIMIZER], self.known)
+                    target = resolve(flat[optimizer_key], self.known)
                 except Rejected as exc:
-                    problems.append(_Problem(cfg.OPTIMIZER, str(exc)))
+                    problems.append(_Problem(optimizer_key, str(exc)))
                     target = None  # the other keys are checked against every known optimizer
                 else:
-                    swap = not self._same_type(target)
+                    swap = not self._same_type(slot, target)
                     refusal = self.host.swap_refusal() if swap else None
                     if refusal is not None:
                         problems.append(
                             _Problem(
-                                cfg.OPTIMIZER,
-                                f"optimizer: cannot switch {current.name} to {target.name}: {refusal}; "
+                                optimizer_key,
+                                f"{optimizer_key}: cannot switch {current.name} to {target.name}: {refusal}; "
                                 "hyperparameter edits (lr, weight_decay, ...) still apply",
                             )
                         )
@@ -683,48 +902,35 @@ class Applier:
 
         hyper: dict[str, Any] = {}
         per_group: dict[int, dict[str, Any]] = {}
-        handlers: list[tuple[str, Handler, Any]] = []
         left_behind: list[str] = []
-        scale = _scale_of(old.get(cfg.LR_SCALE))
+        scale = _scale_of(old.get(prefix + cfg.LR_SCALE))
         for key, value in flat.items():
-            if key == cfg.OPTIMIZER or key in cfg.COMMANDS:
+            if key in cfg.COMMANDS or key in self._handlers or not slot.owns(key):
                 continue
-            if swap and self._left_behind(key, value, old, checked):
+            local = key[len(prefix) :]
+            if local == cfg.OPTIMIZER:
+                continue
+            if swap and self._left_behind(slot, key, local, value, old, checked):
                 left_behind.append(key)
                 continue
             try:
-                if key == cfg.LR_SCALE:
-                    if not self._allowed(key):
+                if local == cfg.LR_SCALE:
+                    if not self._allowed(local, slot):
                         raise Rejected(self._not_allowed(key))
                     scale = _check_scale(key, value)
-                elif key in self._handlers:
-                    handler, validate = self._handlers[key]
-                    if validate is not None:
-                        try:
-                            validate(value)
-                        except Exception as exc:
-                            raise Rejected(f"{key}: {exc}") from None
-                    if key not in old or not _same(old[key], value):
-                        handlers.append((key, handler, value))
-                elif (parsed := cfg.group_key(key)) is not None:
+                elif (parsed := cfg.group_key(local)) is not None:
                     index, name = parsed
                     if name == cfg.LR_SCALE:
-                        raise Rejected(
-                            f"{key}: lr_scale scales every param group's schedule; send lr_scale=<factor>, or "
-                            f"param_groups.{index}.lr for this group's learning rate"
-                        )
+                        raise Rejected(core_schema.group_lr_scale(key, index, prefix))
                     if index >= len(groups):
-                        raise Rejected(
-                            f"{key}: the optimizer has {len(groups)} param group"
-                            f"{'s' if len(groups) != 1 else ''} (indexes 0 to {len(groups) - 1})"
-                        )
-                    self._check_hyper_key(key, name, target)
+                        raise Rejected(core_schema.group_out_of_range(key, len(groups)))
+                    self._check_hyper_key(slot, key, name, target)
                     per_group.setdefault(index, {})[name] = check_value(
                         key, name, value, self._reference(groups[index], name, checked, swap)
                     )
                 else:
-                    self._check_hyper_key(key, key, target)
-                    hyper[key] = check_value(key, key, value, self._reference(groups[0], key, checked, swap))
+                    self._check_hyper_key(slot, key, local, target)
+                    hyper[local] = check_value(key, local, value, self._reference(groups[0], local, checked, swap))
             except _Unknown as exc:
                 problems.append(_Problem(key, exc.text, exc.hint))
             except Rejected as exc:
@@ -734,46 +940,46 @@ class Applier:
 
         values: dict[int, dict[str, Any]] = {}
         explicit: dict[int, dict[str, Any]] = {}
-        changes: dict[str, list[Any]] = {cfg.OPTIMIZER: [current.name, target.name]} if swap else {}
-        old_scale = _scale_of(old.get(cfg.LR_SCALE))
+        changes: dict[str, list[Any]] = {optimizer_key: [current.name, target.name]} if swap else {}
+        old_scale = _scale_of(old.get(prefix + cfg.LR_SCALE))
         if scale != old_scale:
-            changes[cfg.LR_SCALE] = [old_scale, scale]
+            changes[prefix + cfg.LR_SCALE] = [old_scale, scale]
         for index, group in enumerate(groups):
             wanted = {**hyper, **per_group.get(index, {})}
             explicit[index] = dict(wanted)
             for name, value in wanted.items():
-                key = f"{cfg.PARAM_GROUPS}.{index}.{name}"
-                raw_new = flat.get(key, flat.get(name))
-                raw_old = old.get(key, old.get(name))
-                unchanged = (key in old or name in old) and _same(raw_old, raw_new)
+                key = f"{prefix}{cfg.PARAM_GROUPS}.{index}.{name}"
+                raw_new = flat.get(key, flat.get(prefix + name))
+                raw_old = old.get(key, old.get(prefix + name))
+                unchanged = (key in old or prefix + name in old) and _same(raw_old, raw_new)
                 # On a swap, an unchanged desired value the old optimizer had no slot for (momentum when
                 # going from Adam back to SGD) is still the desired state of the new one.
                 if unchanged and not (swap and name not in group):
                     continue
                 values.setdefault(index, {})[name] = value
-                shown = key if key in flat else name
+                shown = key if key in flat else prefix + name
                 changes.setdefault(shown, [to_json(group.get(name)), to_json(value)])
-        notes = self._kept_own(flat, old, hyper, per_group, len(groups))
+        notes = [slot.note(n) for n in self._kept_own(prefix, flat, old, hyper, per_group, len(groups))]
         plan = _Plan(
+            slot=slot,
             revision=revision,
             flat=flat,
             target=target,
             swap=swap,
             values=values,
             explicit=explicit,
-            handlers=handlers,
             changes=changes,
             scale_factor=scale / old_scale,
             left_behind=left_behind,
             notes=notes,
         )
         if swap:
-            plan.switch = self._switch(target, groups, explicit, [g["params"] for g in groups])
-        self._check_combination(plan, revision)
+            plan.switch = self._switch(slot, target, groups, explicit, [g["params"] for g in groups])
         return plan
 
     @staticmethod
     def _kept_own(
+        prefix: str,
         flat: Mapping[str, Any],
         old: Mapping[str, Any],
         hyper: Mapping[str, Any],
@@ -783,7 +989,8 @@ class Applier:
         """Say which groups keep their own value of an all-groups key changed in this revision."""
         notes = []
         for name in hyper:
-            if name in old and _same(old[name], flat[name]):
+            key = prefix + name
+            if key in old and _same(old[key], flat[key]):
                 continue
             own = [i for i in range(count) if name in per_group.get(i, {})]
             if own:
@@ -795,67 +1002,50 @@ class Applier:
                 )
         return notes
 
-    def _left_behind(self, key: str, value: Any, old: Mapping[str, Any], target: OptimizerChoice) -> bool:
+    def _left_behind(
+        self, slot: _Slot, key: str, local: str, value: Any, old: Mapping[str, Any], target: OptimizerChoice
+    ) -> bool:
         """Whether ``key`` is an unchanged hyperparameter of the previous optimizer that ``target`` does not
         take (``momentum`` after ``optimizer=adam``): it stays in the desired config for a later swap back,
         and is not an error. A key changed in this revision is still checked, and refused if it does not
         apply."""
-        parsed = cfg.group_key(key)
-        name = parsed[1] if parsed is not None else key
-        if (
-            key in cfg.COMMANDS
-            or key == cfg.LR_SCALE
-            or key in self._handlers
-            or name in IMPLEMENTATION_FLAGS
-            or target.accepts(name)
-        ):
+        parsed = cfg.group_key(local)
+        name = parsed[1] if parsed is not None else local
+        if local == cfg.LR_SCALE or name in IMPLEMENTATION_FLAGS or target.accepts(name):
             return False
         return key in old and _same(old[key], value)
 
-    def _everywhere(self) -> set[str]:
-        """Every hyperparameter name of every known optimizer (and of the active one)."""
+    def _everywhere(self, slot: _Slot | None = None) -> set[str]:
+        """Every hyperparameter name of every known optimizer (and of the active one of ``slot``, or of all)."""
         names: set[str] = set().union(*(c.hyperparameters or () for c in self.known.values()))
-        return names | set(self.current_choice().hyperparameters or ())
+        for each in [slot] if slot is not None else self._slots:
+            names |= set(self._choice(each).hyperparameters or ())
+        return names
 
-    def _check_hyper_key(self, key: str, name: str, target: OptimizerChoice | None) -> None:
+    def _check_hyper_key(self, slot: _Slot, key: str, name: str, target: OptimizerChoice | None) -> None:
         """Raise unless ``name`` may be set for ``target`` (``None``: the optimizer name was bad; then any known
         optimizer's hyperparameter passes)."""
-        everywhere = self._everywhere()
+        everywhere = self._everywhere(slot)
         if target.accepts(name) if target is not None else name in everywhere and name not in IMPLEMENTATION_FLAGS:
-            if not self._allowed(name):
+            if not self._allowed(name, slot):
                 raise Rejected(self._not_allowed(key))
             return
         assert target is not None
-        if (
-            name in everywhere
-            or name in IMPLEMENTATION_FLAGS
-            or any(name in g for g in self.host.optimizer.param_groups)
-        ):
-            why = (
-                "it selects a kernel, not a hyperparameter, and is never set remotely"
-                if name in IMPLEMENTATION_FLAGS
-                else f"{target.name}'s hyperparameters are {target.describe_keys()}"
+        if name in everywhere or name in IMPLEMENTATION_FLAGS or any(name in g for g in slot.optimizer.param_groups):
+            raise Rejected(
+                core_schema.not_a_hyperparameter(key, name, target.name, target.describe_keys(), IMPLEMENTATION_FLAGS)
             )
-            raise Rejected(f"{key}: not a hyperparameter of {target.name} ({why}); remove it with {key}=null")
-        candidates = sorted(
-            {*(target.hyperparameters or ()), cfg.OPTIMIZER, cfg.LR_SCALE, *cfg.COMMANDS, *self._handlers}
-            if self.allow is None
-            else {*self.allow, *self._handlers}
-        )
-        alias = KEY_ALIASES.get(name.lower())
-        close = [alias] if alias in candidates else difflib.get_close_matches(name, candidates, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise _Unknown(
-            f"unknown key {key!r}; {hint}a key of your own needs a handler (callback.on({name!r}))",
-            f"known keys: {', '.join(candidates)}",
-        )
+        hyper = target.hyperparameters or ()
+        if slot.name is not None:
+            candidates = {*hyper, cfg.OPTIMIZER, cfg.LR_SCALE} if self.allow is None else {*self.allow}
+        elif self.allow is None:
+            candidates = {*hyper, cfg.OPTIMIZER, cfg.LR_SCALE, *cfg.COMMANDS, *self._handlers}
+        else:
+            candidates = {*self.allow, *self._handlers}
+        raise _Unknown(*core_schema.unknown_key(key, name, candidates, slot.prefix))
 
     def _not_allowed(self, key: str) -> str:
-        allowed = sorted({*(self.allow or ()), *self._handlers})
-        return (
-            f"{key}: not in this run's allow-list of remotely settable keys "
-            f"({', '.join(allowed) if allowed else 'none'}); the training script decides which keys are allowed"
-        )
+        return core_schema.not_allowed(key, self.allow, self._handlers)
 
     @staticmethod
     def _reference(group: Mapping[str, Any], name: str, target: OptimizerChoice, swap: bool) -> Any:
@@ -867,7 +1057,7 @@ class Applier:
 
     def _check_combination(self, plan: _Plan, revision: int) -> None:
         """Let the target's own constructor judge each group's resulting hyperparameters."""
-        groups = self.host.optimizer.param_groups
+        groups = plan.slot.optimizer.param_groups
         target = plan.target
         for index, group in enumerate(groups):
             changed = plan.values.get(index, {})
@@ -880,9 +1070,11 @@ class Applier:
                 target.factory([probe], **kwargs)
             except Exception as exc:
                 where = f" for param group {index}" if len(groups) > 1 else ""
-                keys = [k for k in plan.changes if k != cfg.OPTIMIZER]
+                keys = [k for k in plan.changes if k != plan.slot.prefix + cfg.OPTIMIZER]
                 raise Rejected(
-                    f"{target.name} refuses these hyperparameters{where}: {exc}{self._provenance(keys, revision)}"
+                    plan.slot.note(
+                        f"{target.name} refuses these hyperparameters{where}: {exc}{self._provenance(keys, revision)}"
+                    )
                 ) from None
 
     def _provenance(self, keys: Iterable[str], revision: int) -> str:
@@ -915,6 +1107,7 @@ class Applier:
 
     def _switch(
         self,
+        slot: _Slot,
         target: OptimizerChoice,
         groups: Sequence[Mapping[str, Any]],
         explicit: Mapping[int, Mapping[str, Any]],
@@ -923,8 +1116,8 @@ class Applier:
         """Each new group: the old group's lr, implementation flags and ``maximize`` (where ``target`` takes
         them), the desired config's explicit keys, the old group's own keys (scheduler and user entries); the
         rest from ``target``'s defaults."""
-        current = self.current_choice()
-        everywhere = self._everywhere()
+        current = self._choice(slot)
+        everywhere = self._everywhere(slot)
         specs: list[dict[str, Any]] = []
         carried: dict[str, Any] = {}
         dropped: set[str] = set()
@@ -973,8 +1166,9 @@ class Applier:
         """Dry-run ``plan`` on throwaway copies; raise :class:`Rejected` naming what would fail."""
         if not plan.values and not plan.swap and plan.scale_factor == 1.0:
             return
-        live = self.host.optimizer
-        current = self.current_choice()
+        slot = plan.slot
+        live = slot.optimizer
+        current = self._choice(slot)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -986,20 +1180,20 @@ class Applier:
                 ]
                 twin = self._construct(current, specs)
             except Exception as exc:
-                plan.notes.append(f"not rehearsed: a throwaway {current.name} could not be built ({exc})")
+                plan.notes.append(slot.note(f"not rehearsed: a throwaway {current.name} could not be built ({exc})"))
                 return
             for group in pairs:  # the same state (Adam's moments, a missing momentum buffer...) as the live one
                 for tiny, param in group:
                     state = _tiny_state(live.state[param]) if param in live.state else None
                     if state is not None:
                         twin.state[tiny] = state
-            copies, skipped = copy_schedulers(self.host.schedulers(), live, twin)
+            copies, skipped = copy_schedulers(slot.schedulers(), live, twin)
             if skipped:
-                plan.notes.append(f"not rehearsed with {', '.join(skipped)}")
+                plan.notes.append(slot.note(f"not rehearsed with {', '.join(skipped)}"))
             new = None
             if plan.swap:
                 assert plan.switch is not None
-                switch = self._switch(plan.target, twin.param_groups, plan.explicit, params)
+                switch = self._switch(slot, plan.target, twin.param_groups, plan.explicit, params)
                 new = self._construct(plan.target, switch.specs)
             self._effects(plan, twin, copies, new)
             stepped = new if new is not None else twin
@@ -1012,21 +1206,25 @@ class Applier:
                     stepped.step()
                 except KeyError as exc:
                     raise Rejected(
-                        f"{name} would fail its next step with these settings: its per-parameter state has no "
-                        f"{exc} entry (torch creates it at the first step only when the setting is on); set it "
-                        "when the optimizer is built, or together with a switch to another optimizer type; nothing "
-                        "was changed"
+                        slot.note(
+                            f"{name} would fail its next step with these settings: its per-parameter state has no "
+                            f"{exc} entry (torch creates it at the first step only when the setting is on); set it "
+                            "when the optimizer is built, or together with a switch to another optimizer type; "
+                            "nothing was changed"
+                        )
                     ) from None
                 except Exception as exc:
                     raise Rejected(
-                        f"{name} would fail its next step with these settings: {type(exc).__name__}: {exc}; "
-                        "nothing was changed"
+                        slot.note(
+                            f"{name} would fail its next step with these settings: {type(exc).__name__}: {exc}; "
+                            "nothing was changed"
+                        )
                     ) from None
                 for scheduler in copies:
                     try:
                         _step_scheduler(scheduler)
                     except Exception as exc:
-                        raise Rejected(self._scheduler_failure(scheduler, name, exc)) from None
+                        raise Rejected(slot.note(self._scheduler_failure(scheduler, name, exc))) from None
 
     @staticmethod
     def _scheduler_failure(scheduler: Any, name: str, exc: Exception) -> str:
@@ -1050,12 +1248,12 @@ class Applier:
         except Exception as exc:
             raise Rejected(f"could not build {target.name} over this model's parameters: {exc}") from None
 
-    def _install(self, target: OptimizerChoice, new: torch.optim.Optimizer) -> None:
-        old = self.host.optimizer
-        check_rebind(self.host.schedulers(), old, new, target.name)
-        rebind(self.host.schedulers(), old, new)
-        self.host.install(new)
-        self._installed, self._installed_name = new, target.name
+    def _install(self, slot: _Slot, target: OptimizerChoice, new: torch.optim.Optimizer) -> None:
+        old = slot.optimizer
+        check_rebind(slot.schedulers(), old, new, target.name)
+        rebind(slot.schedulers(), old, new)
+        slot.install(new)
+        slot.installed, slot.installed_name = new, target.name
 
     def _effects(
         self,
@@ -1090,54 +1288,83 @@ class Applier:
         return notes
 
     def _commit(self, plan: _Plan) -> list[str]:
-        notes = self._effects(plan, self.host.optimizer, self.host.schedulers(), plan.new_optimizer)
+        slot = plan.slot
+        notes = self._effects(plan, slot.optimizer, slot.schedulers(), plan.new_optimizer)
         if plan.swap:
             assert plan.new_optimizer is not None
-            self.host.install(plan.new_optimizer)
-            self._installed, self._installed_name = plan.new_optimizer, plan.target.name
+            slot.install(plan.new_optimizer)
+            slot.installed, slot.installed_name = plan.new_optimizer, plan.target.name
         return notes
 
     def _rollback(
-        self, snapshot: Snapshot, previous: tuple[int, dict[str, Any], torch.optim.Optimizer | None, str | None]
+        self,
+        snapshots: Sequence[Snapshot],
+        previous: tuple[int, dict[str, Any], list[tuple[torch.optim.Optimizer | None, str | None]]],
     ) -> None:
-        self.applied_revision, self.applied_config, self._installed, self._installed_name = previous
-        if self.host.optimizer is not snapshot.optimizer:
-            self.host.install(snapshot.optimizer)
-        snapshot.restore()
+        """Put every optimizer, its schedulers and the applied state back as they were before this apply."""
+        self.applied_revision, self.applied_config, installed = previous
+        for slot, snapshot, (optimizer, name) in zip(self._slots, snapshots, installed, strict=True):
+            slot.installed, slot.installed_name = optimizer, name
+            if slot.optimizer is not snapshot.optimizer:
+                slot.install(snapshot.optimizer)
+            snapshot.restore()
 
     # ----------------------------------------------------------------- reporting
 
-    def _applied_detail(self, plan: _Plan) -> dict[str, Any]:
-        detail: dict[str, Any] = {"changes": plan.changes}
-        set_in = {key: self._origin[key] for key in plan.changes if key in self._origin}
+    def _applied_detail(self, plans: Sequence[_Plan], notes: Sequence[str]) -> dict[str, Any]:
+        changes: dict[str, list[Any]] = {}
+        left_behind: list[str] = []
+        switches: dict[str, Any] = {}
+        all_notes: list[str] = []
+        for plan in plans:
+            changes.update(plan.changes)
+            left_behind.extend(plan.left_behind)
+            all_notes.extend(plan.notes)
+            if plan.switch is not None:
+                switch = {
+                    "carried": plan.switch.carried,
+                    "defaulted": plan.switch.defaulted,
+                    "dropped": plan.switch.dropped,
+                }
+                if plan.slot.name is None:
+                    switches = switch
+                else:
+                    switches[plan.slot.name] = switch
+                all_notes.extend(plan.slot.note(n) for n in plan.switch.notes)
+        all_notes.extend(notes)
+        detail: dict[str, Any] = {"changes": changes}
+        set_in = {key: self._origin[key] for key in changes if key in self._origin}
         if set_in:
             detail["set_in"] = set_in
-        if plan.left_behind:
-            detail["not_applicable"] = plan.left_behind
-        if plan.switch is not None:
-            detail["switch"] = {
-                "carried": plan.switch.carried,
-                "defaulted": plan.switch.defaulted,
-                "dropped": plan.switch.dropped,
-            }
-            plan.notes.extend(plan.switch.notes)
-        if plan.notes:
-            detail["notes"] = list(plan.notes)
+        if left_behind:
+            detail["not_applicable"] = left_behind
+        if switches:
+            detail["switch"] = switches
+        if all_notes:
+            detail["notes"] = all_notes
         detail["optimizer"] = self.describe()
         return detail
 
-    def _summary(self, plan: _Plan, detail: Mapping[str, Any]) -> str:
+    def _summary(
+        self,
+        revision: int,
+        plans: Sequence[_Plan],
+        handlers: Sequence[tuple[str, Handler, Any]],
+        detail: Mapping[str, Any],
+    ) -> str:
         parts = []
-        for key, (before, after) in plan.changes.items():
-            origin = self._from_earlier(key, plan.revision)
-            where = f" (set in revision {origin})" if origin is not None else ""
-            parts.append(f"{key} {_fmt(before)} -> {_fmt(after)}{where}")
-        if plan.switch is not None:
-            parts.append(self._switch_summary(plan))
-        if plan.handlers:
-            parts.append("handled " + ", ".join(key for key, _, _ in plan.handlers))
-        if plan.left_behind:
-            parts.append(f"{', '.join(plan.left_behind)} kept in the config but not used by {plan.target.name}")
+        for plan in plans:
+            for key, (before, after) in plan.changes.items():
+                origin = self._from_earlier(key, revision)
+                where = f" (set in revision {origin})" if origin is not None else ""
+                parts.append(f"{key} {_fmt(before)} -> {_fmt(after)}{where}")
+            if plan.switch is not None:
+                parts.append(plan.slot.note(self._switch_summary(plan)))
+        if handlers:
+            parts.append("handled " + ", ".join(key for key, _, _ in handlers))
+        for plan in plans:
+            if plan.left_behind:
+                parts.append(f"{', '.join(plan.left_behind)} kept in the config but not used by {plan.target.name}")
         parts.extend(detail.get("notes", ()))
         return "; ".join(parts) if parts else "nothing to change: the config matches what is applied"
 

@@ -23,14 +23,16 @@ import collections
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, overload
 
 import torch
 
+from weavelet_core.schema import check_optimizer_names
 from weavelet_torch.applier import Applier, F, Validator, Verdict
 from weavelet_torch.host import OptimizerHost
 from weavelet_torch.link import Link
+from weavelet_torch.schedulers import walk
 
 KEPT_VERDICTS = 64
 """How many verdicts :attr:`Attachment.verdicts` keeps (memory stays flat however many revisions arrive)."""
@@ -39,35 +41,111 @@ CheckpointFn = Callable[[str], str]
 """``save(name) -> path``: save a checkpoint now (``name`` is unique per revision) and return its path."""
 
 
-class LoopHost(OptimizerHost):
-    """An :class:`~weavelet_torch.host.OptimizerHost` for a plain loop: holds the optimizer and schedulers.
+Optimizers = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer]
+"""One optimizer, or several by name (``{"generator": opt_g, "discriminator": opt_d}``)."""
 
+Schedulers = Iterable[Any] | Mapping[str, Iterable[Any]]
+"""Schedulers: a flat list (each bound to the optimizer it drives, by identity) or lists by optimizer name."""
+
+
+class LoopHost(OptimizerHost):
+    """An :class:`~weavelet_torch.host.OptimizerHost` for a plain loop: holds the optimizers and schedulers.
+
+    :param optimizer: the optimizer, or several by name (``{"generator": opt_g, "discriminator": opt_d}``:
+        a revision then nests each one's keys under its name).
+    :param schedulers: the schedulers driving them: a list, or with several optimizers also a mapping from
+        optimizer name to its list. Each scheduler in a list follows the optimizer it drives (by identity).
     :param save_checkpoint: ``save(name) -> path`` used by the ``checkpoint`` command.
+    :raises TypeError: for something that is not a ``torch.optim.Optimizer``.
+    :raises ValueError: with several optimizers: an empty mapping, bad names, the same optimizer twice, a
+        scheduler listed under a name whose optimizer it does not drive, or one that drives none of them.
     """
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
-        schedulers: Iterable[Any] = (),
+        optimizer: Optimizers,
+        schedulers: Schedulers = (),
         *,
         save_checkpoint: CheckpointFn | None = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self._optimizer = optimizer
-        self._schedulers = list(schedulers)
+        if isinstance(optimizer, Mapping):
+            if not optimizer:
+                raise ValueError("attach() got an empty mapping of optimizers; give at least one")
+            names = check_optimizer_names(optimizer)
+            self._names: tuple[str, ...] = names
+            self._optimizers = {name: _optimizer(optimizer[name], f"optimizer {name!r}") for name in names}
+            if len({id(o) for o in self._optimizers.values()}) != len(names):
+                raise ValueError("attach() got the same optimizer object under two names; give each one once")
+        else:
+            self._names = ()
+            self._optimizers = {"": _optimizer(optimizer, "optimizer")}
+        self._schedulers = self._bind(schedulers)
         self._save = save_checkpoint
         self.stop_requested = False
 
+    def _bind(self, schedulers: Schedulers) -> list[Any]:
+        if isinstance(schedulers, Mapping):
+            if not self._names:
+                raise ValueError(
+                    "schedulers by optimizer name need several optimizers by name; with one optimizer give a list"
+                )
+            flat: list[Any] = []
+            for name, items in schedulers.items():
+                if name not in self._optimizers:
+                    raise ValueError(
+                        f"schedulers for {name!r}: no optimizer of that name; the optimizers are "
+                        f"{', '.join(self._names)}"
+                    )
+                for scheduler in items:
+                    if not _drives(scheduler, self._optimizers[name]):
+                        raise ValueError(
+                            f"{type(scheduler).__name__} is listed under {name!r} but does not drive that optimizer; "
+                            "build it over that optimizer or list it under the one it drives"
+                        )
+                    flat.append(scheduler)
+            return flat
+        flat = list(schedulers)
+        if self._names:
+            for scheduler in flat:
+                if not any(_drives(scheduler, o) for o in self._optimizers.values()):
+                    raise ValueError(
+                        f"{type(scheduler).__name__} drives none of the optimizers given to attach() "
+                        f"({', '.join(self._names)}); build it over one of them"
+                    )
+        return flat
+
+    def optimizer_names(self) -> Sequence[str]:
+        return self._names
+
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        return self._optimizer
+        if self._names:
+            raise RuntimeError(
+                f"this loop steers several optimizers ({', '.join(self._names)}): use live.optimizers[name] "
+                f"(for example live.optimizers[{self._names[0]!r}])"
+            )
+        return self._optimizers[""]
+
+    @property
+    def optimizers(self) -> Mapping[str, torch.optim.Optimizer]:
+        """The optimizers by name (with one optimizer: ``{"": optimizer}``)."""
+        return self._optimizers
+
+    def optimizer_of(self, name: str) -> torch.optim.Optimizer:
+        return self._optimizers[name]
 
     def schedulers(self) -> Sequence[Any]:
         return self._schedulers
 
+    def schedulers_of(self, name: str) -> Sequence[Any]:
+        optimizer = self._optimizers[name]
+        return [s for s in self._schedulers if _drives(s, optimizer)]
+
     def install(self, optimizer: torch.optim.Optimizer) -> None:
-        self._optimizer = optimizer
+        self._optimizers[""] = optimizer
+
+    def install_of(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizers[name] = optimizer
 
     def save_checkpoint(self, name: str) -> str:
         if self._save is None:
@@ -76,6 +154,16 @@ class LoopHost(OptimizerHost):
 
     def request_stop(self) -> None:
         self.stop_requested = True
+
+
+def _optimizer(value: object, what: str) -> torch.optim.Optimizer:
+    if not isinstance(value, torch.optim.Optimizer):
+        raise TypeError(f"{what}: expected a torch.optim.Optimizer, got {type(value).__name__}")
+    return value
+
+
+def _drives(scheduler: Any, optimizer: torch.optim.Optimizer) -> bool:
+    return any(getattr(s, "optimizer", None) is optimizer for s in walk([scheduler]))
 
 
 class Attachment:
@@ -87,11 +175,11 @@ class Attachment:
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizers,
         *,
         run: str | None = None,
         url: str | None = None,
-        schedulers: Iterable[Any] = (),
+        schedulers: Schedulers = (),
         allow: Iterable[str] | None = None,
         model: torch.nn.Module | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -126,9 +214,8 @@ class Attachment:
         #: The newest verdicts, at most :data:`KEPT_VERDICTS` (older ones are in the run's history).
         self.verdicts: collections.deque[Verdict] = collections.deque(maxlen=KEPT_VERDICTS)
         if state is not None:
-            name = self.applier.load_state_dict(state)
-            if name is not None:
-                self.applier.recreate(name)
+            self.applier.load_state_dict(state)
+            self.applier.recreate_saved()
 
     # ----------------------------------------------------------------- public API
 
@@ -138,8 +225,17 @@ class Attachment:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer to step now; a revision switching optimizer type replaces it."""
+        """The optimizer to step now; a revision switching optimizer type replaces it.
+
+        :raises RuntimeError: when the loop steers several optimizers (use :attr:`optimizers`).
+        """
         return self.host.optimizer
+
+    @property
+    def optimizers(self) -> Mapping[str, torch.optim.Optimizer]:
+        """The optimizers to step now, by the names given to :func:`attach` (a read-only view; with one
+        optimizer, ``{"": optimizer}``); a revision switching one's type replaces that entry."""
+        return MappingProxyType(self.host.optimizers)
 
     @property
     def should_stop(self) -> bool:
@@ -166,7 +262,7 @@ class Attachment:
         loop). Raises :class:`~weavelet_core.RunOwned` when another live trainer owns the run."""
         process = self.link.start(after=self.applier.applied_revision, resume=self._resume)
         self.applier.incarnation = process.incarnation
-        self.link.report(step=self._step, optimizer=self.applier.describe(), force=True)
+        self.link.report(step=self._step, optimizer=self.applier.describe(), schema=self.applier.schema(), force=True)
         return self
 
     def close(self, error: BaseException | None = None) -> None:
@@ -223,10 +319,12 @@ class Attachment:
         payload = {
             "step": self._step,
             "model": self._model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if not self.host.optimizer_names() else None,
             "schedulers": [s.state_dict() for s in self.host.schedulers()],
             "weavelet": self.state_dict(),
         }
+        if self.host.optimizer_names():
+            payload["optimizers"] = {name: o.state_dict() for name, o in self.host.optimizers.items()}
         tmp = path.with_suffix(".pt.tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)
@@ -242,11 +340,11 @@ class Attachment:
 
 
 def attach(
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     *,
     run: str | None = None,
     url: str | None = None,
-    schedulers: Iterable[Any] = (),
+    schedulers: Schedulers = (),
     allow: Iterable[str] | None = None,
     model: torch.nn.Module | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -262,11 +360,15 @@ def attach(
     """Make a plain training loop remotely reconfigurable; use the result as a context manager.
 
     :param optimizer: the optimizer the loop steps. After a revision switches its type, step
-        ``attachment.optimizer`` instead (the same parameters, a new object).
+        ``attachment.optimizer`` instead (the same parameters, a new object). Or several by name
+        (``{"generator": opt_g, "discriminator": opt_d}``): each one's keys are then nested under its name in a
+        revision (``generator.lr``), a revision applies to all of them or to none, and the loop steps
+        ``attachment.optimizers[name]``.
     :param run: run id; default ``WEAVELET_RUN``, else a generated one (printed at start).
     :param url: transport URL; default ``WEAVELET_URL``, else the per-user ``file://`` directory.
     :param schedulers: learning-rate schedulers driving ``optimizer``: remote ``lr`` changes rescale their
-        schedule, and a swap rebinds them to the new optimizer with their progress kept.
+        schedule, and a swap rebinds them to the new optimizer with their progress kept. With several
+        optimizers, a list (each scheduler follows the optimizer it drives) or lists by optimizer name.
     :param allow: keys a revision may set (default: the optimizer's hyperparameters, ``optimizer``,
         ``param_groups.<i>.<key>``, ``stop``, ``checkpoint``); keys with a handler are always allowed.
     :param model: enables the ``checkpoint`` command: model, optimizer, schedulers and weavelet state are saved
@@ -289,6 +391,10 @@ def attach(
         characters (else ``ValueError`` at start).
 
     Leaving the ``with`` block by an exception ends the run ``failed``, with the exception in its status.
+
+    :raises TypeError: for an optimizer that is not a ``torch.optim.Optimizer``.
+    :raises ValueError: for bad optimizer names or schedulers that drive none of the optimizers (see
+        :class:`LoopHost`).
     """
     return Attachment(
         optimizer,

@@ -15,7 +15,28 @@ class OptimizerHost(abc.ABC):
     """The training loop's side of an optimizer change.
 
     The applier only ever calls these at an optimizer-step boundary, from the training thread.
+
+    A host of one optimizer implements :attr:`optimizer` and :meth:`install` (and :meth:`schedulers`). A host
+    of several (a GAN's generator and discriminator) returns their names from :meth:`optimizer_names` and
+    implements :meth:`optimizer_of`, :meth:`schedulers_of` and :meth:`install_of`; a revision then nests each
+    optimizer's keys under its name.
     """
+
+    def optimizer_names(self) -> Sequence[str]:
+        """The names of the optimizers this loop steers, when it steers several; empty (the default) for one."""
+        return ()
+
+    def optimizer_of(self, name: str) -> torch.optim.Optimizer:
+        """The optimizer called ``name`` (see :meth:`optimizer_names`); default: :attr:`optimizer`."""
+        return self.optimizer
+
+    def schedulers_of(self, name: str) -> Sequence[Any]:
+        """The schedulers driving the optimizer called ``name``; default: :meth:`schedulers`."""
+        return self.schedulers()
+
+    def install_of(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer`` the one called ``name`` from now on; default: :meth:`install`."""
+        self.install(optimizer)
 
     @property
     @abc.abstractmethod

@@ -161,7 +161,7 @@ class Link:
         process.report_outcome(
             verdict.revision, verdict.result, step=verdict.step, message=verdict.message, detail=verdict.detail
         )
-        process.report(optimizer=applier.describe())
+        process.report(optimizer=applier.describe(), schema=applier.schema())
 
     def report_due(self) -> bool:
         """Whether a status snapshot is due (lets callers skip gathering metrics)."""
@@ -175,10 +175,12 @@ class Link:
         epoch: int | None = None,
         metrics: Mapping[str, Any] | None = None,
         optimizer: dict[str, object] | None = None,
+        schema: dict[str, object] | None = None,
         force: bool = False,
     ) -> None:
-        """Hand the status to the process (it writes a snapshot when one is due, or with ``force``)."""
+        """Hand the status to the process (it writes a snapshot when one is due, or with ``force``); ``schema``
+        is what the run accepts (:meth:`~weavelet_torch.Applier.schema`), passed on at once when it is new."""
         process = self.process
         if process is None:
             return
-        process.report(step=step, epoch=epoch, metrics=metrics, optimizer=optimizer, force=force)
+        process.report(step=step, epoch=epoch, metrics=metrics, optimizer=optimizer, schema=schema, force=force)

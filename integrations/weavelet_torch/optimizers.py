@@ -8,13 +8,13 @@ those offered by plugins through the ``weavelet_optimizers`` hook; a plugin's na
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from weavelet_core.schema import describe_keys, unknown_optimizer
 from weavelet_torch.errors import Rejected
 
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
@@ -70,9 +70,7 @@ class OptimizerChoice:
         return self.hyperparameters is None or key in self.hyperparameters
 
     def describe_keys(self) -> str:
-        if self.hyperparameters is None:
-            return "any keyword its factory accepts"
-        return ", ".join(sorted(self.hyperparameters))
+        return describe_keys(self.hyperparameters)
 
 
 def _signature_flags(fn: Callable[..., Any]) -> frozenset[str]:
@@ -150,15 +148,13 @@ def resolve(name: object, known: Mapping[str, OptimizerChoice] | None = None) ->
     """The optimizer called ``name``; raise :class:`Rejected` naming the known ones otherwise."""
     known = known_optimizers() if known is None else known
     if not isinstance(name, str) or not name.strip():
-        raise Rejected(f"optimizer: expected an optimizer name, got {name!r}; known: {', '.join(sorted(known))}")
+        raise Rejected(unknown_optimizer(name, known))
     key = name.strip().lower()
     if key in UNSUPPORTED:
         raise Rejected(f"optimizer {name!r} cannot be switched to in a running fit: {UNSUPPORTED[key]}")
     choice = known.get(key)
     if choice is None:
-        close = difflib.get_close_matches(key, list(known), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise Rejected(f"unknown optimizer {name!r}; {hint}known: {', '.join(sorted(known))}")
+        raise Rejected(unknown_optimizer(name, known))
     return choice
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TextIO
@@ -16,11 +17,13 @@ from weavelet_core.cli.common import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_WAIT_TIMEOUT,
+    PROG,
     CliError,
     UsageError,
     add_output,
     add_url,
     add_wait,
+    is_stale,
     revision_number,
     wants_json,
     weaver,
@@ -245,9 +248,41 @@ async def cmd_set(args: argparse.Namespace, out: TextIO) -> int:
     async def write(w: AsyncWeaver, run: str, previous: Revision | None) -> Revision | None:
         if planned(run, previous) is None:
             return None  # nothing changes: write nothing
+        if not args.force:
+            await check_before_writing(w, run, changes, replace=args.replace, note=not wants_json(args))
         return await w.set(run, changes, replace=args.replace)
 
     return await run_writes(args, out, planned, write, tolerate_corrupt=args.replace)
+
+
+async def check_before_writing(
+    w: AsyncWeaver, run: str, changes: dict[str, Any], *, replace: bool, note: bool = True
+) -> None:
+    """Refuse (:class:`CliError`, nothing written) a change the run's live trainer would reject, with its own
+    messages. A run whose trainer ended, went stale or publishes no schema is written unchecked, with a note on
+    stderr (``note``; not with ``--json``, whose stderr stays empty); a run that never reported a status (not
+    started yet) is written unchecked and silently."""
+    status = await w.status(run)
+    if status is None:
+        return  # a run not started yet (configured ahead of its trainer): nothing to check against, nothing to say
+    if not status.live or is_stale(status, None, time.time()) or not status.schema:
+        why = (
+            "no live trainer"
+            if not status.live
+            else "a stale status"
+            if is_stale(status, None, time.time())
+            else "a trainer that publishes no schema"
+        )
+        if note:
+            sys.stderr.write(f"{PROG}: note: run {run!r} has {why}: not checked before writing\n")
+            sys.stderr.flush()
+        return
+    problems = await w.check(run, changes, replace=replace, status=status)
+    if problems:
+        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        raise CliError(
+            f"not written: run {run!r} would reject it: {listed} (nothing was written; --force writes it anyway)"
+        )
 
 
 # -- stop / checkpoint -------------------------------------------------------------------------------------
@@ -324,6 +359,8 @@ SET_EXAMPLES = """examples:
   weavelet set demo momentum=                    remove a key
   weavelet set 'sweep-3-*' lr=0.001              every run matching the pattern
   weavelet set -l sweep=3 lr=0.001 --dry-run     runs labelled sweep=3; change nothing
+  weavelet set gan generator.lr=1e-4 discriminator.optimizer=sgd   a run steering several optimizers
+  weavelet set demo lrr=0.1 --force              write a change the live trainer would reject
 """
 
 
@@ -332,7 +369,9 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
         "set",
         help="write a new revision of a run's desired config",
         description="Merge KEY=VALUE changes onto each chosen run's desired config and store it as a new "
-        "revision. A change that leaves the config as it is writes nothing.",
+        "revision. A change that leaves the config as it is writes nothing. A change the run's live trainer would "
+        "reject (an unknown key, a wrong kind or range, an unknown optimizer) is refused first, with the "
+        "trainer's own message, and nothing is written (--force writes it anyway).",
         epilog=SET_EXAMPLES,
         formatter_class=formatter,
     )
@@ -347,6 +386,12 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
     add_selectors(p, positional=False)  # the run ids and patterns are the words without '='
     add_wait(p)
     p.add_argument("--replace", action="store_true", help="replace the whole config instead of merging")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write even when the run's live trainer would reject the change (it is checked against the schema "
+        "the trainer publishes; a run with no live trainer is written unchecked, with a note)",
+    )
     p.set_defaults(handler=cmd_set, is_async=True, extra_words=True)
 
     for command, what in (("checkpoint", "save a checkpoint now"), ("stop", "end the fit gracefully")):
