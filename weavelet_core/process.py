@@ -257,10 +257,14 @@ class WeaveletProcess:
         Raises :class:`~weavelet_core.RunOwned` when another live trainer owns the run (and ``takeover`` is
         off). If the transport cannot be reached in time, a warning is logged and ``start`` returns with state
         ``starting``: the sidecar keeps trying in the background. Calling ``start`` on a started process does
-        nothing; a stopped or failed one cannot be started again (create a new one).
+        nothing, nor on one whose remote control failed (training goes on; a warning says why); a stopped one
+        cannot be started again (create a new one).
         """
         state = self._lifecycle.state
         if state in (STARTING, RUNNING):
+            return
+        if state == FAILED and not self._cleaned:
+            log.warning("weavelet: run %r: remote control is off (%s); training goes on", self.run, self._message)
             return
         if state != CREATED:
             raise RuntimeError(
@@ -333,7 +337,10 @@ class WeaveletProcess:
             after, baseline = payload.get("after"), payload.get("baseline")
             with self._supervisor.lock:
                 if isinstance(after, int) and after > self._handed_out and not self._held:
-                    self._handed_out = after  # a fresh start's reset revision: a restarted sidecar starts after it
+                    # A fresh start settled on this revision itself (its reset, or an empty config): it is
+                    # applied, and a restarted sidecar starts after it.
+                    self._handed_out = after
+                    self._recorder.applied = max(self._recorder.applied, after)
                 if isinstance(baseline, int):
                     self._claimed_baseline = baseline
         elif event == "connected":

@@ -32,6 +32,12 @@ READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 """Versions a reader accepts: fields a version-1 message lacks take their defaults."""
 MAX_PAYLOAD_BYTES = 64 * 1024
 """Default cap on one encoded message. Larger payloads are refused on encode and on decode."""
+DEFAULT_STALE_AFTER = 30.0
+"""Seconds without a heartbeat after which a status that does not say its keepalive is stale."""
+STALE_KEEPALIVES = 3
+"""A status is stale after this many of its keepalives without a heartbeat (plus two seconds of slack)."""
+FUTURE_SLACK = 60.0
+"""A heartbeat more than this many seconds ahead of the reader's clock is not believed (see ``Status.stale``)."""
 MAX_MESSAGE_CHARS = 2000
 """Longest human-readable ``message`` an outcome or status carries; longer ones are cut by :func:`truncate`."""
 TRUNCATION_MARKER = " ... [{hidden} more characters]"
@@ -230,8 +236,23 @@ class Status:
         return self.state not in ("stopped", "failed")
 
     def age(self, now: float | None = None) -> float:
-        """Seconds since the last heartbeat."""
+        """Seconds since the last heartbeat (negative when the writer's clock is ahead of this one)."""
         return (time.time() if now is None else now) - self.heartbeat
+
+    def stale(self, now: float | None = None, *, after: float | None = None) -> bool:
+        """Whether a live status has gone without a heartbeat for too long, so its trainer counts as gone.
+
+        Too long is ``after`` seconds when given, else :data:`STALE_KEEPALIVES` of the status's own keepalive plus
+        2 s, else :data:`DEFAULT_STALE_AFTER` (a version-1 writer says no keepalive). A heartbeat more than
+        :data:`FUTURE_SLACK` seconds in the future is stale too: the clocks disagree, and a status must not stay
+        fresh for ever because of it. An ended status (stopped, failed) is never stale.
+        """
+        if not self.live:
+            return False
+        if after is None:
+            after = STALE_KEEPALIVES * self.keepalive + 2.0 if self.keepalive > 0 else DEFAULT_STALE_AFTER
+        age = self.age(now)
+        return age > after or age < -FUTURE_SLACK
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,7 @@ from weavelet_core.errors import (
     RunOwned,
 )
 from weavelet_core.plugins import mask_password, open_transport
-from weavelet_core.protocol import Outcome, Revision, Status, encode, from_dict, to_dict, truncate
+from weavelet_core.protocol import FUTURE_SLACK, Outcome, Revision, Status, encode, from_dict, to_dict, truncate
 from weavelet_core.transport import Transport
 
 log = logging.getLogger("weavelet_core.sidecar")
@@ -338,6 +338,13 @@ class Sidecar:
         current = await transport.status(self.run_id)
         if current is not None and current.incarnation and current.incarnation != config.incarnation and current.live:
             age = current.age()
+            if age < -FUTURE_SLACK:
+                log.warning(
+                    "weavelet: run %r: the owner's heartbeat is %.0fs in the future (clocks disagree); taking over",
+                    self.run_id,
+                    -age,
+                )
+                age = config.stale_after + 1
             owner = (
                 f"pid {current.pid} on host {current.host}, incarnation {current.incarnation}, "
                 f"last heartbeat {age:.1f}s ago"

@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -38,6 +38,7 @@ from weavelet_core.transport import Entry, Transport
 T = TypeVar("T")
 
 DEFAULT_WRITE_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 10.0
 STATUS_RECHECK = 1.0
 """Seconds between two looks at the run's status while waiting for an outcome (has its incarnation ended?)."""
 COMMAND_TOKEN_BYTES = 8
@@ -52,16 +53,20 @@ def default_author() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def merge_config(base: Mapping[str, Any], changes: Mapping[str, Any]) -> JsonObject:
+def merge_config(base: Mapping[str, Any], changes: Mapping[str, Any], *, whole: Collection[str] = ()) -> JsonObject:
     """``base`` with ``changes`` applied: nested objects merge key by key; a ``None`` value removes the key.
 
     ``base`` and ``changes`` are not modified. A nested object in ``changes`` that only removes keys that
     ``base`` does not have adds nothing (no empty object appears); an explicitly empty object ``{}`` is set.
+    Top-level keys in ``whole`` take their new value as it is, never merged (a command's token object: a field
+    left over from an earlier value must not make it malformed).
     """
     merged: JsonObject = copy.deepcopy(dict(base))
     for key, value in changes.items():
         if value is None:
             merged.pop(key, None)
+        elif key in whole:
+            merged[key] = copy.deepcopy(value)
         elif isinstance(value, Mapping):
             current = merged.get(key)
             sub = merge_config(current if isinstance(current, dict) else {}, value)
@@ -78,7 +83,10 @@ class AsyncWeaver:
     :param url: transport URL; default ``WEAVELET_URL`` or the per-user ``file://`` directory.
     :param transport: an already built transport to use instead of ``url`` (not closed by the weaver).
     :param author: recorded on each revision; default ``user@host``.
-    :param write_timeout: how long :meth:`set` keeps retrying conflicts and outages before giving up.
+    :param write_timeout: seconds :meth:`set` keeps retrying conflicts and outages before giving up (default
+        10); also the bound on connecting.
+    :param read_timeout: seconds a read (:meth:`get`, :meth:`status`, :meth:`history`, ...) may take before it
+        raises :class:`~weavelet_core.TransportUnavailable` (default 10), also against a stopped server.
     """
 
     def __init__(
@@ -88,6 +96,7 @@ class AsyncWeaver:
         transport: Transport | None = None,
         author: str | None = None,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
         **options: Any,
     ) -> None:
         self.url = url or (transport.url if transport else default_url())
@@ -96,6 +105,7 @@ class AsyncWeaver:
         self._connected = transport is not None
         self.author = author or default_author()
         self.write_timeout = write_timeout
+        self.read_timeout = read_timeout
         # The newest revision this weaver wrote per run: the base of its next write, saving a read. A stale
         # base only costs a compare-and-set conflict and a re-read, never a lost write.
         self._last_written: dict[str, Revision] = {}
@@ -106,9 +116,24 @@ class AsyncWeaver:
 
     async def _ready(self) -> Transport:
         if not self._connected:
-            await self._transport.connect()
+            with anyio.move_on_after(self.write_timeout) as scope:
+                await self._transport.connect()
+            if scope.cancelled_caught:
+                raise TransportUnavailable(
+                    f"cannot connect to {mask_password(self.url)} within {self.write_timeout:g}s: no answer; check "
+                    "that the server runs and is reachable from here"
+                )
             self._connected = True
         return self._transport
+
+    async def _read(self, call: Callable[[Transport], Awaitable[T]]) -> T:
+        """``call(transport)``, bounded by ``read_timeout`` (``TransportUnavailable`` when it runs out)."""
+        with anyio.move_on_after(self.read_timeout):
+            return await call(await self._ready())
+        raise TransportUnavailable(
+            f"no answer from {mask_password(self.url)} within {self.read_timeout:g}s (read_timeout); check that the "
+            "server runs and is reachable from here"
+        )
 
     @overload
     async def set(
@@ -119,6 +144,7 @@ class AsyncWeaver:
         wait: None = None,
         replace: bool = False,
         over_unreadable: bool = False,
+        whole: Collection[str] = (),
     ) -> Revision: ...
 
     @overload
@@ -130,6 +156,7 @@ class AsyncWeaver:
         wait: float,
         replace: bool = False,
         over_unreadable: bool = False,
+        whole: Collection[str] = (),
     ) -> Outcome: ...
 
     async def set(
@@ -140,6 +167,7 @@ class AsyncWeaver:
         wait: float | None = None,
         replace: bool = False,
         over_unreadable: bool = False,
+        whole: Collection[str] = (),
     ) -> Revision | Outcome:
         """Write a new revision: ``changes`` merged onto the current desired config (or replacing it).
 
@@ -151,7 +179,7 @@ class AsyncWeaver:
         Raises :class:`~weavelet_core.CorruptEntry` when the newest stored revision cannot be read and
         ``replace`` is false (there is nothing to merge onto; ``replace=True`` writes on top of it, and
         ``over_unreadable=True`` merges onto the newest *readable* revision and writes on top of the unreadable
-        one, as commands do),
+        one, as commands do). Top-level keys in ``whole`` are replaced, not merged (see :func:`merge_config`).
         :class:`~weavelet_core.TransportUnavailable` when the write did not go through in time,
         :class:`~weavelet_core.RevisionConflict` when other writers kept winning until then.
         """
@@ -161,7 +189,7 @@ class AsyncWeaver:
         deadline = time.monotonic() + self.write_timeout
         revision: Revision | None = None
         with anyio.move_on_after(self.write_timeout) as scope:
-            revision = await self._write(run, changes, replace, deadline, over_unreadable)
+            revision = await self._write(run, changes, replace, deadline, over_unreadable, whole=whole)
         if revision is None or scope.cancelled_caught:
             raise TransportUnavailable(
                 f"could not write run {run!r} to {mask_password(self.url)} within {self.write_timeout:g}s: no "
@@ -181,6 +209,7 @@ class AsyncWeaver:
         over_unreadable: bool = False,
         author: str | None = None,
         reverts: int = 0,
+        whole: Collection[str] = (),
     ) -> Revision:
         transport = await self._ready()
         delay = 0.005
@@ -212,7 +241,7 @@ class AsyncWeaver:
                 revision = Revision(
                     run=run,
                     revision=number + 1,
-                    config=merge_config(base, changes),
+                    config=merge_config(base, changes, whole=whole),
                     author=author or self.author,
                     reverts=reverts,
                 )
@@ -248,14 +277,15 @@ class AsyncWeaver:
             raise ValueError(f"command name must be a non-empty string, got {name!r}")
         if incarnation is None:
             status = await self.status(run)
-            if status is None or not status.live or not status.incarnation:
-                raise RunEnded(_not_live(run, status, f"a {name} command would act in no incarnation"))
+            if status is None or not status.live or not status.incarnation or status.stale():
+                raise RunEnded(_not_live(run, status, f"a {name} command would act in no incarnation", command=True))
             incarnation = status.incarnation
         token = {"token": secrets.token_hex(COMMAND_TOKEN_BYTES), "incarnation": incarnation}
         # The emergency brake works over an unreadable newest entry too: merged onto the newest readable config.
+        # The token replaces the command's value whole: a stray field from an earlier write cannot disable it.
         if wait is None:
-            return await self.set(run, {name: token}, over_unreadable=True)
-        return await self.set(run, {name: token}, wait=wait, over_unreadable=True)
+            return await self.set(run, {name: token}, over_unreadable=True, whole=(name,))
+        return await self.set(run, {name: token}, wait=wait, over_unreadable=True, whole=(name,))
 
     async def wait(self, run: str, revision: int, *, timeout: float, revision_id: str | None = None) -> Outcome:
         """Wait up to ``timeout`` seconds for the outcome of ``revision`` and return it.
@@ -267,6 +297,18 @@ class AsyncWeaver:
         """
         transport = await self._ready()
         deadline = time.monotonic() + timeout
+        # The whole wait, with its last look at the run's status, holds within half a second of ``timeout``.
+        with anyio.move_on_after(timeout + 0.5) as scope:
+            return await self._wait(transport, run, revision, revision_id, deadline, timeout)
+        assert scope.cancelled_caught
+        raise WaitTimeout(
+            f"no outcome for revision {revision} of run {run!r} within {timeout:g}s; the transport did not answer "
+            "in time (a stopped or unreachable server?); the revision stays desired"
+        )
+
+    async def _wait(
+        self, transport: Transport, run: str, revision: int, revision_id: str | None, deadline: float, timeout: float
+    ) -> Outcome:
         interval = 0.01
         next_status = 0.0
         while True:
@@ -279,7 +321,7 @@ class AsyncWeaver:
                 next_status = now + STATUS_RECHECK
                 with contextlib.suppress(TransportUnavailable):
                     status = await self._bounded(transport.status(run), deadline)
-                    if status is not None and not status.live:
+                    if status is not None and (not status.live or status.stale()):
                         found = await self._bounded(transport.outcome(run, revision), deadline)
                         if found is not None and _answers(found, revision_id):
                             return found
@@ -291,18 +333,20 @@ class AsyncWeaver:
 
     @staticmethod
     async def _bounded(call: Awaitable[T], deadline: float) -> T:
-        """``await call``, giving up (``TransportUnavailable``) a second past ``deadline``."""
-        with anyio.move_on_after(max(0.0, deadline - time.monotonic()) + 1.0):
+        """``await call``, giving up (``TransportUnavailable``) a quarter second past ``deadline``."""
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic()) + 0.25):
             return await call
         raise TransportUnavailable("no answer from the transport in time")
 
     async def _explain_missing_outcome(self, run: str, revision: int, timeout: float) -> str:
         head = f"no outcome for revision {revision} of run {run!r} within {timeout:g}s"
         try:
-            with anyio.fail_after(1.0):
+            with anyio.fail_after(0.25):
                 status = await self._transport.status(run)
-        except (TransportUnavailable, TimeoutError) as exc:
-            return f"{head}; the transport is unreachable ({exc or 'no answer'})"
+        except TimeoutError:
+            return f"{head}; the transport did not answer (a stopped or unreachable server?)"
+        except TransportUnavailable as exc:
+            return f"{head}; the transport is unreachable ({exc})"
         if status is None:
             return (
                 f"{head}; no trainer has reported for this run yet: is it running with weavelet, against "
@@ -318,12 +362,12 @@ class AsyncWeaver:
         """The run's newest desired revision, or ``None``; raises :class:`~weavelet_core.CorruptEntry` when it
         cannot be read."""
         validate_run_id(run)
-        return await (await self._ready()).latest(run)
+        return await self._read(lambda t: t.latest(run))
 
     async def status(self, run: str) -> Status | None:
         """The run's latest status, or ``None``."""
         validate_run_id(run)
-        return await (await self._ready()).status(run)
+        return await self._read(lambda t: t.status(run))
 
     async def check(
         self, run: str, changes: Mapping[str, Any], *, replace: bool = False, status: Status | None = None
@@ -356,35 +400,35 @@ class AsyncWeaver:
     async def history(self, run: str, *, limit: int | None = None) -> list[Entry]:
         """The run's revisions, oldest first; an unreadable one appears as a :class:`~weavelet_core.CorruptEntry`."""
         validate_run_id(run)
-        return await (await self._ready()).history(run, limit=limit)
+        return await self._read(lambda t: t.history(run, limit=limit))
 
     async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
         """The run's outcomes of every incarnation, ordered by revision then time, oldest first."""
         validate_run_id(run)
-        return await (await self._ready()).outcomes(run, limit=limit)
+        return await self._read(lambda t: t.outcomes(run, limit=limit))
 
     async def outcome(self, run: str, revision: int) -> Outcome | None:
         """The outcome of one revision, or ``None`` when it has none yet."""
         validate_run_id(run)
-        return await (await self._ready()).outcome(run, revision)
+        return await self._read(lambda t: t.outcome(run, revision))
 
     async def runs(self) -> list[str]:
         """Ids of the runs the transport knows."""
-        return await (await self._ready()).runs()
+        return await self._read(lambda t: t.runs())
 
     async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
         """The latest status of each of ``runs`` (``None`` for one without), in one batched or concurrent read
         (see :meth:`~weavelet_core.Transport.statuses`)."""
         for run in runs:
             validate_run_id(run)
-        return await (await self._ready()).statuses(list(runs))
+        return await self._read(lambda t: t.statuses(list(runs)))
 
     async def latests(self, runs: Sequence[str]) -> dict[str, Revision | CorruptEntry | None]:
         """The newest revision of each of ``runs`` (a :class:`~weavelet_core.CorruptEntry` in place of an
         unreadable one, ``None`` for a run without), in one batched or concurrent read."""
         for run in runs:
             validate_run_id(run)
-        return await (await self._ready()).latests(list(runs))
+        return await self._read(lambda t: t.latests(list(runs)))
 
     async def revision(self, run: str, number: int) -> Revision:
         """Revision ``number`` of ``run``, from its kept history.
@@ -393,7 +437,7 @@ class AsyncWeaver:
         history the transport keeps) and :class:`~weavelet_core.CorruptEntry` when it cannot be read.
         """
         validate_run_id(run)
-        entries = await (await self._ready()).history(run)
+        entries = await self._read(lambda t: t.history(run))
         for entry in entries:
             if entry.revision == number:
                 if isinstance(entry, CorruptEntry):
@@ -481,15 +525,26 @@ def _answers(outcome: Outcome, revision_id: str | None) -> bool:
     return revision_id is None or outcome.revision_id == revision_id
 
 
-def _not_live(run: str, status: Status | None, consequence: str) -> str:
+def _not_live(run: str, status: Status | None, consequence: str, *, command: bool = False) -> str:
+    later = (
+        ". A trainer started later does not act on commands written before it"
+        if command
+        else ("; the revision stays desired")
+    )
     if status is None:
         return f"run {run!r} has no trainer reporting; {consequence}. Start the trainer first"
-    ended = f"{status.age():.0f}s ago" if status.heartbeat else "earlier"
     who = f"incarnation {status.incarnation}" if status.incarnation else "its trainer"
+    if status.live:  # stale: no heartbeat for too long (or from the future)
+        age = status.age()
+        seen = f"{age:.0f}s ago" if age >= 0 else f"{-age:.0f}s in the future (the clocks disagree)"
+        return (
+            f"run {run!r} has no live incarnation ({who} was last heard from {seen}, at step {status.step}: its "
+            f"trainer or host is gone, or its weavelet cannot reach the store); {consequence}{later}"
+        )
     reason = f": {status.message}" if status.message else ""
     return (
-        f"run {run!r} has no live incarnation ({who} ended {status.state} at step {status.step}, {ended}{reason}); "
-        f"{consequence}. A trainer started later does not act on commands written before it"
+        f"run {run!r} has no live incarnation ({who} ended {status.state} at step {status.step}, "
+        f"{status.age():.0f}s ago{reason}); {consequence}{later}"
     )
 
 

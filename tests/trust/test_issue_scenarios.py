@@ -111,7 +111,11 @@ def test_stop_and_checkpoint_act_while_another_key_is_rejected(
     bad = run_cli("--url", url, "set", "brake", "grad_clip=0", "--wait", "20")
     assert bad.returncode == 1
     assert "rejected: grad_clip: send a positive number" in bad.stdout
-    both = run_cli("--url", url, "set", "brake", "lrr=0.1", "momentum=0.5", "--wait", "20")
+    # The live run's schema refuses a typo before anything is written; --force writes it anyway.
+    refused = run_cli("--url", url, "set", "brake", "lrr=0.1", "momentum=0.5", "--wait", "20")
+    assert refused.returncode == 1
+    assert "not written" in refused.stdout + refused.stderr
+    both = run_cli("--url", url, "set", "brake", "lrr=0.1", "momentum=0.5", "--wait", "20", "--force")
     assert both.returncode == 1
     # Every problem at once, each with the revision that set it.
     assert "2 problems" in both.stdout, both.stdout

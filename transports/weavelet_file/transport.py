@@ -36,6 +36,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -55,7 +56,7 @@ from weavelet_core.errors import (
     TransportError,
     TransportUnavailable,
 )
-from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
+from weavelet_core.protocol import MAX_PAYLOAD_BYTES, Outcome, Revision, Status, decode, encode, validate_run_id
 from weavelet_core.transport import Entry, Transport
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,13 @@ def _group_name(gid: int) -> str:
         return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
     except KeyError:
         return f"gid {gid}"
+
+
+def read_capped(path: Path, cap: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """The first ``cap + 1`` bytes of ``path`` at most: enough for the decoder to refuse an oversized entry, never
+    a whole hostile multi-gigabyte file in memory."""
+    with open(path, "rb") as f:
+        return f.read(cap + 1)
 
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
@@ -316,7 +324,7 @@ class FileTransport(Transport):
 
     def _read(self, path: Path, kind: type[M]) -> M | None:
         try:
-            data = path.read_bytes()
+            data = read_capped(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -331,10 +339,16 @@ class FileTransport(Transport):
     async def put(self, revision: Revision) -> None:
         self._check_open()
         data = encode(revision)
-        # The thread finishes (or times out on the lock) on its own; a cancelled caller does not wait for it.
-        await anyio.to_thread.run_sync(
-            self._put_locked, revision.run, revision.revision, data, True, abandon_on_cancel=True
-        )
+        # A cancelled caller does not wait for the thread, and the thread gives up waiting for the lock as soon as
+        # it sees the cancellation: a write the caller was told timed out does not land seconds later.
+        cancelled = threading.Event()
+        try:
+            await anyio.to_thread.run_sync(
+                self._put_locked, revision.run, revision.revision, data, True, cancelled, abandon_on_cancel=True
+            )
+        except BaseException:
+            cancelled.set()
+            raise
 
     async def put_raw(self, run: str, number: int, data: bytes) -> None:
         """Store ``data`` as revision ``number`` of ``run`` (revision file and ``latest.json``) without any check.
@@ -345,12 +359,22 @@ class FileTransport(Transport):
         validate_run_id(run)
         await anyio.to_thread.run_sync(self._put_locked, run, number, data, False, abandon_on_cancel=True)
 
-    def _put_locked(self, run: str, number: int, data: bytes, compare: bool) -> None:
+    def _put_locked(
+        self, run: str, number: int, data: bytes, compare: bool, cancelled: threading.Event | None = None
+    ) -> None:
         run_dir = self._run_dir(run)
         try:
             self._makedirs(run_dir / "revisions")
             lock = filelock.FileLock(run_dir / ".lock", timeout=LOCK_TIMEOUT, mode=0o660 if self._gid else 0o600)
-            with lock:
+            deadline = time.monotonic() + LOCK_TIMEOUT
+            while True:  # bounded by LOCK_TIMEOUT; gives up at once when the caller is gone
+                try:
+                    lock.acquire(timeout=0.05)
+                    break
+                except filelock.Timeout:
+                    if (cancelled is not None and cancelled.is_set()) or time.monotonic() >= deadline:
+                        raise
+            try:
                 if compare:
                     current = self._newest(run, run_dir)
                     current_number = current.revision if current is not None else 0
@@ -359,6 +383,8 @@ class FileTransport(Transport):
                 atomic_write(run_dir / "revisions" / _name(number), data, self._file_mode)
                 atomic_write(run_dir / "latest.json", data, self._file_mode)
                 self._trim(run_dir / "revisions", number)
+            finally:
+                lock.release()
         except filelock.Timeout:
             raise TransportUnavailable(
                 f"file transport: lock {run_dir / '.lock'} held by another process for over {LOCK_TIMEOUT:g}s"
@@ -394,7 +420,7 @@ class FileTransport(Transport):
         """
         latest_path = run_dir / "latest.json"
         try:
-            data = latest_path.read_bytes()
+            data = read_capped(latest_path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -421,7 +447,7 @@ class FileTransport(Transport):
         another run or number), ``None`` if it is gone."""
         path = run_dir / "revisions" / _name(number)
         try:
-            data = path.read_bytes()
+            data = read_capped(path)
         except FileNotFoundError:
             return None
         except OSError as exc:

@@ -9,7 +9,7 @@ from typing import Any
 
 from weavelet_core.errors import WeaveletError
 from weavelet_core.plugins import URL_ENV, default_url, mask_password
-from weavelet_core.protocol import Status
+from weavelet_core.protocol import STALE_KEEPALIVES, Status
 from weavelet_core.weaver import AsyncWeaver
 
 PROG = "weavelet"
@@ -18,10 +18,6 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_WAIT_TIMEOUT = 3
 EXIT_INTERRUPTED = 130
-DEFAULT_STALE_AFTER = 30.0
-"""Staleness limit for a status that does not say its keepalive (a version-1 writer)."""
-STALE_KEEPALIVES = 3
-"""A status is stale after this many of its keepalives without a heartbeat (plus two seconds of slack)."""
 DEBUG_ENV = "WEAVELET_DEBUG"
 
 
@@ -65,11 +61,8 @@ def missing_run(run: str) -> CliError:
 
 
 def is_stale(status: Status, stale_after: float | None, now: float) -> bool:
-    """Whether a live status has gone without a heartbeat for too long: ``stale_after`` seconds when given,
-    else :data:`STALE_KEEPALIVES` of the status's own keepalive (plus 2 s), else :data:`DEFAULT_STALE_AFTER`."""
-    if stale_after is None:
-        stale_after = STALE_KEEPALIVES * status.keepalive + 2.0 if status.keepalive > 0 else DEFAULT_STALE_AFTER
-    return status.live and status.age(now) > stale_after
+    """Whether a live status has gone without a heartbeat for too long (see :meth:`Status.stale`)."""
+    return status.stale(now, after=stale_after)
 
 
 # -- argument types ----------------------------------------------------------------------------------------

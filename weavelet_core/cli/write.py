@@ -238,7 +238,8 @@ async def cmd_set(args: argparse.Namespace, out: TextIO) -> int:
 
     def planned(run: str, previous: Revision | None) -> dict[str, Any] | None:
         if not args.replace and previous is not None:
-            check_merge(previous.config, changes)
+            # Only dotted keys merge into a value; a whole JSON object (optimizer='{...}') replaces it, as asked.
+            check_merge(previous.config, parse_assignments([a for a in args.assignments if "." in a.split("=")[0]]))
         base = previous.config if previous is not None and not args.replace else {}
         config = merge_config(base, changes)
         if previous is not None and config == previous.config:
