@@ -38,6 +38,9 @@ STALE_KEEPALIVES = 3
 """A status is stale after this many of its keepalives without a heartbeat (plus two seconds of slack)."""
 FUTURE_SLACK = 60.0
 """A heartbeat more than this many seconds ahead of the reader's clock is not believed (see ``Status.stale``)."""
+MAX_REVISION = 2**53
+"""The largest revision number: exact in every JSON reader and in a Redis sorted-set score, and its 16 digits fit a
+file name. A larger one (a hostile or corrupt entry) does not decode."""
 MAX_MESSAGE_CHARS = 2000
 """Longest human-readable ``message`` an outcome or status carries; longer ones are cut by :func:`truncate`."""
 TRUNCATION_MARKER = " ... [{hidden} more characters]"
@@ -143,7 +146,7 @@ class Revision:
 
     def __post_init__(self) -> None:
         validate_run_id(self.run)
-        _require_int(self.revision, "revision.revision", minimum=1)
+        _require_int(self.revision, "revision.revision", minimum=1, maximum=MAX_REVISION)
         if not isinstance(self.config, dict):
             raise ProtocolError(
                 f"revision.config: expected a JSON object, got {_json_type(self.config)}",
@@ -198,7 +201,7 @@ class Status:
             )
         _require_int(self.step, "status.step", minimum=0)
         _require_int(self.epoch, "status.epoch", minimum=0)
-        _require_int(self.applied_revision, "status.applied_revision", minimum=0)
+        _require_int(self.applied_revision, "status.applied_revision", minimum=0, maximum=MAX_REVISION)
         if self.optimizer is not None:
             if not isinstance(self.optimizer, dict):
                 raise ProtocolError("status.optimizer: expected an object or null", field="status.optimizer")
@@ -279,7 +282,7 @@ class Outcome:
 
     def __post_init__(self) -> None:
         validate_run_id(self.run)
-        _require_int(self.revision, "outcome.revision", minimum=1)
+        _require_int(self.revision, "outcome.revision", minimum=1, maximum=MAX_REVISION)
         if self.result not in OUTCOME_RESULTS:
             raise ProtocolError(
                 f"outcome.result: {self.result!r} is not one of {', '.join(OUTCOME_RESULTS)}",
@@ -317,11 +320,26 @@ def _json_type(value: object) -> str:
     }.get(type(value), "null" if value is None else type(value).__name__)
 
 
-def _require_int(value: object, field: str, *, minimum: int | None = None) -> None:
+def _require_int(value: object, field: str, *, minimum: int | None = None, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"{field}: expected an integer, got {_json_type(value)}", field=field)
     if minimum is not None and value < minimum:
         raise ProtocolError(f"{field}: must be >= {minimum}, got {value}", field=field)
+    if maximum is not None and value > maximum:
+        raise ProtocolError(f"{field}: must be <= {maximum}, got {str(value)[:40]}", field=field)
+
+
+def lenient_revision_number(data: bytes | None) -> int | None:
+    """The integer ``revision`` (1 to :data:`MAX_REVISION`) of an entry that does not decode as a revision, if it
+    is at least a JSON object that has one; else ``None``. Transports number an unreadable entry with it."""
+    try:
+        obj = json.loads(data or b"")
+    except (ValueError, RecursionError):
+        return None
+    number = obj.get("revision") if isinstance(obj, dict) else None
+    if isinstance(number, int) and not isinstance(number, bool) and 1 <= number <= MAX_REVISION:
+        return number
+    return None
 
 
 def _require_number(value: object, field: str) -> None:

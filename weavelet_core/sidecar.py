@@ -55,6 +55,8 @@ from weavelet_core.errors import (
     ProtocolError,
     RevisionConflict,
     RunOwned,
+    TransportError,
+    TransportUnavailable,
 )
 from weavelet_core.plugins import mask_password, open_transport
 from weavelet_core.protocol import FUTURE_SLACK, Outcome, Revision, Status, encode, from_dict, to_dict, truncate
@@ -73,6 +75,10 @@ SIGNAL_FINAL_TIMEOUT = 2.0
 MAX_SUPERSEDE_SCAN = 1000
 """At most this many skipped stored revisions are checked for a missing outcome on each forward (one history
 read and one outcomes read, sized to what was skipped)."""
+MAX_OUTCOME_ATTEMPTS = 5
+"""Tries to store one outcome across outages before it is dropped (it must not block those behind it)."""
+STABLE_CONNECTION = 10.0
+"""Seconds a connection must last before the reconnect backoff starts again from its shortest delay."""
 FINAL_ERRORS = (AuthenticationFailed, PermissionDenied, PluginError, RunOwned)
 """Errors that retrying cannot fix: the sidecar exits with :data:`EXIT_FATAL`."""
 
@@ -125,6 +131,7 @@ class Sidecar:
         self._original_ppid = os.getppid()
         self._outage_since: float | None = None
         self.claimed = config.claimed
+        self._publish_failures = 0
         self.baseline = config.baseline
         self.last_outcome_seen: dict[str, Any] | None = None
 
@@ -284,7 +291,7 @@ class Sidecar:
                 self._outage_since = None
             else:
                 log.info("weavelet: sidecar of run %r connected to %s", self.run_id, self.url)
-            delay = low
+            connected_at = time.monotonic()
             failure: list[BaseException] = []
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._guard, self._watch_revisions, transport, failure, tg.cancel_scope)
@@ -296,6 +303,8 @@ class Sidecar:
             if isinstance(error, FINAL_ERRORS):
                 self._fatal(error)
                 return
+            if time.monotonic() - connected_at > STABLE_CONNECTION:
+                delay = low  # a connection that held for a while: this is a new outage
             self._lost(f"lost {self.url}: {error}", delay)
             await anyio.sleep(delay)
             delay = min(delay * 2, high)
@@ -601,17 +610,30 @@ class Sidecar:
             try:
                 await transport.publish_outcome(outcome)
             except (ProtocolError, ValueError, TypeError) as exc:
-                # The store refuses it for good: drop it, never block the outcomes behind it.
-                log.error(
-                    "weavelet: run %r: the outcome of revision %d cannot be stored and is dropped: %s",
-                    self.run_id,
-                    outcome.revision,
-                    exc,
-                )
+                self._drop_outcome(outcome, exc)  # the store refuses it for good
+            except TransportError as exc:
+                # An outage is retried, but never for ever: an outcome that still cannot be stored after a few
+                # tries (its key is refused, a file name too long, a directory in the way) is dropped, so it
+                # never blocks the outcomes and heartbeats behind it. Other errors (permissions) end the sidecar.
+                if isinstance(exc, (AuthenticationFailed, PermissionDenied)):
+                    raise
+                self._publish_failures += 1
+                if self._publish_failures < MAX_OUTCOME_ATTEMPTS and isinstance(exc, TransportUnavailable):
+                    raise
+                self._drop_outcome(outcome, exc)
+            self._publish_failures = 0
             self.outbox.pop(0)
             if seq is not None:
                 self.channel.outcome_ack.value = seq
             await anyio.lowlevel.checkpoint()
+
+    def _drop_outcome(self, outcome: Outcome, exc: BaseException) -> None:
+        log.error(
+            "weavelet: run %r: the outcome of revision %d cannot be stored and is dropped: %s",
+            self.run_id,
+            outcome.revision,
+            exc,
+        )
 
     def _status(self, state: str, message: str | None = None) -> Status:
         snapshot = self.channel.status.read()

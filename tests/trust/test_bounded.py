@@ -171,3 +171,47 @@ def test_the_send_window_counts_outcomes_in_flight_and_restarts_with_a_new_chann
     ledger.restart_sending()
     assert len(ledger.take_unsent()) == 3
     assert len(ledger.take_unsent(everything=True)) == 5
+
+
+def test_an_outcome_the_store_keeps_refusing_is_dropped_and_never_blocks_those_behind_it(
+    make: Make, weaver: Weaver, run: str, store: Path, poll_until: PollUntil
+) -> None:
+    process = make()
+    process.start(timeout=WAIT)
+    first = weaver.set(run, {"lr": 0.1})
+    assert poll_until(process).revision == first.revision
+    # A directory where the outcome file must go: every attempt to store it fails (EISDIR), outage or not.
+    (store / "runs" / run / "outcomes" / f"{first.revision:020d}.{process.incarnation}.json").mkdir(parents=True)
+    process.report_outcome(first.revision, "applied", step=1)
+    second = weaver.set(run, {"lr": 0.2})
+    assert poll_until(process).revision == second.revision
+    process.report_outcome(second.revision, "applied", step=2)
+    outcome = weaver.wait(run, second.revision, timeout=WAIT, revision_id=second.id)
+    assert outcome.step == 2
+    status = weaver.status(run)
+    assert status is not None
+    assert status.state == "running"
+    assert not status.stale()
+
+
+def test_a_revision_number_beyond_the_protocol_limit_is_not_believed(
+    make: Make, weaver: Weaver, run: str, store: Path, poll_until: PollUntil
+) -> None:
+    process = make()
+    process.start(timeout=WAIT)
+    first = weaver.set(run, {"lr": 0.1})
+    assert poll_until(process).revision == first.revision
+    process.report_outcome(first.revision, "applied", step=1)
+    hostile = encode(Revision(run=run, revision=1, config={"lr": 9.0})).replace(
+        b'"revision":1', b'"revision":1' + b"0" * 250
+    )
+    atomic_write(store / "runs" / run / "latest.json", hostile)
+    time.sleep(0.5)
+    assert process.poll() is None
+    # Writers go on numbering from what the store can vouch for; the trainer gets their revisions.
+    second = weaver.set(run, {"lr": 0.2})
+    assert second.revision == 2
+    assert poll_until(process).revision == 2
+    status = weaver.status(run)
+    assert status is not None
+    assert not status.stale()

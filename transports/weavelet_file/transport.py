@@ -28,7 +28,6 @@ import contextlib
 import errno
 import grp
 import hashlib
-import json
 import logging
 import os
 import pwd
@@ -56,7 +55,16 @@ from weavelet_core.errors import (
     TransportError,
     TransportUnavailable,
 )
-from weavelet_core.protocol import MAX_PAYLOAD_BYTES, Outcome, Revision, Status, decode, encode, validate_run_id
+from weavelet_core.protocol import (
+    MAX_PAYLOAD_BYTES,
+    Outcome,
+    Revision,
+    Status,
+    decode,
+    encode,
+    lenient_revision_number,
+    validate_run_id,
+)
 from weavelet_core.transport import Entry, Transport
 
 log = logging.getLogger(__name__)
@@ -101,19 +109,6 @@ def _outcome_name(number: int, incarnation: str) -> str:
         incarnation if _TOKEN.fullmatch(incarnation) else "%" + hashlib.sha256(incarnation.encode()).hexdigest()[:32]
     )
     return f"{number:0{_DIGITS}d}.{token}.json"
-
-
-def lenient_revision_number(data: bytes) -> int | None:
-    """The integer ``revision`` (>= 1) of an entry that does not decode as a revision, if it is at least a JSON
-    object that has one; else ``None``."""
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    number = obj.get("revision") if isinstance(obj, dict) else None
-    if isinstance(number, int) and not isinstance(number, bool) and number >= 1:
-        return number
-    return None
 
 
 def _group_id(name: str) -> int:

@@ -59,7 +59,7 @@ from weavelet_core.errors import (
     TransportUnavailable,
 )
 from weavelet_core.plugins import mask_password
-from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
+from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, lenient_revision_number, validate_run_id
 from weavelet_core.transport import Entry, Transport
 from weavelet_nats.url import NatsSettings, parse_url
 
@@ -87,18 +87,6 @@ def incarnation_token(incarnation: str) -> str:
     if not incarnation:
         return "="
     return "=" + hashlib.sha256(incarnation.encode()).hexdigest()[:32]
-
-
-def lenient_revision_number(data: bytes | None) -> int | None:
-    """The integer ``revision`` (>= 1) of an entry that does not decode, if it is at least a JSON object with one."""
-    try:
-        obj = json.loads(data or b"")
-    except (ValueError, RecursionError):
-        return None
-    number = obj.get("revision") if isinstance(obj, dict) else None
-    if isinstance(number, int) and not isinstance(number, bool) and number >= 1:
-        return number
-    return None
 
 
 @dataclasses.dataclass
