@@ -379,16 +379,25 @@ class Sidecar:
             unreadable: CorruptEntry | None = None
         except CorruptEntry as exc:
             latest, number, unreadable = None, exc.revision, exc
-        line = await self._start_policy(transport, latest, number, unreadable)
+        line = await self._start_policy(transport, latest, number, unreadable, first_start=current is None)
         self.claimed = True
         await transport.publish_status(self._status("running"))
         self.channel.send_event("claimed", line, after=self.last_forwarded, baseline=self.baseline)
         print(f"weavelet: run {self.run_id!r}, incarnation {config.incarnation}: {line}", file=sys.stderr, flush=True)
 
     async def _start_policy(
-        self, transport: Transport, latest: Revision | None, number: int, unreadable: CorruptEntry | None
+        self,
+        transport: Transport,
+        latest: Revision | None,
+        number: int,
+        unreadable: CorruptEntry | None,
+        *,
+        first_start: bool = False,
     ) -> str:
-        """Carry out the fresh-start or resume policy; return the line that tells what was done."""
+        """Carry out the fresh-start or resume policy; return the line that tells what was done.
+
+        ``first_start``: the run has never reported a status, so no earlier incarnation exists and a stored
+        config was written ahead of this start, for it: it is applied (its commands are not)."""
         config = self.config
         held = (
             f"revision {number} ({_describe(latest.config)})"
@@ -405,6 +414,10 @@ class Sidecar:
             return f"resuming after revision {config.after}; newer {held} is reconciled at the next step ({ignored})"
         if number == 0:
             return "fresh start; the store held no desired config"
+        if first_start and latest is not None:
+            self.baseline = number
+            await self._supersede_range(transport, 1, number)
+            return f"first start of this run; applying {held}, written ahead of it ({ignored})"
         if config.fresh == "adopt" and latest is not None:
             self.baseline = number
             await self._supersede_range(transport, 1, number)  # what no incarnation answered is superseded

@@ -196,3 +196,15 @@ def test_labels_and_schema_reach_the_published_status(make: Make, weaver: Weaver
     assert status is not None
     assert status.labels == {"sweep": "3", "team": "vision"}
     assert status.schema == {"optimizers": {"": {"keys": {"lr": {"kind": "number", "min": 0}}}}}
+
+
+def test_a_config_written_ahead_of_the_first_start_is_applied(
+    make: Make, weaver: Weaver, run: str, poll_until: PollUntil, capfd: pytest.CaptureFixture[str]
+) -> None:
+    ahead = weaver.set(run, {"lr": 0.02, "stop": True})  # no trainer has ever reported for this run
+    process = make()
+    process.start(timeout=WAIT)
+    handed = poll_until(process)
+    assert handed.revision == ahead.revision
+    assert process.is_baseline(handed)  # its hyperparameters apply; its stop never acts
+    assert "first start of this run; applying revision 1" in capfd.readouterr().err
