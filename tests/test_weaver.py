@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weavelet_core import Weaver
+from weavelet_core import RunEnded, Weaver
 from weavelet_core.errors import ProtocolError, RevisionConflict, WaitTimeout
 from weavelet_core.plugins import open_transport
 from weavelet_core.protocol import MAX_PAYLOAD_BYTES, Outcome, Revision, Status
@@ -137,7 +137,7 @@ def test_wait_timeout_says_what_the_run_was_doing(url: str) -> None:
         async def report() -> None:
             async with open_transport(url) as transport:
                 await transport.publish_status(
-                    Status(run="demo", state="running", step=12, applied_revision=1, heartbeat=time.time() - 90)
+                    Status(run="demo", state="running", step=12, applied_revision=1, heartbeat=time.time() - 10)
                 )
 
         anyio.run(report, backend="asyncio")
@@ -148,6 +148,17 @@ def test_wait_timeout_says_what_the_run_was_doing(url: str) -> None:
         assert "in state 'running' at step 12 (applied revision 1)" in message
         assert "the revision stays desired" in message
         assert weaver.get("demo").config == {"lr": 0.2}  # type: ignore[union-attr]
+
+        async def go_quiet() -> None:
+            async with open_transport(url) as transport:
+                await transport.publish_status(
+                    Status(run="demo", state="running", step=12, applied_revision=1, heartbeat=time.time() - 90)
+                )
+
+        anyio.run(go_quiet, backend="asyncio")
+        # No heartbeat for far longer than its keepalive allows: nothing will answer, so the wait ends at once.
+        with pytest.raises(RunEnded, match="was last heard from 90s ago"):
+            weaver.set("demo", {"lr": 0.3}, wait=30)
 
 
 def test_bad_changes_are_refused_and_nothing_is_written(url: str) -> None:

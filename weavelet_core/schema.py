@@ -436,7 +436,8 @@ def unknown_key(key: str, name: str, candidates: Iterable[str], prefix: str = ""
         owner = prefix[:-1]
         return f"unknown key {key!r}; {hint}{owner} has no such key", f"known keys of {owner}: {', '.join(names)}"
     return (
-        f"unknown key {key!r}; {hint}a key of your own needs a handler (callback.on({name!r}))",
+        f"unknown key {key!r}; {hint}a key of your own needs a handler in the training script "
+        f"(live.on({name!r}, ...) or callback.on({name!r}, ...))",
         f"known keys: {', '.join(names)}",
     )
 
@@ -494,7 +495,8 @@ def unknown_top_level(key: str, names: Sequence[str], handlers: Iterable[str]) -
     close = difflib.get_close_matches(key, list(names), n=1) or difflib.get_close_matches(key, candidates, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return (
-        f"unknown optimizer or key {key!r}; {hint}a key of your own needs a handler (callback.on({key!r}))",
+        f"unknown optimizer or key {key!r}; {hint}a key of your own needs a handler in the training script "
+        f"(live.on({key!r}, ...) or callback.on({key!r}, ...))",
         f"this run's optimizers: {', '.join(names)}; other keys: {', '.join(sorted({*COMMANDS, *handlers}))}",
     )
 

@@ -16,7 +16,7 @@ import pytest
 
 from weavelet_core import Revision, Weaver
 from weavelet_core.ledger import MAX_PENDING, OutcomeLedger
-from weavelet_core.protocol import MAX_MESSAGE_CHARS, Outcome, encode
+from weavelet_core.protocol import MAX_MESSAGE_CHARS, MAX_REVISION, Outcome, encode
 from weavelet_core.testing.process import wait_until
 from weavelet_file.transport import atomic_write
 
@@ -81,7 +81,7 @@ def test_trainer_memory_stays_flat_over_10000_outcomes_with_a_stalled_sidecar(ma
     assert grown < 2_000_000, f"trainer memory grew by {grown} bytes over 10,000 outcomes"
 
 
-@pytest.mark.parametrize("jump", [10**7, 2**63 - 1])
+@pytest.mark.parametrize("jump", [10**7, MAX_REVISION - 1])
 def test_a_revision_number_jump_keeps_the_sidecar_responsive(
     jump: int, store: Path, url: str, run: str, tmp_path: Path
 ) -> None:

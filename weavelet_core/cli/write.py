@@ -163,6 +163,14 @@ def _print_written(result: Result, out: TextIO) -> None:
         reverts = result.revision.reverts
         mark = f", a revert of revision {reverts}" if reverts else ""
         out.write(f"{run}: revision {result.revision.revision} stored{mark} ({change})\n")
+        removed = sorted(set(previous or {}) - set(result.revision.config) - COMMAND_KEYS)
+        if removed:
+            # Desired state: a key that is no longer desired is left as the trainer has it, not undone.
+            out.write(
+                f"{run}: note: {', '.join(removed)} no longer set; the trainer keeps its current "
+                f"value{'s' if len(removed) > 1 else ''} (a removed key is not undone): set "
+                f"{'them' if len(removed) > 1 else 'it'} explicitly to change {'them' if len(removed) > 1 else 'it'}\n"
+            )
     out.flush()
 
 
