@@ -212,6 +212,11 @@ class WeaveletProcess:
         return self._handed_out
 
     @property
+    def waiting(self) -> bool:
+        """Whether a revision has reached the trainer's side and the next :meth:`poll` will look at it."""
+        return bool(self._version.value != self._seen)
+
+    @property
     def handed_out_revision(self) -> Revision | None:
         """The newest revision :meth:`poll` has returned in this incarnation, or ``None``."""
         return self._handed_revision
