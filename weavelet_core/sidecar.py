@@ -380,8 +380,8 @@ class Sidecar:
         except CorruptEntry as exc:
             latest, number, unreadable = None, exc.revision, exc
         line = await self._start_policy(transport, latest, number, unreadable, first_start=current is None)
-        self.claimed = True
         await transport.publish_status(self._status("running"))
+        self.claimed = True  # only once the run's status is ours: a failed claim is tried again on reconnecting
         self.channel.send_event("claimed", line, after=self.last_forwarded, baseline=self.baseline)
         print(f"weavelet: run {self.run_id!r}, incarnation {config.incarnation}: {line}", file=sys.stderr, flush=True)
 
