@@ -68,7 +68,7 @@ def cells(row: dict[str, Any], trend: LossTrend, now: float) -> tuple[str, ...]:
     return (
         row["run"],
         row["state"] or "-",
-        output.format_age(now - started) if started else "-",
+        output.format_age(now - started) if started and row["state"] not in ("stopped", "failed") else "-",
         "-" if row["step"] is None else str(row["step"]),
         "-" if loss is None else f"{loss:.4g}",
         trend.spark(row["run"]) or "-",
