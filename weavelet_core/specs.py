@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,6 +16,19 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*")
 
 TransportFactory = Callable[..., "Transport"]
 """``factory(url: str, **options) -> Transport``: builds a transport without doing I/O."""
+
+
+def missing_modules(modules: Iterable[str]) -> list[str]:
+    """Those of ``modules`` that cannot be imported here (found without importing them)."""
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +71,7 @@ class TransportSpec:
 
     def missing_modules(self) -> list[str]:
         """The modules in ``requires`` that cannot be imported here."""
-        missing = []
-        for module in self.requires:
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except (ImportError, ValueError):
-                found = False
-            if not found:
-                missing.append(module)
-        return missing
+        return missing_modules(self.requires)
 
     @property
     def driver_installed(self) -> bool:
@@ -159,15 +164,7 @@ class SubcommandSpec:
 
     def missing_modules(self) -> list[str]:
         """The modules in ``requires`` that cannot be imported here."""
-        missing = []
-        for module in self.requires:
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except (ImportError, ValueError):
-                found = False
-            if not found:
-                missing.append(module)
-        return missing
+        return missing_modules(self.requires)
 
     def install_command(self) -> str:
         """How to install what this subcommand needs."""

@@ -45,13 +45,6 @@ def announce(run: str, url: str) -> None:
     )
 
 
-def metrics_of(values: Mapping[str, Any]) -> dict[str, float]:
-    """Scalar entries of ``values`` (floats, ints, one-element tensors) as finite floats."""
-    from weavelet_core.recorder import clean_metrics
-
-    return clean_metrics(values)
-
-
 def loop_error(exc: BaseException | None) -> BaseException | None:
     """The exception that should end the run ``failed``: ``None`` for none, Ctrl-C and ``SystemExit``."""
     if exc is None or isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):

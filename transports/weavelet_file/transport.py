@@ -317,13 +317,19 @@ class FileTransport(Transport):
         if self._closed:
             raise TransportUnavailable(f"{self.url}: transport is closed")
 
-    def _read(self, path: Path, kind: type[M]) -> M | None:
+    def _read_bytes(self, path: Path) -> bytes | None:
+        """The file's bytes, capped (:func:`read_capped`); ``None`` when it does not exist."""
         try:
-            data = read_capped(path)
+            return read_capped(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise self._fs_exception("cannot read", path, exc) from None
+
+    def _read(self, path: Path, kind: type[M]) -> M | None:
+        data = self._read_bytes(path)
+        if data is None:
+            return None
         try:
             return decode(data, kind)
         except ProtocolError as exc:
@@ -414,12 +420,9 @@ class FileTransport(Transport):
         :class:`CorruptEntry` with that number.
         """
         latest_path = run_dir / "latest.json"
-        try:
-            data = read_capped(latest_path)
-        except FileNotFoundError:
+        data = self._read_bytes(latest_path)
+        if data is None:
             return None
-        except OSError as exc:
-            raise self._fs_exception("cannot read", latest_path, exc) from None
         try:
             return decode(data, Revision)
         except ProtocolError as exc:
@@ -441,12 +444,9 @@ class FileTransport(Transport):
         """Revision file ``number``: the revision, a :class:`CorruptEntry` if it does not decode (or names
         another run or number), ``None`` if it is gone."""
         path = run_dir / "revisions" / _name(number)
-        try:
-            data = read_capped(path)
-        except FileNotFoundError:
+        data = self._read_bytes(path)
+        if data is None:
             return None
-        except OSError as exc:
-            raise self._fs_exception("cannot read", path, exc) from None
         try:
             revision = decode(data, Revision)
         except ProtocolError as exc:

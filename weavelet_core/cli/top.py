@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -21,6 +20,7 @@ from weavelet_core.cli.common import (
     wants_json,
 )
 from weavelet_core.cli.read import heartbeat_text, last_outcome_text, overview
+from weavelet_core.specs import missing_modules
 from weavelet_core.weaver import AsyncWeaver
 
 TUI_INSTALL = 'pip install "weavelet[tui]"'
@@ -104,7 +104,7 @@ async def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
         else:
             print_once(rows, out, output.cut(url_of(args), 200))
         return EXIT_OK
-    if not _installed("textual"):
+    if missing_modules(["textual"]):
         raise CliError(
             f"'weavelet top' needs Textual, which is not installed; install it with: {TUI_INSTALL} "
             "(or print the table once with: weavelet top --once)"
@@ -114,13 +114,6 @@ async def cmd_top(args: argparse.Namespace, out: TextIO) -> int:
     app = TopApp(url_of(args), interval=args.interval, stale_after=args.stale_after)
     await app.run_async()
     return EXIT_OK
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> None:
