@@ -42,6 +42,9 @@ DEFAULT_READ_TIMEOUT = 10.0
 STATUS_RECHECK = 1.0
 """Seconds between two looks at the run's status while waiting for an outcome (has its incarnation ended?)."""
 COMMAND_TOKEN_BYTES = 8
+READ_RETRY_FIRST = 0.1
+READ_RETRY_MAX = 1.0
+"""Backoff (seconds) between two tries of a read that met an outage, doubling from the first to the most."""
 
 
 def default_author() -> str:
@@ -127,12 +130,31 @@ class AsyncWeaver:
         return self._transport
 
     async def _read(self, call: Callable[[Transport], Awaitable[T]]) -> T:
-        """``call(transport)``, bounded by ``read_timeout`` (``TransportUnavailable`` when it runs out)."""
+        """``call(transport)``, bounded by ``read_timeout`` (``TransportUnavailable`` when it runs out).
+
+        Reads are idempotent, so an outage met once connected (a cluster electing a new stream leader, a
+        sentinel failover, a dropped connection) is retried with backoff until ``read_timeout``; the last error
+        is raised when the next try would not fit. A failed first connection is not retried: a stopped server
+        is reported at once.
+        """
+        deadline = time.monotonic() + self.read_timeout
+        delay = READ_RETRY_FIRST
+        last: TransportUnavailable | None = None
         with anyio.move_on_after(self.read_timeout):
-            return await call(await self._ready())
+            transport = await self._ready()
+            while True:
+                try:
+                    return await call(transport)
+                except TransportUnavailable as exc:
+                    last = exc
+                    if time.monotonic() + delay >= deadline:
+                        raise
+                await anyio.sleep(delay)
+                delay = min(delay * 2, READ_RETRY_MAX)
+        reason = f"; the last try failed: {last}" if last is not None else ""
         raise TransportUnavailable(
             f"no answer from {mask_password(self.url)} within {self.read_timeout:g}s (read_timeout); check that the "
-            "server runs and is reachable from here"
+            f"server runs and is reachable from here{reason}"
         )
 
     @overload

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,6 +171,42 @@ def test_write_timeout_holds_against_a_stopped_redis_server(weavelet_redis_serve
     server = weavelet_redis_server_factory()
     assert server.pid is not None
     _check_write_timeout(server.url, server.pid)
+
+
+def _read_through_an_outage(server: Any, url: str) -> None:
+    """A connected weaver's read rides out a server restart within read_timeout; a lasting outage raises in
+    time, naming the last failure."""
+    with Weaver(url, read_timeout=8) as weaver:
+        weaver.set("outage", {"lr": 0.1})
+        server.stop()  # graceful: the store keeps the revision, so the read after the restart must find it
+        timer = threading.Timer(1.5, server.start)
+        timer.start()
+        try:
+            started = time.monotonic()
+            history = weaver.history("outage")
+            took = time.monotonic() - started
+        finally:
+            timer.join()
+        assert [entry.config for entry in history] == [{"lr": 0.1}]
+        assert 1.0 < took < 8.5, took
+        server.kill()
+        started = time.monotonic()
+        with pytest.raises(TransportUnavailable) as info:
+            weaver.history("outage")
+        assert time.monotonic() - started < 8 + 1.5
+        assert server.address in str(info.value), info.value  # names the server that is down
+
+
+@pytest.mark.slow
+def test_a_read_rides_out_a_nats_server_restart(weavelet_nats_server_factory: NatsServerFactory) -> None:
+    server = weavelet_nats_server_factory()
+    _read_through_an_outage(server, server.url)
+
+
+@pytest.mark.slow
+def test_a_read_rides_out_a_redis_server_restart(weavelet_redis_server_factory: RedisServerFactory) -> None:
+    server = weavelet_redis_server_factory(persistent=True)
+    _read_through_an_outage(server, server.url)
 
 
 NATS_READ_ONLY_TRAINER = """
