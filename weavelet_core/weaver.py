@@ -152,7 +152,12 @@ class AsyncWeaver:
         base = await signing.newest_safe_base(transport, current.run, number, self._trusted)
         problem = signing.untrusted(current, self._trusted, "build on it")
         on = f"revision {base.revision}'s config" if base is not None else "an empty config"
-        warnings.warn(f"{str(problem).split(';')[0]}; signed on top of {on} instead", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{str(problem).split(';')[0]}; signed on top of {on} instead (the newest this weaver can verify), so "
+            "nothing of it is signed as yours",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return base
 
     async def _ready(self) -> Transport:
