@@ -41,20 +41,19 @@ def signature_of(revision: Revision, answers: list[Outcome], trusted: TrustedKey
 
 
 def author_text(revision: Revision, answers: list[Outcome], trusted: TrustedKeys | None = None) -> str:
-    """The AUTHOR cell: ``key alice (ana@laptop)`` when the trainer or the keys given here verified the signature
-    (the key's name from the verifier's own trusted set), ``ana@laptop (BAD SIGNATURE)`` when the trainer (or,
-    with no verdict from it, the keys given here) found it wanting, ``ana@laptop (signed, unverified)`` for a
-    signature nobody checked, else the free-text author."""
+    """The AUTHOR cell: ``key alice (ana@laptop)`` when the keys given here, or else the trainer, verified the
+    signature (the key's name from the verifier's own trusted set), ``ana@laptop (BAD SIGNATURE)`` (``UNSIGNED``,
+    ``UNKNOWN KEY``) when they found it wanting, ``ana@laptop (signed, unverified)`` for a signature nobody
+    checked, else the free-text author."""
     author = revision.author or "?"
     found = signature_of(revision, answers, trusted)
-    trainer, here = found["trainer"], found["here"]
-    if trainer is not None and trainer.get("verified") is not True:
-        return f"{author} ({PROBLEMS.get(str(trainer.get('problem')), 'NOT VERIFIED')})"
-    for verdict in (trainer, here):
-        if verdict is not None and verdict.get("verified") is True:
-            return f"key {verdict.get('key')} ({author})"
-    if here is not None:
-        return f"{author} ({PROBLEMS.get(str(here.get('problem')), 'NOT VERIFIED')})"
+    # The keys given here check the signature itself; the trainer's verdict is read from an outcome, which whoever
+    # can write the store could have written: it counts only when nothing was checked here.
+    verdict = found["here"] if found["here"] is not None else found["trainer"]
+    if verdict is not None and verdict.get("verified") is True:
+        return f"key {verdict.get('key')} ({author})"
+    if verdict is not None:
+        return f"{author} ({PROBLEMS.get(str(verdict.get('problem')), 'NOT VERIFIED')})"
     if revision.signature:
         return f"{author} (signed, unverified)"
     return author
