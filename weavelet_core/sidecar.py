@@ -12,6 +12,8 @@ It runs :func:`main` in a ``spawn``-started process and never imports torch or L
   the one that was newest at the claim marked as the *baseline*; an entry that cannot be read is reported
   ``rejected`` with the reason; stored revisions it skips over are reported ``superseded`` unless they
   already have an outcome;
+- with trusted keys (:mod:`weavelet_core.signing`), verifies each revision's signature before forwarding it: one
+  that does not verify is answered ``rejected`` saying why, and never reaches the trainer;
 - publishes every outcome the trainer reports, in order, retrying outages until it is stored; an outcome the
   store refuses for good (it cannot be encoded) is dropped with a log line and never blocks those behind it;
 - publishes the trainer's status as a heartbeat (every ``heartbeat_interval`` seconds, the status's

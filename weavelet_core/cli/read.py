@@ -330,7 +330,7 @@ async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_OK
         seen_outcomes = {(o.revision, o.incarnation, o.at) for os_ in by_revision.values() for o in os_}
         last = entries[-1]
-        await _follow(w, args.run, last, seen_outcomes, out, as_json=wants_json(args))
+        await _follow(w, args.run, last, seen_outcomes, out, as_json=wants_json(args), trusted=trusted)
     return EXIT_OK
 
 
@@ -401,8 +401,10 @@ async def _follow(
     out: TextIO,
     *,
     as_json: bool,
+    trusted: TrustedKeys | None = None,
 ) -> None:
-    """Print each revision written and each outcome reported from now on, a line each, until Ctrl-C."""
+    """Print each revision written and each outcome reported from now on, a line each, until Ctrl-C (a signed
+    revision's author checked against ``trusted``)."""
     newest = last.revision
     previous = last.config if isinstance(last, Revision) else None
     while True:
@@ -411,12 +413,12 @@ async def _follow(
                 continue
             newest = entry.revision
             if as_json:
-                out.write(json.dumps({"event": "revision", **_history_json(entry, {})}) + "\n")
+                out.write(json.dumps({"event": "revision", **_history_json(entry, {}, trusted)}) + "\n")
             elif isinstance(entry, Revision):
                 change = output.describe_changes(previous, entry.config)
                 out.write(
                     f"{output.format_time(entry.created_at)}  {run}: revision {entry.revision} written by "
-                    f"{entry.author or '?'}: {change}\n"
+                    f"{author_text(entry, [], trusted)}: {change}\n"
                 )
             else:
                 out.write(f"{output.format_time(time.time())}  {run}: revision {entry.revision} UNREADABLE\n")
