@@ -446,3 +446,32 @@ def test_the_environment_names_the_signing_key(tmp_path: Path, keys: Keys, monke
     monkeypatch.setenv("WEAVELET_SIGNING_KEY", str(tmp_path / "nowhere.key"))
     with pytest.raises(SigningError, match=r"WEAVELET_SIGNING_KEY: signing key .* does not exist"):
         Weaver((tmp_path / "store").as_uri())
+
+
+def test_the_keys_stop_gets_through_over_an_unreadable_entry(tmp_path: Path, keys: Keys) -> None:
+    from weavelet_file.transport import FileTransport
+
+    url, run = (tmp_path / "store").as_uri(), "unreadable"
+    with (
+        Weaver(url, signing_key=keys.alice) as alice,
+        Weaver(url) as anyone,
+        WeaveletProcess(run, url, trusted_keys=keys.trusted, heartbeat_interval=0.2) as process,
+    ):
+        loop = Loop(process)
+        assert loop.outcome(alice, alice.set(run, {"lr": 0.1})).result == "applied"
+        loop.outcome(alice, anyone.set(run, {"lr": 10.0}))
+
+        async def garbage() -> None:
+            transport = FileTransport(url)
+            await transport.connect()
+            await transport.put_raw(run, 3, b"{not json")
+            await transport.aclose()
+
+        anyio.run(garbage)
+        with pytest.warns(RuntimeWarning, match=r"revision 2 of run .* is unsigned; signed on top of revision 1") as w:
+            stop = alice.command(run, "stop")
+        assert len(w) == 1  # the unreadable entry is skipped as without signing; the unsigned one is said
+        assert isinstance(stop, Revision)
+        assert stop.revision == 4
+        assert loop.outcome(alice, stop).result == "applied"
+        assert loop.handed[-1].config["lr"] == 0.1  # built on revision 1, not on the unsigned revision 2

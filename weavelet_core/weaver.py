@@ -294,8 +294,9 @@ class AsyncWeaver:
                         current, number = None, exc.revision
                         if over_unreadable and not replace:
                             # Merge onto the newest readable config, numbered on top of the unreadable entry.
+                            # (Its number is not what is written: ``number`` is; a signing weaver checks it as stored.)
                             readable = [e for e in await transport.history(run) if isinstance(e, Revision)]
-                            current = dataclasses.replace(readable[-1], revision=number) if readable else None
+                            current = readable[-1] if readable else None
                     else:
                         number = current.revision if current else 0
                 else:
