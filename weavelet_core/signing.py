@@ -302,7 +302,7 @@ class TrustedKeys:
             )
         key = self._keys.get(revision.key_id)
         if key is None:
-            named = f"key {revision.key_id[:100]}" if revision.key_id else "a key it does not name"
+            named = f"key {revision.key_id[:100]!r}" if revision.key_id else "a key it does not name"
             return Verdict(
                 False,
                 UNKNOWN_KEY,
@@ -590,7 +590,7 @@ def untrusted(revision: Revision, keys: TrustedKeys, action: str) -> UntrustedRe
     verdict = keys.verify(revision, who="this weaver")
     reason = {
         UNSIGNED: "is unsigned",
-        UNKNOWN_KEY: f"is signed by key {revision.key_id[:100] or '(none named)'}, which this weaver does not trust",
+        UNKNOWN_KEY: f"is signed by key {revision.key_id[:100]!r}, which this weaver does not trust",
         BAD_SIGNATURE: f"has a signature by key {verdict.key} that does not match its content",
     }.get(verdict.problem, "cannot be verified")
     return UntrustedRevision(
