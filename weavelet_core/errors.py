@@ -19,6 +19,8 @@ Messages are written for the person reading them: they name what is wrong and ho
     +-- RunOwned                             another trainer owns the run
     +-- RunEnded                             the run's incarnation ended; nothing will answer
     +-- WaitTimeout (TimeoutError)           a bounded wait ran out
+    +-- SigningError (ValueError)            a key file is missing, malformed or unprotected
+    +-- UntrustedRevision                    a signing weaver will not build on a revision it cannot verify
 
 Which are final: ``AuthenticationFailed`` and ``PermissionDenied`` (same credentials, same answer),
 ``ProtocolError``, ``InvalidRunId``, ``PluginError``. ``TransportUnavailable`` and ``RevisionConflict`` may
@@ -144,3 +146,22 @@ class RunOwned(WeaveletError):
 
 class RunEnded(WeaveletError):
     """The run has no live incarnation (its trainer stopped or failed): waiting for an outcome is pointless."""
+
+
+class SigningError(WeaveletError, ValueError):
+    """Signing or verifying cannot be set up: a key file is missing, malformed, of another type, readable or
+    writable by others, or two trusted keys clash. Final; the message names the file and the fix."""
+
+
+class UntrustedRevision(WeaveletError):
+    """A weaver that signs refuses to merge its change onto a stored revision it cannot verify (unsigned, signed
+    by a key it does not trust, or badly signed): its signature would vouch for a config someone else chose.
+
+    ``run`` and ``revision`` name the revision; ``problem`` says what is wrong with it.
+    """
+
+    def __init__(self, message: str, *, run: str = "", revision: int = 0, problem: str = "") -> None:
+        super().__init__(message)
+        self.run = run
+        self.revision = revision
+        self.problem = problem

@@ -61,6 +61,7 @@ from weavelet_core.protocol import (
 )
 from weavelet_core.recorder import DEFAULT_INTERVAL, StatusRecorder
 from weavelet_core.sidecar import SidecarConfig
+from weavelet_core.signing import TrustedKeys, TrustedSource, resolve_trusted_keys
 from weavelet_core.supervisor import SidecarSupervisor
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ FreshPolicy = Literal["reset", "adopt"]
 FRESH_POLICIES: tuple[str, ...] = ("reset", "adopt")
 STATUS_FLUSH_INTERVAL = DEFAULT_INTERVAL
 """Default shortest time between two status snapshots handed to the sidecar."""
+MAX_SIGNATURES = 64
+"""Signature verdicts kept for revisions received but not yet answered."""
 
 
 def default_stale_after(heartbeat_interval: float) -> float:
@@ -105,6 +108,15 @@ class WeaveletProcess:
         :func:`~weavelet_core.protocol.new_incarnation`); the ranks of one job do not need one each.
     :param labels: ``key: value`` strings published in the status, for selecting runs (``{"sweep": "3"}``);
         keys and values are non-empty strings of at most 64 characters.
+    :param trusted_keys: accept only revisions signed by one of these Ed25519 keys: ``.pub`` files or
+        directories of them (see :mod:`weavelet_core.signing`); default ``WEAVELET_TRUSTED_KEYS``, else none
+        (every revision is accepted, signed or not). An unsigned revision, one signed by another key, or one whose
+        signature does not match its content is answered ``rejected`` with what was wrong and how to fix it, and
+        nothing of it is applied; the key that verified a revision is named in its outcome. Loaded here: a bad
+        key file raises :class:`~weavelet_core.SigningError`, a missing ``cryptography``
+        :class:`~weavelet_core.MissingDriver` (``pip install "weavelet[signing]"``), so a run meant to verify
+        never starts without verifying. The empty revision a fresh start writes (``fresh="reset"``) is the
+        trainer's own and is not signed.
     """
 
     def __init__(
@@ -126,8 +138,10 @@ class WeaveletProcess:
         log_level: int | None = None,
         incarnation: str | None = None,
         labels: Mapping[str, str] | None = None,
+        trusted_keys: TrustedSource | None = None,
     ) -> None:
         self.run: str = validate_run_id(run)
+        self.trusted_keys: TrustedKeys | None = resolve_trusted_keys(trusted_keys)
         resolved = url or default_url()
         loaded = get_registry().resolve(resolved)
         if "memory" in loaded.spec.schemes:
@@ -194,6 +208,7 @@ class WeaveletProcess:
         self._handed_revision: Revision | None = None
         self._baseline = 0
         self._held: list[tuple[Revision, bool]] = []
+        self._signatures: dict[str, dict[str, Any]] = {}  # revision id -> the sidecar's verdict, for its outcome
 
     # -- properties ------------------------------------------------------------------------------------
     @property
@@ -318,6 +333,7 @@ class WeaveletProcess:
             claimed=self._claimed,
             baseline=self._claimed_baseline,
             labels=dict(self.labels),
+            trusted_keys=self.trusted_keys.lines() if self.trusted_keys is not None else (),
         )
 
     def attach_channel(self, channel: Channel) -> None:
@@ -468,6 +484,10 @@ class WeaveletProcess:
                 continue
             if revision.run == self.run and revision.revision > self._handed_out:
                 received.append((revision, bool(message.get("baseline"))))
+                if isinstance(message.get("signature"), dict):
+                    self._signatures[revision.id] = message["signature"]
+                    while len(self._signatures) > MAX_SIGNATURES:
+                        del self._signatures[next(iter(self._signatures))]
         if not received:
             return None
         received.sort(key=lambda item: item[0].revision)
@@ -523,6 +543,8 @@ class WeaveletProcess:
                 "result": result,
                 "step": step,
             }
+            signature = self._signatures.get(fields["revision_id"]) if fields["revision_id"] else None
+            detail = {**dict(detail or {}), "signature": signature} if signature is not None else detail
             try:
                 outcome = Outcome(**fields, message=text, detail=dict(detail or {}))
             except ProtocolError as exc:

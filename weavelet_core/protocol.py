@@ -27,7 +27,8 @@ from weavelet_core.errors import InvalidRunId, ProtocolError
 PROTOCOL_VERSION = 2
 """The version written. Version 2 added the outcome's ``revision_id`` and ``incarnation`` and the status's
 ``incarnation``, ``started_at``, ``keepalive``, ``last_outcome``, ``labels`` and ``schema``, and the revision's
-``reverts``."""
+``reverts``; its optional ``key_id`` and ``signature`` (left out when empty, ignored by older readers) came later
+without a version change."""
 READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 """Versions a reader accepts: fields a version-1 message lacks take their defaults."""
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -132,6 +133,8 @@ class Revision:
 
     ``revision`` starts at 1 and increases by exactly 1 per write (compare-and-set on the previous one).
     ``reverts`` is the revision this one undoes (its config, commands aside), or 0 for an ordinary write.
+    ``key_id`` and ``signature`` are empty on an unsigned revision; a signed one carries the signer's key id
+    (``SHA256:...``) and an Ed25519 signature over every other field (see :mod:`weavelet_core.signing`).
     """
 
     run: str
@@ -141,6 +144,8 @@ class Revision:
     created_at: float = dataclasses.field(default_factory=_now)
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     reverts: int = 0
+    key_id: str = ""
+    signature: str = ""
 
     kind = "revision"
 
@@ -157,6 +162,8 @@ class Revision:
         _require_number(self.created_at, "revision.created_at")
         _require_str(self.id, "revision.id")
         _require_int(self.reverts, "revision.reverts", minimum=0)
+        _require_str(self.key_id, "revision.key_id")
+        _require_str(self.signature, "revision.signature")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,9 +366,18 @@ def _require_str(value: object, field: str) -> None:
     _require_utf8(value, field)
 
 
+UNSIGNED_OMITTED = ("key_id", "signature")
+"""Revision fields left out of the JSON when empty: an unsigned revision is written as before they existed."""
+
+
 def to_dict(message: Message) -> JsonObject:
-    """The JSON object for ``message``, with ``v`` and ``kind``."""
+    """The JSON object for ``message``, with ``v`` and ``kind`` (an unsigned revision without ``key_id`` and
+    ``signature``)."""
     body = dataclasses.asdict(message)
+    if isinstance(message, Revision):
+        for name in UNSIGNED_OMITTED:
+            if not body[name]:
+                del body[name]
     return {"v": PROTOCOL_VERSION, "kind": message.kind, **body}
 
 

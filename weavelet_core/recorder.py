@@ -52,14 +52,19 @@ def clean_metrics(values: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def outcome_summary(outcome: Outcome) -> dict[str, Any]:
-    """The compact form of an outcome carried in ``Status.last_outcome``."""
-    return {
+    """The compact form of an outcome carried in ``Status.last_outcome``; ``signed_by`` names the trusted key that
+    verified the revision, when one did (see :mod:`weavelet_core.signing`)."""
+    summary: dict[str, Any] = {
         "revision": outcome.revision,
         "revision_id": outcome.revision_id,
         "result": outcome.result,
         "step": outcome.step,
         "message": truncate(outcome.message, 500) if outcome.message else outcome.message,
     }
+    signature = outcome.detail.get("signature")
+    if isinstance(signature, dict) and signature.get("verified") is True and isinstance(signature.get("key"), str):
+        summary["signed_by"] = signature["key"]
+    return summary
 
 
 def _non_negative_int(value: object) -> int:

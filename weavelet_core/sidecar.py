@@ -12,6 +12,8 @@ It runs :func:`main` in a ``spawn``-started process and never imports torch or L
   the one that was newest at the claim marked as the *baseline*; an entry that cannot be read is reported
   ``rejected`` with the reason; stored revisions it skips over are reported ``superseded`` unless they
   already have an outcome;
+- with trusted keys (:mod:`weavelet_core.signing`), verifies each revision's signature before forwarding it: one
+  that does not verify is answered ``rejected`` saying why, and never reaches the trainer;
 - publishes every outcome the trainer reports, in order, retrying outages until it is stored; an outcome the
   store refuses for good (it cannot be encoded) is dropped with a log line and never blocks those behind it;
 - publishes the trainer's status as a heartbeat (every ``heartbeat_interval`` seconds, the status's
@@ -46,6 +48,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from weavelet_core import signing
 from weavelet_core.channel import Channel, reader_fileno
 from weavelet_core.errors import (
     AuthenticationFailed,
@@ -60,6 +63,7 @@ from weavelet_core.errors import (
 )
 from weavelet_core.plugins import mask_password, open_transport
 from weavelet_core.protocol import FUTURE_SLACK, Outcome, Revision, Status, encode, from_dict, to_dict, truncate
+from weavelet_core.recorder import outcome_summary
 from weavelet_core.transport import Transport
 
 log = logging.getLogger("weavelet_core.sidecar")
@@ -104,6 +108,9 @@ class SidecarConfig:
     claimed: bool = False
     baseline: int = 0
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    trusted_keys: tuple[str, ...] = ()
+    """``ssh-ed25519 BASE64 NAME`` lines: when given, only revisions signed by one of these keys reach the
+    trainer (see :mod:`weavelet_core.signing`)."""
 
 
 class _Stop(Exception):
@@ -134,6 +141,8 @@ class Sidecar:
         self._publish_failures = 0
         self.baseline = config.baseline
         self.last_outcome_seen: dict[str, Any] | None = None
+        self._trusted = signing.TrustedKeys.from_lines(config.trusted_keys) if config.trusted_keys else None
+        self._refused: dict[str, Any] | None = None  # the newest revision refused for its signature, for the status
 
     # -- entry -----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -520,12 +529,16 @@ class Sidecar:
         # Skipped stored revisions get their outcomes *before* the newer one is handed over: a sidecar killed
         # in between reconciles again from the same point, so no skipped revision is left unanswered.
         await self._supersede_range(transport, self.last_forwarded + 1, number)
+        message: dict[str, Any] = {"t": "revision", "baseline": number == self.baseline}
+        if self._trusted is not None:
+            verdict = self._trusted.verify(revision)
+            if not verdict.ok:
+                await self._refuse(transport, revision, verdict)
+                return
+            message["signature"] = verdict.detail()
         try:
             encode(revision)
-            data = json.dumps(
-                {"t": "revision", "baseline": number == self.baseline, "revision": to_dict(revision)},
-                ensure_ascii=False,
-            ).encode()
+            data = json.dumps({**message, "revision": to_dict(revision)}, ensure_ascii=False).encode()
         except (ProtocolError, ValueError, TypeError) as exc:
             await transport.publish_outcome(
                 Outcome(
@@ -541,6 +554,23 @@ class Sidecar:
         else:
             self.channel.forward(data)
         self.last_forwarded = number
+
+    async def _refuse(self, transport: Transport, revision: Revision, verdict: signing.Verdict) -> None:
+        """Answer a revision whose signature does not verify ``rejected``; it never reaches the trainer."""
+        outcome = Outcome(
+            run=self.run_id,
+            revision=revision.revision,
+            revision_id=revision.id,
+            incarnation=self.config.incarnation,
+            result="rejected",
+            message=truncate(verdict.message),
+            detail={"signature": verdict.detail()},
+        )
+        await transport.publish_outcome(outcome)
+        log.warning("weavelet: run %r: %s", self.run_id, verdict.message)
+        self.last_forwarded = revision.revision
+        self._refused = outcome_summary(outcome)
+        self._kick.set()
 
     async def _supersede_range(self, transport: Transport, first: int, number: int) -> None:
         """Publish ``superseded`` for stored revisions in ``[first, number)`` that never reached the trainer and
@@ -658,6 +688,11 @@ class Sidecar:
             except ValueError as exc:
                 log.debug("weavelet: unreadable status snapshot: %s", exc)
         fields = self._last_status
+        last_outcome = fields.get("last_outcome")
+        if self._refused is not None and (
+            not isinstance(last_outcome, dict) or _older(last_outcome.get("revision"), self._refused["revision"])
+        ):
+            last_outcome = self._refused  # a newer revision refused for its signature: the status says why
         identity: dict[str, Any] = {
             "incarnation": self.config.incarnation,
             "started_at": self.config.started_at,
@@ -676,7 +711,7 @@ class Sidecar:
                 optimizer=fields.get("optimizer"),
                 metrics=fields.get("metrics", {}),
                 heartbeat=time.time(),
-                last_outcome=fields.get("last_outcome"),
+                last_outcome=last_outcome,
                 schema=fields.get("schema"),
                 **identity,
             )
@@ -692,6 +727,11 @@ class Sidecar:
                 heartbeat=time.time(),
                 **identity,
             )
+
+
+def _older(number: object, than: int) -> bool:
+    """Whether an outcome of revision ``number`` (from the trainer's status) is older than one of ``than``."""
+    return not isinstance(number, int) or number < than
 
 
 def _describe(config: dict[str, Any], limit: int = 200) -> str:

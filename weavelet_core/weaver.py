@@ -22,6 +22,7 @@ import secrets
 import socket
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from types import TracebackType
@@ -30,6 +31,7 @@ from typing import Any, TypeVar, overload
 import anyio
 from anyio.from_thread import BlockingPortal
 
+from weavelet_core import signing
 from weavelet_core.errors import CorruptEntry, RevisionConflict, RunEnded, TransportUnavailable, WaitTimeout
 from weavelet_core.plugins import default_url, mask_password, open_transport
 from weavelet_core.protocol import JsonObject, Outcome, Revision, Status, validate_run_id
@@ -90,6 +92,15 @@ class AsyncWeaver:
         10); also the bound on connecting.
     :param read_timeout: seconds a read (:meth:`get`, :meth:`status`, :meth:`history`, ...) may take before it
         raises :class:`~weavelet_core.TransportUnavailable` (default 10), also against a stopped server.
+    :param signing_key: sign every revision written (commands and reverts too) with this Ed25519 key: the path of
+        a private key file (``weavelet keygen``) or a key object; default ``WEAVELET_SIGNING_KEY``, else none (see
+        :mod:`weavelet_core.signing`). A signing weaver never merges onto a stored revision it cannot verify
+        (:class:`~weavelet_core.UntrustedRevision`; a command is merged onto the newest one it can, with a
+        warning), so its signature never vouches for a config someone else chose.
+    :param trusted_keys: with ``signing_key``, other signers' ``.pub`` files (or directories of them) whose
+        revisions this weaver builds on as on its own; default ``WEAVELET_TRUSTED_KEYS``, else only its own key.
+        Both raise :class:`~weavelet_core.SigningError` here for a bad key file, and
+        :class:`~weavelet_core.MissingDriver` without ``cryptography`` (``pip install "weavelet[signing]"``).
     """
 
     def __init__(
@@ -100,8 +111,12 @@ class AsyncWeaver:
         author: str | None = None,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
+        signing_key: signing.SigningKeySource | None = None,
+        trusted_keys: signing.TrustedSource | None = None,
         **options: Any,
     ) -> None:
+        self._signer = signing.resolve_signing_key(signing_key)
+        self._trusted = None if self._signer is None else _builds_on(self._signer, trusted_keys)
         self.url = url or (transport.url if transport else default_url())
         self._owns_transport = transport is None
         self._transport = transport if transport is not None else open_transport(self.url, **options)
@@ -116,6 +131,34 @@ class AsyncWeaver:
     @property
     def transport(self) -> Transport:
         return self._transport
+
+    @property
+    def signing_key(self) -> signing.SigningKey | None:
+        """The key this weaver signs with, or ``None``."""
+        return self._signer
+
+    def trusts(self, revision: Revision) -> bool:
+        """Whether this weaver may build on ``revision``: always when it does not sign; when it signs, when the
+        revision verifies with its own or its trusted keys, or its config is empty."""
+        return self._trusted is None or signing.safe_base(revision, self._trusted)
+
+    async def _safe_base(self, transport: Transport, current: Revision, number: int, fallback: bool) -> Revision | None:
+        """For a signing weaver and a ``current`` revision it cannot build on: raise
+        :class:`~weavelet_core.UntrustedRevision`, or with ``fallback`` (a command: the brake must work) warn and
+        return the newest revision it can build on (``None``: an empty base)."""
+        assert self._trusted is not None
+        if not fallback:
+            raise signing.untrusted(current, self._trusted, "merge a change onto it")
+        base = await signing.newest_safe_base(transport, current.run, number, self._trusted)
+        problem = signing.untrusted(current, self._trusted, "build on it")
+        on = f"revision {base.revision}'s config" if base is not None else "an empty config"
+        warnings.warn(
+            f"{str(problem).split(';')[0]}; signed on top of {on} instead (the newest this weaver can verify), so "
+            "nothing of it is signed as yours",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return base
 
     async def _ready(self) -> Transport:
         if not self._connected:
@@ -251,14 +294,17 @@ class AsyncWeaver:
                         current, number = None, exc.revision
                         if over_unreadable and not replace:
                             # Merge onto the newest readable config, numbered on top of the unreadable entry.
+                            # (Its number is not what is written: ``number`` is; a signing weaver checks it as stored.)
                             readable = [e for e in await transport.history(run) if isinstance(e, Revision)]
-                            current = dataclasses.replace(readable[-1], revision=number) if readable else None
+                            current = readable[-1] if readable else None
                     else:
                         number = current.revision if current else 0
                 else:
                     number = current.revision
                 if unconfirmed is not None and current is not None and current.id == unconfirmed.id:
                     return unconfirmed  # the earlier attempt landed: its reply was lost
+                if current is not None and not replace and not self.trusts(current):
+                    current = await self._safe_base(transport, current, number, over_unreadable)
                 base = current.config if current and not replace else {}
                 revision = Revision(
                     run=run,
@@ -267,6 +313,8 @@ class AsyncWeaver:
                     author=author or self.author,
                     reverts=reverts,
                 )
+                if self._signer is not None:
+                    revision = self._signer.sign(revision)
                 unconfirmed = revision
                 await transport.put(revision)
                 return revision
@@ -479,10 +527,15 @@ class AsyncWeaver:
         :meth:`set` raises.
         """
         old = await self.revision(run, revision)
+        if not self.trusts(old):
+            assert self._trusted is not None
+            raise signing.untrusted(old, self._trusted, "revert to it")
         try:
             current = await self.get(run)
         except CorruptEntry:
             current = None
+        if current is not None and not self.trusts(current):  # its commands must not be signed as ours
+            current = await self._safe_base(await self._ready(), current, current.revision, True)
         config = {key: value for key, value in old.config.items() if key not in COMMAND_KEYS}
         if current is not None:
             config.update({key: value for key, value in current.config.items() if key in COMMAND_KEYS})
@@ -530,6 +583,19 @@ class AsyncWeaver:
 
 COMMAND_KEYS = frozenset({"stop", "checkpoint", "rollback"})
 """Config keys that are commands (act once per token); a revert leaves them out."""
+
+
+def _builds_on(signer: signing.SigningKey, trusted_keys: signing.TrustedSource | None) -> signing.TrustedKeys:
+    """The keys whose revisions a signing weaver builds on: its own and ``trusted_keys`` (or the environment's)."""
+    own = signer.trusted()
+    trusted = signing.resolve_trusted_keys(trusted_keys)
+    if trusted is None:
+        return signing.TrustedKeys([own])
+    if own.key_id in trusted:
+        return trusted
+    if own.name in trusted.names():
+        own = dataclasses.replace(own, name=f"this weaver's key {own.key_id}")
+    return trusted.merged([own])
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -681,6 +747,15 @@ class Weaver:
 
     def get(self, run: str) -> Revision | None:
         return self._portal.call(self._async.get, run)
+
+    @property
+    def signing_key(self) -> signing.SigningKey | None:
+        """See :attr:`AsyncWeaver.signing_key`."""
+        return self._async.signing_key
+
+    def trusts(self, revision: Revision) -> bool:
+        """See :meth:`AsyncWeaver.trusts`."""
+        return self._async.trusts(revision)
 
     def status(self, run: str) -> Status | None:
         return self._portal.call(self._async.status, run)

@@ -5,7 +5,7 @@
 ``top`` (:mod:`.top`); ``plugins``, ``help``, ``completion`` (:mod:`.meta`); and the commands plugins add through
 the ``weavelet_subcommands`` hook (``server`` from ``weavelet_nats``, ``demo`` from ``weavelet_lightning``).
 Printing is in :mod:`.output`, the parser and ``main`` in :mod:`.app`. The transport URL is ``--url``, else
-``WEAVELET_URL``, else the per-user ``file://`` directory.
+``WEAVELET_URL``, else the per-user ``file://`` directory. ``keygen`` (:mod:`.keys`) makes signing keys.
 
 Exit status: 0 success; 1 an error (one line on stderr, ``weavelet: error: ...``, or with ``--json`` a JSON
 object on stdout), a revision rejected by the trainer, or a run with no live incarnation to wait for; 2 a usage

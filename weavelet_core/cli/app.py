@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import anyio
 
-from weavelet_core.cli import housekeeping, meta, read, top, write
+from weavelet_core.cli import housekeeping, keys, meta, read, top, write
 from weavelet_core.cli.common import (
     DEBUG_ENV,
     EXIT_ERROR,
@@ -31,7 +31,7 @@ from weavelet_core.plugins import LoadedSubcommand, get_registry
 
 BUILTIN_COMMANDS = (
     "plugins", "set", "checkpoint", "stop", "revert", "get", "status", "history", "runs", "diff", "watch",
-    "rm", "prune", "top", "help", "completion",
+    "rm", "prune", "top", "help", "completion", "keygen",
 )  # fmt: skip
 """Commands of the core; a plugin command may not take one of these names."""
 
@@ -71,6 +71,7 @@ def build_parser(load: Collection[str] | bool = ()) -> argparse.ArgumentParser:
     read.add_parsers(subparsers, FORMATTER)
     housekeeping.add_parsers(subparsers, FORMATTER)
     top.add_parsers(subparsers, FORMATTER)
+    keys.add_parsers(subparsers, FORMATTER)
     meta.add_parsers(subparsers, FORMATTER)
     for loaded in plugin_commands():
         _add_plugin_command(

@@ -48,8 +48,15 @@ def url_of(args: argparse.Namespace) -> str:
 
 
 def weaver(args: argparse.Namespace) -> AsyncWeaver:
-    """A weaver on the command's transport (open it with ``async with``)."""
-    return AsyncWeaver(getattr(args, "url", None))
+    """A weaver on the command's transport (open it with ``async with``), signing with ``--signing-key`` (else
+    ``WEAVELET_SIGNING_KEY``) where the command writes."""
+    if not getattr(args, "signs", False):
+        return AsyncWeaver(getattr(args, "url", None))
+    return AsyncWeaver(
+        getattr(args, "url", None),
+        signing_key=getattr(args, "signing_key", None),
+        trusted_keys=getattr(args, "trusted_keys", None) or None,
+    )
 
 
 def where(args: argparse.Namespace) -> str:
@@ -139,6 +146,31 @@ def add_output(parser: argparse.ArgumentParser, *, wide: bool = False) -> None:
             default="text",
             help="text (default), wide (more columns, nothing truncated) or json (same as --json)",
         )
+
+
+def add_trusted_keys(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--trusted-keys PATH`` (repeatable): ``.pub`` files or directories; default ``WEAVELET_TRUSTED_KEYS``."""
+    parser.add_argument(
+        "--trusted-keys",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help=f"public keys (NAME.pub files or directories of them, repeatable) {what} (default: "
+        "$WEAVELET_TRUSTED_KEYS)",
+    )
+
+
+def add_signing(parser: argparse.ArgumentParser) -> None:
+    """``--signing-key PATH`` and ``--trusted-keys PATH`` for commands that write revisions."""
+    parser.add_argument(
+        "--signing-key",
+        metavar="PATH",
+        default=None,
+        help="sign what is written with this private key (NAME.key from 'weavelet keygen'; default: "
+        "$WEAVELET_SIGNING_KEY); needed by runs whose trainer accepts only signed revisions",
+    )
+    add_trusted_keys(parser, "of other signers whose revisions a signing write may build on")
+    parser.set_defaults(signs=True)
 
 
 def add_stale(parser: argparse.ArgumentParser) -> None:

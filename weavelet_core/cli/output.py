@@ -106,7 +106,10 @@ def detail_lines(outcome: Outcome) -> list[str]:
         if key in DETAIL_SHOWN_ELSEWHERE:
             continue
         label = key.replace("_", " ")
-        if isinstance(value, str):
+        if key == "signature" and isinstance(value, dict):
+            if value.get("verified") is True:  # a refused signature is what the outcome's message is about
+                lines.append(f"signed by key {value.get('key')} ({value.get('key_id')}), verified by the trainer")
+        elif isinstance(value, str):
             lines.append(f"{label}: {value}")
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             lines.append(f"{label}: {', '.join(value)}")

@@ -17,6 +17,7 @@ from weavelet_core.cli.common import (
     CliError,
     add_output,
     add_stale,
+    add_trusted_keys,
     add_url,
     is_stale,
     missing_run,
@@ -29,8 +30,10 @@ from weavelet_core.cli.common import (
     wide,
 )
 from weavelet_core.cli.selectors import add_selectors, label, matches, select, single
+from weavelet_core.cli.signed import author_text, signature_of, trusted_of
 from weavelet_core.errors import CorruptEntry
 from weavelet_core.protocol import LIFECYCLE_STATES, Outcome, Revision, Status, to_dict, validate_run_id
+from weavelet_core.signing import TrustedKeys
 from weavelet_core.weaver import AsyncWeaver
 
 OUTCOME_WIDTH = 60
@@ -52,7 +55,7 @@ async def cmd_get(args: argparse.Namespace, out: TextIO) -> int:
         output.print_json(to_dict(revision), out)
         return EXIT_OK
     out.write(
-        f"run {revision.run}  revision {revision.revision}  by {revision.author or '?'}  "
+        f"run {revision.run}  revision {revision.revision}  by {author_text(revision, [], trusted_of(args))}  "
         f"at {output.format_time(revision.created_at)}\n"
     )
     out.write(json.dumps(revision.config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
@@ -112,6 +115,8 @@ def status_lines(
         f"applied     revision {status.applied_revision}",
     ]
     last = status.last_outcome or {}
+    if last.get("signed_by") and last.get("revision") == status.applied_revision:
+        lines[-1] += f" (signed by key {last['signed_by']}, verified by the trainer)"
     if unreadable is not None:
         lines.append(f"desired     {unreadable}")
     elif desired is not None and desired.revision > status.applied_revision:
@@ -297,6 +302,7 @@ def _states(text: str) -> list[str]:
 
 async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
     validate_run_id(args.run)
+    trusted = trusted_of(args)
     async with weaver(args) as w:
         # One more than shown: the change of the oldest shown revision is relative to the one before it.
         entries = await w.history(args.run, limit=args.limit + 1 if args.limit else None)
@@ -307,7 +313,7 @@ async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
         if args.limit and len(entries) > args.limit:
             base, entries = entries[0], entries[-args.limit :]
         if wants_json(args):
-            output.print_json([_history_json(e, by_revision) for e in entries], out)
+            output.print_json([_history_json(e, by_revision, trusted) for e in entries], out)
             if not args.follow:
                 return EXIT_OK
         else:
@@ -315,7 +321,8 @@ async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
             known_base = base is not None or entries[0].revision == 1
             rows = [("REV", "WRITTEN", "AUTHOR", "INCARNATION", "OUTCOME", "CHANGES")]
             for entry in entries:
-                rows += history_rows(entry, previous, by_revision.get(entry.revision, []), known_base, wide(args))
+                answers = by_revision.get(entry.revision, [])
+                rows += history_rows(entry, previous, answers, known_base, wide(args), trusted=trusted)
                 previous = entry.config if isinstance(entry, Revision) else None
                 known_base = previous is not None
             output.print_table(rows, out, full=wide(args))
@@ -323,7 +330,7 @@ async def cmd_history(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_OK
         seen_outcomes = {(o.revision, o.incarnation, o.at) for os_ in by_revision.values() for o in os_}
         last = entries[-1]
-        await _follow(w, args.run, last, seen_outcomes, out, as_json=wants_json(args))
+        await _follow(w, args.run, last, seen_outcomes, out, as_json=wants_json(args), trusted=trusted)
     return EXIT_OK
 
 
@@ -334,10 +341,13 @@ def _by_revision(outcomes: list[Outcome]) -> dict[int, list[Outcome]]:
     return found
 
 
-def _history_json(entry: Revision | CorruptEntry, by_revision: dict[int, list[Outcome]]) -> dict[str, Any]:
+def _history_json(
+    entry: Revision | CorruptEntry, by_revision: dict[int, list[Outcome]], trusted: TrustedKeys | None = None
+) -> dict[str, Any]:
     answers = by_revision.get(entry.revision, [])
     return {
         "revision": to_dict(entry) if isinstance(entry, Revision) else None,
+        "signature": signature_of(entry, answers, trusted) if isinstance(entry, Revision) else None,
         "unreadable": None if isinstance(entry, Revision) else {"revision": entry.revision, "reason": entry.reason},
         "outcome": to_dict(answers[-1]) if answers else None,
         "outcomes": [to_dict(o) for o in answers],
@@ -351,10 +361,13 @@ def history_rows(
     answers: list[Outcome],
     known_base: bool,
     full: bool,
+    *,
+    trusted: TrustedKeys | None = None,
 ) -> list[tuple[str, str, str, str, str, str]]:
-    """The table rows of one revision: one per outcome (a revision answered by two incarnations has two)."""
+    """The table rows of one revision: one per outcome (a revision answered by two incarnations has two). The
+    author says who signed it, when it is signed (see :func:`weavelet_core.cli.signed.author_text`)."""
     if isinstance(entry, Revision):
-        written, author = output.format_time(entry.created_at), entry.author or "?"
+        written, author = output.format_time(entry.created_at), author_text(entry, answers, trusted)
         changes = (
             output.describe_changes(previous or {}, entry.config)
             if known_base
@@ -388,8 +401,10 @@ async def _follow(
     out: TextIO,
     *,
     as_json: bool,
+    trusted: TrustedKeys | None = None,
 ) -> None:
-    """Print each revision written and each outcome reported from now on, a line each, until Ctrl-C."""
+    """Print each revision written and each outcome reported from now on, a line each, until Ctrl-C (a signed
+    revision's author checked against ``trusted``)."""
     newest = last.revision
     previous = last.config if isinstance(last, Revision) else None
     while True:
@@ -398,12 +413,12 @@ async def _follow(
                 continue
             newest = entry.revision
             if as_json:
-                out.write(json.dumps({"event": "revision", **_history_json(entry, {})}) + "\n")
+                out.write(json.dumps({"event": "revision", **_history_json(entry, {}, trusted)}) + "\n")
             elif isinstance(entry, Revision):
                 change = output.describe_changes(previous, entry.config)
                 out.write(
                     f"{output.format_time(entry.created_at)}  {run}: revision {entry.revision} written by "
-                    f"{entry.author or '?'}: {change}\n"
+                    f"{author_text(entry, [], trusted)}: {change}\n"
                 )
             else:
                 out.write(f"{output.format_time(time.time())}  {run}: revision {entry.revision} UNREADABLE\n")
@@ -566,6 +581,7 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
     p.add_argument(
         "-f", "--follow", action="store_true", help="then print each revision and outcome as it happens (Ctrl-C ends)"
     )
+    add_trusted_keys(p, "to verify signed revisions with, besides the trainer's own verdict")
     p.set_defaults(handler=cmd_history, is_async=True)
 
     p = subparsers.add_parser(

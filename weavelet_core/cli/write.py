@@ -21,6 +21,7 @@ from weavelet_core.cli.common import (
     CliError,
     UsageError,
     add_output,
+    add_signing,
     add_url,
     add_wait,
     is_stale,
@@ -255,8 +256,8 @@ async def cmd_set(args: argparse.Namespace, out: TextIO) -> int:
         return config
 
     async def write(w: AsyncWeaver, run: str, previous: Revision | None) -> Revision | None:
-        if planned(run, previous) is None:
-            return None  # nothing changes: write nothing
+        if planned(run, previous) is None and (previous is None or w.trusts(previous)):
+            return None  # nothing changes: write nothing (a signing writer re-signs what it cannot verify)
         if not args.force:
             await check_before_writing(w, run, changes, replace=args.replace, note=not wants_json(args))
         return await w.set(run, changes, replace=args.replace)
@@ -394,6 +395,7 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
     )
     add_selectors(p, positional=False)  # the run ids and patterns are the words without '='
     add_wait(p)
+    add_signing(p)
     p.add_argument("--replace", action="store_true", help="replace the whole config instead of merging")
     p.add_argument(
         "--force",
@@ -420,6 +422,7 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
         add_output(p)
         add_selectors(p)
         add_wait(p)
+        add_signing(p)
         p.set_defaults(handler=cmd_command, is_async=True)
 
     p = subparsers.add_parser(
@@ -438,6 +441,7 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
     add_selectors(p)
     p.add_argument("rev", metavar="REV", type=revision_number, help="the revision to return to (3 or r3)")
     add_wait(p)
+    add_signing(p)
     p.set_defaults(handler=cmd_revert, is_async=True)
 
 

@@ -143,9 +143,13 @@ class TransportConformance:
             revision=1,
             config={"lr": 0.001, "optimizer": {"name": "adam", "betas": [0.9, 0.999]}, "note": "ünïcode"},
             author="alice@host",
+            reverts=0,
+            key_id="SHA256:" + "k" * 43,  # a signed revision's fields must come back as written, or it cannot verify
+            signature="s" * 86 + "==",
         )
         await transport.put(revision)
         assert await transport.latest(run) == revision
+        assert (await transport.history(run))[-1] == revision
 
     @pytest.mark.anyio
     async def test_put_is_compare_and_set(self, transport: Transport, run: str) -> None:
