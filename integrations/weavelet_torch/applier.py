@@ -754,6 +754,8 @@ class Applier:
                 parts.append(f"checkpoint saved to {what}")
             elif key == cfg.STOP:
                 parts.append("stopping")
+            elif key == cfg.ROLLBACK:
+                continue  # the message leads with what the rollback did
             else:
                 parts.append(f"{key}: {what}")
         return ", ".join(parts)

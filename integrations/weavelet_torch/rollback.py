@@ -419,7 +419,7 @@ def perform(
         commands = applier._act(others, revision, step)
         commands[ROLLBACK] = f"failed: {reason}; send a new rollback to try again"
         return applier._verdict(
-            revision, "rejected", None, f"not rolled back, training goes on untouched: {reason}", {}, commands, ignored
+            revision, "rejected", None, "not rolled back, training goes on untouched", {}, commands, ignored
         )
 
     acted = dict(applier.acted_commands)
