@@ -160,7 +160,7 @@ def test_schema_is_small_json_and_the_same_object_until_it_changes() -> None:
     assert [o["name"] for o in schema["optimizers"]] == ["generator", "discriminator"]
     assert schema["optimizers"][0]["keys"]["lr"] == {"kind": "float", "min": 0}
     assert schema["optimizers"][0]["keys"]["betas"] == {"kind": "betas", "length": 2}
-    assert schema["commands"] == ["stop", "checkpoint"]
+    assert schema["commands"] == ["stop", "checkpoint", "rollback"]
     assert applier.apply(1, {"discriminator": {"optimizer": "adam"}}, step=1).result == "applied"
     after = applier.apply and applier.schema()
     assert after is not schema

@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
 
-from weavelet_core import exithooks
+from weavelet_core import authored, exithooks
 from weavelet_core.channel import Channel
 from weavelet_core.errors import ProtocolError, RunOwned
 from weavelet_core.ledger import OutcomeLedger
@@ -517,6 +517,21 @@ class WeaveletProcess:
         self._handed_id = newest.id
         self._handed_revision = newest
         return newest
+
+    def write(self, changes: Mapping[str, object], author: str, *, replace: bool = False) -> bool:
+        """Ask the sidecar to store a revision this trainer authored (see :mod:`weavelet_core.authored`):
+        ``changes`` merged onto the newest config, or with ``replace`` the whole config (command tokens kept).
+        ``author`` says who and why (cut to 300 characters). Never blocks, never raises; returns whether the
+        message was handed to a sidecar (a write is lost if the sidecar restarts before storing it)."""
+        channel = self._supervisor.channel
+        if channel is None:
+            return False
+        try:
+            channel.to_sidecar.put(json.dumps(authored.write_message(changes, author, replace=replace)).encode())
+        except Exception as exc:
+            log.error("weavelet: run %r: cannot hand a revision to the sidecar: %s", self.run, exc)
+            return False
+        return True
 
     def report_outcome(
         self,

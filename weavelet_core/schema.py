@@ -26,7 +26,7 @@ Schema format (version :data:`SCHEMA_VERSION`), a JSON object::
                                         # when its factory takes any keyword
       "flags": ["capturable", ...],     # implementation flags: never set remotely
       "handlers": ["grad_clip_val"],    # keys of the script's own (values checked by the trainer only)
-      "commands": ["checkpoint", "stop"],
+      "commands": ["stop", "checkpoint", "rollback"],
       "allow": null                     # the allow-list of remotely settable keys, or null (the default set)
     }
 
@@ -51,9 +51,14 @@ PARAM_GROUPS = "param_groups"
 LR_SCALE = "lr_scale"
 STOP = "stop"
 CHECKPOINT = "checkpoint"
-COMMANDS = (STOP, CHECKPOINT)
+ROLLBACK = "rollback"
+COMMANDS = (STOP, CHECKPOINT, ROLLBACK)
 TOKEN_MAX_CHARS = 200
 """Longest command token string (and incarnation id) accepted."""
+ROLLBACK_TARGETS = ("latest", "snapshot")
+"""The named targets of a ``rollback`` command's ``to``; besides these, a step (an integer >= 0) or a path."""
+PATH_MAX_CHARS = 1000
+"""Longest checkpoint path a ``rollback`` command's ``to`` may name."""
 
 RESERVED = frozenset({OPTIMIZER, PARAM_GROUPS, LR_SCALE, *COMMANDS, "name"})
 """Names an optimizer of a job (``optimizers={...}``) or a handler key may not take."""
@@ -263,13 +268,19 @@ def check_command(key: str, value: object) -> None:
         return
     example = '{"token": "2", "incarnation": "<the trainer incarnation id>"}'
     if isinstance(value, Mapping):
-        extra = sorted(str(k) for k in value if k not in ("token", "incarnation"))[:5]
+        fields = ("token", "incarnation", "to", "set") if key == ROLLBACK else ("token", "incarnation")
+        extra = sorted(str(k) for k in value if k not in fields)[:5]
         if extra:
+            allowed = (
+                " and ".join(f'"{f}"' for f in fields) if len(fields) == 2 else ", ".join(f'"{f}"' for f in fields)
+            )
             raise ConfigProblem(
-                f'{key}: a command object has only "token" and "incarnation", got also {", ".join(extra)}; '
+                f"{key}: a command object has only {allowed}, got also {', '.join(extra)}; "
                 f"send for example {key}={example}",
                 key,
             )
+        if key == ROLLBACK:
+            check_rollback_fields(value)
         for field in ("token", "incarnation"):
             if not _short_string(value.get(field)):
                 got = value.get(field)
@@ -285,6 +296,40 @@ def check_command(key: str, value: object) -> None:
         f"{type(value).__name__}; send for example {key}=true, or a new number each time ({key}=2)",
         key,
     )
+
+
+def check_rollback_fields(value: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigProblem` unless a ``rollback`` command object's ``to`` and ``set`` are usable.
+
+    ``to`` (default ``"latest"``): ``"latest"``, ``"snapshot"``, a step (an integer >= 0: the newest checkpoint at
+    or before it) or a checkpoint path (a string of at most :data:`PATH_MAX_CHARS` characters, on the trainer's
+    machine). ``set`` (default none): an object of changes applied on top of the restored checkpoint's config,
+    without commands.
+    """
+    to = value.get("to", "latest")
+    if isinstance(to, bool) or not (
+        (isinstance(to, int) and to >= 0) or (isinstance(to, str) and 0 < len(to) <= PATH_MAX_CHARS)
+    ):
+        raise ConfigProblem(
+            f'{ROLLBACK}: "to" must be "latest", "snapshot", a step (an integer >= 0) or a checkpoint path of at '
+            f"most {PATH_MAX_CHARS} characters, got {_show(to)}; send for example --to latest",
+            ROLLBACK,
+        )
+    changes = value.get("set")
+    if changes is None:
+        return
+    if not isinstance(changes, Mapping):
+        raise ConfigProblem(
+            f'{ROLLBACK}: "set" must be an object of changes such as {{"lr_scale": 0.5}}, got {_show(changes)}',
+            ROLLBACK,
+        )
+    commands = sorted(str(k) for k in changes if str(k).partition(".")[0] in COMMANDS)
+    if commands:
+        raise ConfigProblem(
+            f"{ROLLBACK}: the changes applied after a rollback cannot hold commands ({', '.join(commands)}); "
+            "send them as their own command",
+            ROLLBACK,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- values
@@ -706,13 +751,17 @@ __all__ = [
     "COMMANDS",
     "KEY_ALIASES",
     "NON_NEGATIVE",
+    "PATH_MAX_CHARS",
     "RESERVED",
+    "ROLLBACK",
+    "ROLLBACK_TARGETS",
     "SCHEMA_VERSION",
     "UNIT_INTERVAL",
     "ConfigProblem",
     "check",
     "check_command",
     "check_optimizer_names",
+    "check_rollback_fields",
     "check_scale",
     "check_value",
     "flatten",

@@ -48,7 +48,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from weavelet_core import signing
+from weavelet_core import authored, signing
 from weavelet_core.channel import Channel, reader_fileno
 from weavelet_core.errors import (
     AuthenticationFailed,
@@ -143,6 +143,7 @@ class Sidecar:
         self.last_outcome_seen: dict[str, Any] | None = None
         self._trusted = signing.TrustedKeys.from_lines(config.trusted_keys) if config.trusted_keys else None
         self._refused: dict[str, Any] | None = None  # the newest revision refused for its signature, for the status
+        self.writes: list[dict[str, Any]] = []  # revisions the trainer asked to store (see weavelet_core.authored)
 
     # -- entry -----------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -252,6 +253,10 @@ class Sidecar:
                 self.final_state = "failed" if message.get("state") == "failed" else "stopped"
                 text = message.get("message")
                 self.final_message = truncate(text) if isinstance(text, str) else None
+            elif kind == "write":
+                assert isinstance(message, dict)
+                self.writes = [*self.writes, message][-authored.MAX_PENDING_WRITES :]
+                self._kick.set()
             elif kind == "stop":
                 assert isinstance(message, dict)
                 timeout = float(message.get("timeout", SIGNAL_FINAL_TIMEOUT))
@@ -669,6 +674,9 @@ class Sidecar:
             if seq is not None:
                 self.channel.outcome_ack.value = seq
             await anyio.lowlevel.checkpoint()
+        while self.writes:  # revisions the trainer authored (a rollback's rewrite, the spike guard's commands)
+            await authored.write(transport, self.run_id, self.writes[0])
+            self.writes.pop(0)
 
     def _drop_outcome(self, outcome: Outcome, exc: BaseException) -> None:
         log.error(

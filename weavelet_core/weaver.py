@@ -35,6 +35,7 @@ from weavelet_core import signing
 from weavelet_core.errors import CorruptEntry, RevisionConflict, RunEnded, TransportUnavailable, WaitTimeout
 from weavelet_core.plugins import default_url, mask_password, open_transport
 from weavelet_core.protocol import JsonObject, Outcome, Revision, Status, validate_run_id
+from weavelet_core.schema import check_rollback_fields as schema_check_rollback
 from weavelet_core.transport import Entry, Transport
 
 T = TypeVar("T")
@@ -332,7 +333,13 @@ class AsyncWeaver:
                 delay = min(delay * 2, 0.5)
 
     async def command(
-        self, run: str, name: str, *, wait: float | None = None, incarnation: str | None = None
+        self,
+        run: str,
+        name: str,
+        *,
+        wait: float | None = None,
+        incarnation: str | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> Revision | Outcome:
         """Send the command ``name`` (``"stop"``, ``"checkpoint"``, ...) to the run's live incarnation.
 
@@ -341,6 +348,7 @@ class AsyncWeaver:
         unreadable newest entry (merged onto the newest readable config). ``incarnation`` names it
         explicitly; by default it is read from the run's status. Raises :class:`~weavelet_core.RunEnded` when
         the run has no live incarnation (nothing would act on the command). ``wait`` as in :meth:`set`.
+        ``fields``: more fields of the command object (``rollback``'s ``to`` and ``set``; see :meth:`rollback`).
         """
         validate_run_id(run)
         if not isinstance(name, str) or not name:
@@ -350,12 +358,51 @@ class AsyncWeaver:
             if status is None or not status.live or not status.incarnation or status.stale():
                 raise RunEnded(_not_live(run, status, f"a {name} command would act in no incarnation", command=True))
             incarnation = status.incarnation
-        token = {"token": secrets.token_hex(COMMAND_TOKEN_BYTES), "incarnation": incarnation}
+        token: dict[str, Any] = {
+            **dict(fields or {}),
+            "token": secrets.token_hex(COMMAND_TOKEN_BYTES),
+            "incarnation": incarnation,
+        }
         # The emergency brake works over an unreadable newest entry too: merged onto the newest readable config.
         # The token replaces the command's value whole: a stray field from an earlier write cannot disable it.
         if wait is None:
             return await self.set(run, {name: token}, over_unreadable=True, whole=(name,))
         return await self.set(run, {name: token}, wait=wait, over_unreadable=True, whole=(name,))
+
+    async def rollback(
+        self,
+        run: str,
+        to: str | int = "latest",
+        changes: Mapping[str, Any] | None = None,
+        *,
+        wait: float | None = None,
+        incarnation: str | None = None,
+    ) -> Revision | Outcome:
+        """Ask the run's live incarnation to roll back to a checkpoint in place, then apply ``changes`` on top.
+
+        Writes the command ``{"rollback": {"token", "incarnation", "to", "set"}}`` (see :meth:`command`): at its
+        next optimizer-step boundary the trainer restores the model, every optimizer and scheduler (and the
+        GradScaler, and weavelet's own state) from the checkpoint, applies ``changes`` and rewrites the desired
+        config to the checkpoint's plus ``changes`` (so a bad value written after the checkpoint does not come
+        back). The step counter and the data position keep moving forward.
+
+        :param to: ``"latest"`` (default: the newest checkpoint of the run), ``"snapshot"`` (the newest in-memory
+            snapshot), a step (``int`` >= 0: the newest checkpoint at or before it) or a checkpoint path on the
+            trainer's machine.
+        :param changes: keys to set after restoring (``{"lr_scale": 0.5}``), as in :meth:`set`; no commands.
+        :param wait: seconds to wait for the outcome (then an :class:`Outcome` is returned; its ``detail``
+            holds ``rollback``: the checkpoint's path, its step and the step the rollback took effect at).
+        :raises ValueError: for a bad ``to`` or ``changes`` (nothing written).
+        :raises RunEnded: when the run has no live incarnation.
+        """
+        fields: dict[str, Any] = {"to": to}
+        if changes:
+            fields["set"] = dict(changes)
+        try:
+            schema_check_rollback(fields)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (nothing was written)") from None
+        return await self.command(run, "rollback", wait=wait, incarnation=incarnation, fields=fields)
 
     async def wait(self, run: str, revision: int, *, timeout: float, revision_id: str | None = None) -> Outcome:
         """Wait up to ``timeout`` seconds for the outcome of ``revision`` and return it.
@@ -744,6 +791,18 @@ class Weaver:
     ) -> Revision | Outcome:
         """See :meth:`AsyncWeaver.command`."""
         return self._portal.call(lambda: self._async.command(run, name, wait=wait, incarnation=incarnation))
+
+    def rollback(
+        self,
+        run: str,
+        to: str | int = "latest",
+        changes: Mapping[str, Any] | None = None,
+        *,
+        wait: float | None = None,
+        incarnation: str | None = None,
+    ) -> Revision | Outcome:
+        """See :meth:`AsyncWeaver.rollback`."""
+        return self._portal.call(lambda: self._async.rollback(run, to, changes, wait=wait, incarnation=incarnation))
 
     def get(self, run: str) -> Revision | None:
         return self._portal.call(self._async.get, run)

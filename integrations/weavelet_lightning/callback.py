@@ -14,9 +14,13 @@ from weavelet_core.protocol import validate_run_id
 from weavelet_core.schema import check_optimizer_names
 from weavelet_lightning import _compat
 from weavelet_lightning.host import LightningHost
+from weavelet_lightning.restore import LightningRestorer
 from weavelet_torch.applier import Applier, F, Validator, Verdict
 from weavelet_torch.attach import KEPT_VERDICTS
+from weavelet_torch.guard import SpikeGuard
 from weavelet_torch.link import RUN_ENV, Link
+from weavelet_torch.rollback import SnapshotRing
+from weavelet_torch.watch import StepWatch
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback as _CallbackBase
@@ -66,8 +70,15 @@ class WeaveletCallback(_CallbackBase):
     :param labels: ``key: value`` strings published in the run's status, for choosing runs
         (``weavelet stop -l sweep=3``); default none. Keys and values are non-empty strings of at most 64
         characters (else ``ValueError`` when the fit starts).
+    :param snapshot_every: keep an in-memory snapshot of model, optimizers, schedulers and scaler every this many
+        optimizer steps, for ``weavelet rollback RUN --to snapshot`` (default ``None``: none). Memory: see
+        :class:`~weavelet_torch.rollback.SnapshotRing`.
+    :param snapshot_keep: how many snapshots are kept (default 2; the newest is used).
+    :param spike_guard: a :class:`~weavelet_torch.SpikeGuard` that rolls back by itself on a loss spike (default
+        ``None``: off). It reads the loss the training step returns.
     :raises ValueError: for a bad ``fresh``, ``check_every_n_steps``, run id, ``optimizers`` (names must be
-        identifiers, indexes distinct integers >= 0) or both ``optimizers`` and ``optimizer_index``;
+        identifiers, indexes distinct integers >= 0), both ``optimizers`` and ``optimizer_index``, or
+        ``snapshot_every``/``snapshot_keep`` below 1;
         :class:`~weavelet_core.UnknownTransport` for a URL no transport handles.
 
     Two callbacks in one Trainer work when they steer different optimizers and report to different runs; two
@@ -99,6 +110,9 @@ class WeaveletCallback(_CallbackBase):
         takeover: bool = False,
         process_options: Mapping[str, Any] | None = None,
         labels: Mapping[str, str] | None = None,
+        snapshot_every: int | None = None,
+        snapshot_keep: int = 2,
+        spike_guard: SpikeGuard | None = None,
     ) -> None:
         super().__init__()
         if fresh not in ("reset", "adopt"):
@@ -120,6 +134,15 @@ class WeaveletCallback(_CallbackBase):
         indexes = _check_optimizers(optimizers, optimizer_index)
         self.host = LightningHost(optimizer_index, checkpoint_dir, indexes=indexes)
         self.applier = Applier(self.host, allow=allow)
+        self.applier.restorer = restorer = LightningRestorer(self.host, self.state_key)
+        if snapshot_every is not None:
+            restorer.snapshots = SnapshotRing(snapshot_every, snapshot_keep)
+        self.spike_guard = spike_guard
+        self._watch = (
+            StepWatch(self.applier, lambda: self.link, spike_guard)
+            if spike_guard is not None or snapshot_every is not None
+            else None
+        )
         self.link: Link | None = None
         #: The newest verdicts, at most ``KEPT_VERDICTS`` (older ones are in the run's history).
         self.verdicts: collections.deque[Verdict] = collections.deque(maxlen=KEPT_VERDICTS)
@@ -275,6 +298,8 @@ class WeaveletCallback(_CallbackBase):
         self._last_step = step
         if step % self.check_every_n_steps == 0:
             self._check(trainer)
+        if self._watch is not None:  # snapshots, spike guard: off unless asked for
+            self._watch(step, outputs)
         link = self.link
         if link is not None and link.report_due():
             self._report(trainer, outputs=outputs)
@@ -312,6 +337,7 @@ class WeaveletCallback(_CallbackBase):
         self.verdicts.append(verdict)
         if self.link is not None:
             self.link.settle(verdict, self.applier)
+        self.applier.rewrite = None  # rank 0's link wrote it; the other ranks have nothing to write
 
     def _report(self, trainer: Any, *, outputs: Any = None, force: bool = False) -> None:
         link = self.link

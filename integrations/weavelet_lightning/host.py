@@ -98,12 +98,18 @@ class LightningHost(OptimizerHost):
         optimizers[index] = optimizer
         strategy.optimizers = optimizers
 
-    def save_checkpoint(self, name: str) -> str:
-        trainer = self.trainer
+    def checkpoint_directory(self) -> str | os.PathLike[str]:
+        """Where the ``checkpoint`` command saves: ``checkpoint_dir``, else the ``ModelCheckpoint`` directory,
+        else ``<default_root_dir>/checkpoints``."""
         directory = self.checkpoint_dir
         if directory is None:
-            callback = getattr(trainer, "checkpoint_callback", None)
-            directory = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+            callback = getattr(self.trainer, "checkpoint_callback", None)
+            directory = getattr(callback, "dirpath", None) or os.path.join(self.trainer.default_root_dir, "checkpoints")
+        return directory
+
+    def save_checkpoint(self, name: str) -> str:
+        trainer = self.trainer
+        directory = self.checkpoint_directory()
         # The run id is in the name: two runs saving into one directory never overwrite each other.
         if self.run and not name.startswith(self.run):
             name = f"{self.run}-{name}"

@@ -19,6 +19,7 @@ from weavelet_torch.applier import Applier, Verdict
 from weavelet_torch.attach import Attachment, LoopHost, attach
 from weavelet_torch.config import COMMANDS
 from weavelet_torch.errors import Rejected
+from weavelet_torch.guard import SpikeGuard
 from weavelet_torch.host import OptimizerHost
 from weavelet_torch.optimizers import OptimizerChoice, known_optimizers
 
@@ -30,6 +31,7 @@ __all__ = [
     "OptimizerChoice",
     "OptimizerHost",
     "Rejected",
+    "SpikeGuard",
     "Verdict",
     "attach",
     "known_optimizers",

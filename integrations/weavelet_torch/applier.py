@@ -2,10 +2,10 @@
 
 The order of an apply, and what a failure at each point leaves behind:
 
-1. **Commands** (``stop``, ``checkpoint``) are read first and kept apart from the config: a command whose token
-   is new acts in this apply whatever becomes of the rest of the revision (the emergency brake), once. Its
-   token is recorded in :attr:`Applier.acted_commands` (part of :meth:`Applier.state_dict`), not in the applied
-   config, so fixing a rejected key later does not make it act again.
+1. **Commands** (``stop``, ``checkpoint``, ``rollback``) are read first and kept apart from the config: a
+   command whose token is new acts in this apply whatever becomes of the rest of the revision (the emergency
+   brake), once. Its token is recorded in :attr:`Applier.acted_commands` (part of :meth:`Applier.state_dict`),
+   not in the applied config, so fixing a rejected key later does not make it act again.
 2. **Validate** the whole config against the optimizer it asks for: key names (the allow-list, unknown keys
    with a suggestion), value types and ranges, param-group indexes, the optimizer name, whether this loop can
    switch optimizer types, user validators, and the values' combination (the target optimizer's own
@@ -39,6 +39,7 @@ import torch
 
 from weavelet_core import schema as core_schema
 from weavelet_torch import config as cfg
+from weavelet_torch import rollback
 from weavelet_torch.errors import Rejected
 from weavelet_torch.host import OptimizerHost
 from weavelet_torch.optimizers import (
@@ -52,6 +53,7 @@ from weavelet_torch.optimizers import (
     name_of,
     resolve,
 )
+from weavelet_torch.rollback import Restorer
 from weavelet_torch.schedulers import (
     Snapshot,
     check_rebind,
@@ -322,6 +324,10 @@ class Applier:
         """The optimizer types a loaded state recorded (``{"": "adam"}`` for one optimizer, else by name)."""
         self._types_schema: dict[str, Any] | None = None
         self._schema: dict[str, Any] | None = None
+        self.restorer: Restorer | None = None
+        """How this loop rolls back to a checkpoint (set by the integration; ``None``: it cannot)."""
+        self.rewrite: dict[str, Any] | None = None
+        """After a rollback: the flat config to write back as the run's desired config (the integration takes it)."""
 
     # ----------------------------------------------------------------- configuration
 
@@ -612,6 +618,8 @@ class Applier:
         source = flat if flat is not None else self._command_source(config)
         self._track_origins(revision, source)
         acting, command_problems, ignored = self._read_commands(source, baseline=baseline)
+        if cfg.ROLLBACK in acting:  # the checkpoint's config plus the command's changes replace the revision's
+            return rollback.perform(self, revision, acting, ignored, step)
         problems.extend(command_problems)
 
         plans: list[_Plan] = []
@@ -746,6 +754,8 @@ class Applier:
                 parts.append(f"checkpoint saved to {what}")
             elif key == cfg.STOP:
                 parts.append("stopping")
+            elif key == cfg.ROLLBACK:
+                continue  # the message leads with what the rollback did
             else:
                 parts.append(f"{key}: {what}")
         return ", ".join(parts)

@@ -30,9 +30,13 @@ import torch
 
 from weavelet_core.schema import check_optimizer_names
 from weavelet_torch.applier import Applier, F, Validator, Verdict
+from weavelet_torch.guard import SpikeGuard
 from weavelet_torch.host import OptimizerHost
 from weavelet_torch.link import Link
+from weavelet_torch.loop_restore import LoopRestorer
+from weavelet_torch.rollback import LoadFn, SnapshotRing
 from weavelet_torch.schedulers import walk
+from weavelet_torch.watch import StepWatch
 
 KEPT_VERDICTS = 64
 """How many verdicts :attr:`Attachment.verdicts` keeps (memory stays flat however many revisions arrive)."""
@@ -191,6 +195,11 @@ class Attachment:
         takeover: bool = False,
         process_options: Mapping[str, Any] | None = None,
         labels: Mapping[str, str] | None = None,
+        load: LoadFn | None = None,
+        scaler: Any = None,
+        snapshot_every: int | None = None,
+        snapshot_keep: int = 2,
+        spike_guard: SpikeGuard | None = None,
     ) -> None:
         self.link = Link(
             run,
@@ -209,6 +218,27 @@ class Attachment:
             save = self._save_default
         self.host = LoopHost(optimizer, schedulers, save_checkpoint=save)
         self.applier = Applier(self.host, allow=allow)
+        self._scaler = scaler
+        self.restorer: LoopRestorer | None = None
+        if model is not None or load is not None:
+            self.restorer = LoopRestorer(
+                self.host,
+                model=model,
+                load=load,
+                directory=self._directory,
+                scaler=scaler,
+                saved=lambda: self.applier.last_checkpoint,
+            )
+            if snapshot_every is not None:
+                self.restorer.snapshots = SnapshotRing(snapshot_every, snapshot_keep)
+        elif snapshot_every is not None:
+            raise ValueError("snapshot_every needs attach(model=...): a snapshot copies the model's state")
+        self.applier.restorer = self.restorer
+        self._watch = (
+            StepWatch(self.applier, lambda: self.link, spike_guard)
+            if spike_guard is not None or snapshot_every is not None
+            else None
+        )
         self._step = 0
         self._resume = state is not None
         #: The newest verdicts, at most :data:`KEPT_VERDICTS` (older ones are in the run's history).
@@ -289,6 +319,8 @@ class Attachment:
             )
             self.verdicts.append(verdict)
             self.link.settle(verdict, self.applier)
+        if self._watch is not None:  # snapshots, spike guard: off unless asked for
+            self._watch(step, loss)
         if self.link.report_due():
             values = dict(metrics or {})
             if loss is not None:
@@ -310,8 +342,11 @@ class Attachment:
 
     # ----------------------------------------------------------------- internals
 
+    def _directory(self) -> Path:
+        return self._checkpoint_dir or Path.cwd() / "weavelet-checkpoints" / self.run
+
     def _save_default(self, name: str) -> str:
-        directory = self._checkpoint_dir or Path.cwd() / "weavelet-checkpoints" / self.run
+        directory = self._directory()
         directory.mkdir(parents=True, exist_ok=True)
         # The run id is in the name: two runs saving into one directory never overwrite each other.
         path = directory / f"{name if name.startswith(self.run) else f'{self.run}-{name}'}.pt"
@@ -322,6 +357,7 @@ class Attachment:
             "optimizer": self.optimizer.state_dict() if not self.host.optimizer_names() else None,
             "schedulers": [s.state_dict() for s in self.host.schedulers()],
             "weavelet": self.state_dict(),
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
         }
         if self.host.optimizer_names():
             payload["optimizers"] = {name: o.state_dict() for name, o in self.host.optimizers.items()}
@@ -356,6 +392,11 @@ def attach(
     takeover: bool = False,
     process_options: Mapping[str, Any] | None = None,
     labels: Mapping[str, str] | None = None,
+    load: LoadFn | None = None,
+    scaler: Any = None,
+    snapshot_every: int | None = None,
+    snapshot_keep: int = 2,
+    spike_guard: SpikeGuard | None = None,
 ) -> Attachment:
     """Make a plain training loop remotely reconfigurable; use the result as a context manager.
 
@@ -390,11 +431,22 @@ def attach(
         (``weavelet stop -l sweep=3``); default none. Keys and values are non-empty strings of at most 64
         characters (else ``ValueError`` at start).
 
+    :param load: ``load(path) -> weavelet state or None``: restores a checkpoint your own way for the ``rollback``
+        command (raise before changing anything when it does not fit). Without it, ``model`` enables rollback to
+        the checkpoints the ``checkpoint`` command saved (read with ``torch.load(weights_only=True)``, checked
+        against the model and optimizers, then restored).
+    :param scaler: the AMP ``GradScaler``: saved with checkpoints and restored by a rollback.
+    :param snapshot_every: keep an in-memory snapshot every this many steps for ``rollback --to snapshot``
+        (needs ``model``; default ``None``: none); ``snapshot_keep`` (default 2) of them. Memory: see
+        :class:`~weavelet_torch.rollback.SnapshotRing`.
+    :param spike_guard: a :class:`~weavelet_torch.SpikeGuard` that rolls back by itself on a loss spike (it reads
+        the ``loss`` given to :meth:`Attachment.poll`); default ``None``: off.
+
     Leaving the ``with`` block by an exception ends the run ``failed``, with the exception in its status.
 
     :raises TypeError: for an optimizer that is not a ``torch.optim.Optimizer``.
     :raises ValueError: for bad optimizer names or schedulers that drive none of the optimizers (see
-        :class:`LoopHost`).
+        :class:`LoopHost`), or ``snapshot_every`` without ``model``.
     """
     return Attachment(
         optimizer,
@@ -412,4 +464,9 @@ def attach(
         takeover=takeover,
         process_options=process_options,
         labels=labels,
+        load=load,
+        scaler=scaler,
+        snapshot_every=snapshot_every,
+        snapshot_keep=snapshot_keep,
+        spike_guard=spike_guard,
     )

@@ -9,7 +9,7 @@ any hyperparameter of the optimizer (``lr``, ``momentum``, ``weight_decay``, ``b
     applied to every param group.
 ``param_groups.<i>.<key>`` (or ``{"param_groups": {"<i>": {"<key>": value}}}``, or a list)
     applied to param group ``i`` only; it wins over the same key given for all groups.
-``stop`` and ``checkpoint``
+``stop``, ``checkpoint`` and ``rollback``
     commands; see :data:`COMMANDS`. A command's value is a token: ``true``, a number, a short string, or an
     object ``{"token": "<string>", "incarnation": "<id>"}`` that acts only in that trainer incarnation.
 ``lr_scale``
@@ -31,10 +31,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from weavelet_core import schema as _schema
-from weavelet_core.schema import CHECKPOINT, LR_SCALE, OPTIMIZER, PARAM_GROUPS, STOP, TOKEN_MAX_CHARS, group_key
+from weavelet_core.schema import (
+    CHECKPOINT,
+    LR_SCALE,
+    OPTIMIZER,
+    PARAM_GROUPS,
+    ROLLBACK,
+    STOP,
+    TOKEN_MAX_CHARS,
+    group_key,
+)
 from weavelet_torch.errors import Rejected
 
-COMMANDS = (STOP, CHECKPOINT)
+COMMANDS = (STOP, CHECKPOINT, ROLLBACK)
 """Commands act once each time their value changes to something other than ``false``/``null``.
 
 They are the emergency brake: a command acts even when other keys of the same revision are rejected, and its
@@ -53,6 +62,7 @@ __all__ = [
     "LR_SCALE",
     "OPTIMIZER",
     "PARAM_GROUPS",
+    "ROLLBACK",
     "STOP",
     "TOKEN_MAX_CHARS",
     "check_command",

@@ -154,7 +154,21 @@ class Link:
         process.report_outcome(
             verdict.revision, verdict.result, step=verdict.step, message=verdict.message, detail=verdict.detail
         )
+        rewrite, applier.rewrite = applier.rewrite, None
+        if rewrite is not None:  # after a rollback: the desired config becomes what the trainer now runs with
+            process.write(
+                rewrite,
+                f"weavelet rollback of revision {verdict.revision} (incarnation {process.incarnation}): the "
+                "checkpoint's config plus the rollback's changes",
+                replace=True,
+            )
         process.report(optimizer=applier.describe(), schema=applier.schema())
+
+    def write(self, changes: Mapping[str, Any], author: str, *, replace: bool = False) -> bool:
+        """Have the sidecar store a revision this trainer authored (see :meth:`WeaveletProcess.write`); ``False``
+        when not started."""
+        process = self.process
+        return process is not None and process.write(changes, author, replace=replace)
 
     def report_due(self) -> bool:
         """Whether a status snapshot is due (lets callers skip gathering metrics)."""

@@ -1,9 +1,10 @@
 """The ``weavelet`` command line.
 
-``weavelet [--url URL] COMMAND ...``: ``set``, ``checkpoint``, ``stop``, ``revert`` (:mod:`.write`); ``get``,
-``status``, ``history``, ``runs``, ``diff``, ``watch`` (:mod:`.read`); ``rm``, ``prune`` (:mod:`.housekeeping`);
-``top`` (:mod:`.top`); ``plugins``, ``help``, ``completion`` (:mod:`.meta`); and the commands plugins add through
-the ``weavelet_subcommands`` hook (``server`` from ``weavelet_nats``, ``demo`` from ``weavelet_lightning``).
+``weavelet [--url URL] COMMAND ...``: ``set``, ``checkpoint``, ``stop``, ``rollback``, ``revert``
+(:mod:`.write`); ``get``, ``status``, ``history``, ``runs``, ``diff``, ``watch`` (:mod:`.read`); ``rm``,
+``prune`` (:mod:`.housekeeping`); ``top`` (:mod:`.top`); ``plugins``, ``help``, ``completion`` (:mod:`.meta`); and
+the commands plugins add through the ``weavelet_subcommands`` hook (``server`` from ``weavelet_nats``, ``demo``
+from ``weavelet_lightning``).
 Printing is in :mod:`.output`, the parser and ``main`` in :mod:`.app`. The transport URL is ``--url``, else
 ``WEAVELET_URL``, else the per-user ``file://`` directory. ``keygen`` (:mod:`.keys`) makes signing keys.
 

@@ -30,7 +30,7 @@ from weavelet_core.errors import WeaveletError
 from weavelet_core.plugins import LoadedSubcommand, get_registry
 
 BUILTIN_COMMANDS = (
-    "plugins", "set", "checkpoint", "stop", "revert", "get", "status", "history", "runs", "diff", "watch",
+    "plugins", "set", "checkpoint", "stop", "rollback", "revert", "get", "status", "history", "runs", "diff", "watch",
     "rm", "prune", "top", "help", "completion", "keygen",
 )  # fmt: skip
 """Commands of the core; a plugin command may not take one of these names."""

@@ -1,4 +1,5 @@
-"""Commands that write revisions: ``set``, ``checkpoint``, ``stop`` and ``revert``, on one run or many."""
+"""Commands that write revisions: ``set``, ``checkpoint``, ``stop``, ``rollback`` and ``revert``, on one run or
+many."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from weavelet_core.cli.selectors import GLOB_CHARS, add_selectors, select, singl
 from weavelet_core.cli.values import check_merge, parse_assignments
 from weavelet_core.errors import CorruptEntry, RunEnded, WaitTimeout, WeaveletError
 from weavelet_core.protocol import Outcome, Revision, to_dict, validate_run_id
+from weavelet_core.schema import PATH_MAX_CHARS, ROLLBACK_TARGETS, check_rollback_fields
 from weavelet_core.weaver import COMMAND_KEYS, AsyncWeaver, merge_config
 
 
@@ -315,6 +317,51 @@ async def cmd_command(args: argparse.Namespace, out: TextIO) -> int:
     return await run_writes(args, out, planned, write, live_only=True, tolerate_corrupt=True)
 
 
+# -- rollback ----------------------------------------------------------------------------------------------
+
+
+def rollback_target(text: str) -> str | int:
+    """``--to``: ``latest``, ``snapshot``, a step (digits) or a checkpoint path on the trainer's machine."""
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("give latest, snapshot, a step or a checkpoint path")
+    if text in ROLLBACK_TARGETS:
+        return text
+    if text.isdigit():
+        return int(text)
+    if len(text) > PATH_MAX_CHARS:
+        raise argparse.ArgumentTypeError(f"a checkpoint path has at most {PATH_MAX_CHARS} characters")
+    return text
+
+
+async def cmd_rollback(args: argparse.Namespace, out: TextIO) -> int:
+    """``weavelet rollback``: a fresh rollback token (with its target and changes) for each chosen live run."""
+    words: list[str] = args.words
+    args.runs = [w for w in words if "=" not in w]
+    changes = parse_assignments([w for w in words if "=" in w])
+    fields: dict[str, Any] = {"to": args.to}
+    if changes:
+        fields["set"] = changes
+    try:
+        check_rollback_fields(fields)
+    except ValueError as exc:
+        raise CliError(f"{exc} (nothing was written)") from None
+
+    def planned(run: str, previous: Revision | None) -> dict[str, Any] | None:
+        base = dict(previous.config) if previous else {}
+        base["rollback"] = {**fields, "token": "<fresh>", "incarnation": "<live>"}
+        return base
+
+    async def write(w: AsyncWeaver, run: str, previous: Revision | None) -> Revision | None:
+        if changes and not args.force:
+            await check_before_writing(w, run, changes, replace=False, note=not wants_json(args))
+        revision = await w.rollback(run, args.to, changes or None)
+        assert isinstance(revision, Revision)
+        return revision
+
+    return await run_writes(args, out, planned, write, live_only=True, tolerate_corrupt=True)
+
+
 # -- revert ------------------------------------------------------------------------------------------------
 
 
@@ -426,6 +473,50 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
         p.set_defaults(handler=cmd_command, is_async=True)
 
     p = subparsers.add_parser(
+        "rollback",
+        help="roll running trainers back to a checkpoint in place, then apply changes",
+        description="Ask each chosen run's live incarnation to roll back at its next optimizer step: it restores "
+        "the model, every optimizer and scheduler, the GradScaler and weavelet's state from the checkpoint, applies "
+        "the KEY=VALUE changes on top, and rewrites the desired config to the checkpoint's plus the changes (so the "
+        "value that caused a spike does not come back). The step counter and the data position keep moving "
+        "forward. A checkpoint that does not match the model is rejected and nothing changes. The outcome names "
+        "the checkpoint, its step and the step the rollback took effect at.",
+        epilog="""examples:
+  weavelet rollback demo --wait 60                       the newest checkpoint of the run
+  weavelet rollback demo --to latest lr_scale=0.5        then halve the learning-rate schedule
+  weavelet rollback demo --to 1200 grad_clip_val=0.5     the newest checkpoint at or before step 1200
+  weavelet rollback demo --to /ckpt/demo-step1000.ckpt   a file on the trainer's machine
+  weavelet rollback demo --to snapshot                   the newest in-memory snapshot (snapshot_every=N)
+""",
+        formatter_class=formatter,
+    )
+    add_url(p)
+    add_output(p)
+    p.add_argument(
+        "words",
+        metavar="RUN... [KEY=VALUE...]",
+        nargs="*",
+        help="run ids or glob patterns (none with -l or --all), then changes applied after restoring",
+    )
+    add_selectors(p, positional=False)
+    p.add_argument(
+        "--to",
+        type=rollback_target,
+        default="latest",
+        metavar="latest|snapshot|STEP|PATH",
+        help="the checkpoint: latest (default: the run's newest), snapshot (the newest in-memory one), STEP (the "
+        "newest at or before that step) or PATH (a file on the trainer's machine)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write even when the run's live trainer would reject the changes",
+    )
+    add_wait(p)
+    add_signing(p)
+    p.set_defaults(handler=cmd_rollback, is_async=True, extra_words=True)
+
+    p = subparsers.add_parser(
         "revert",
         help="undo: write a new revision equal to an earlier one",
         description="Write a new revision whose config equals revision REV's (commands keep their current "
@@ -445,4 +536,13 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
     p.set_defaults(handler=cmd_revert, is_async=True)
 
 
-__all__ = ["GLOB_CHARS", "add_parsers", "cmd_command", "cmd_revert", "cmd_set", "outcome_lines", "validate_run_id"]
+__all__ = [
+    "GLOB_CHARS",
+    "add_parsers",
+    "cmd_command",
+    "cmd_revert",
+    "cmd_rollback",
+    "cmd_set",
+    "outcome_lines",
+    "validate_run_id",
+]
