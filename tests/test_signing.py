@@ -475,3 +475,50 @@ def test_the_keys_stop_gets_through_over_an_unreadable_entry(tmp_path: Path, key
         assert stop.revision == 4
         assert loop.outcome(alice, stop).result == "applied"
         assert loop.handed[-1].config["lr"] == 0.1  # built on revision 1, not on the unsigned revision 2
+
+
+def _newest(weaver: Weaver, run: str, *, after: int, timeout: float = WAIT) -> Revision:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = weaver.get(run)
+        if latest is not None and latest.revision > after:
+            return latest
+        time.sleep(0.02)
+    raise AssertionError(f"no revision of run {run!r} after {after} in {timeout}s")
+
+
+def test_the_trainers_own_writes_are_trusted_but_never_carry_a_forgery(
+    url: str, run: str, keys: Keys, trainer: WeaveletProcess
+) -> None:
+    loop = Loop(trainer)
+    with Weaver(url, signing_key=keys.alice) as alice, Weaver(url) as anyone:
+        signed = alice.set(run, {"lr": 0.1})
+        assert loop.outcome(alice, signed).result == "applied"
+
+        # A rollback's rewrite (replace) on top of a signed revision: trusted as the trainer's own, applied.
+        assert trainer.write({"lr": 0.05}, "weavelet rollback (test)", replace=True)
+        own = _newest(anyone, run, after=signed.revision)
+        assert own.config == {"lr": 0.05}
+        assert not own.signature
+        outcome = loop.outcome(alice, own)
+        assert outcome.result == "applied", outcome
+        assert outcome.detail["signature"]["local"] is True
+
+        # A forger's revision, with a stop token for the live incarnation: refused ...
+        token = {"token": "forged", "incarnation": trainer.incarnation}
+        forged = anyone.set(run, {"lr": 9.0, "stop": token}, replace=True)
+        assert loop.outcome(alice, forged).result == "rejected"
+        # ... and the trainer's own writes never build on it: a merge is not written, a rewrite drops its tokens.
+        assert trainer.write({"lr_scale": 0.5}, "weavelet spike guard (test)")
+        assert trainer.write({"lr": 0.02}, "weavelet rollback (test)", replace=True)
+        rewrite = _newest(anyone, run, after=forged.revision)
+        assert rewrite.revision == forged.revision + 1, "the merge onto the forgery was not written"
+        assert rewrite.config == {"lr": 0.02}, "no forged token rides along"
+        assert loop.outcome(alice, rewrite).result == "applied"
+        assert not any("stop" in r.config for r in loop.handed)
+        assert trainer.state == "running"
+
+        # A stored copy of the trainer's revision changed in place is no longer its own.
+        tampered = dataclasses.replace(rewrite, revision=rewrite.revision + 1, config={"lr": 7.0})
+        put(url, tampered)
+        assert loop.outcome(alice, tampered).result == "rejected"

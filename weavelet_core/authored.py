@@ -19,7 +19,7 @@ log), and each is tried :data:`WRITE_ATTEMPTS` times against concurrent writers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -50,9 +50,22 @@ def _merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any
     return merge_config(base, changes, whole=COMMAND_KEYS)
 
 
-async def write(transport: Transport, run: str, message: Mapping[str, Any]) -> Revision | None:
+async def write(
+    transport: Transport,
+    run: str,
+    message: Mapping[str, Any],
+    *,
+    trusts: Callable[[Revision], bool] | None = None,
+    remember: Callable[[Revision], None] | None = None,
+) -> Revision | None:
     """Store ``message`` (from :func:`write_message`) as a new revision of ``run``; return it, or ``None`` when it
-    could not be written in :data:`WRITE_ATTEMPTS` compare-and-set attempts (logged). Transport errors raise."""
+    could not be written in :data:`WRITE_ATTEMPTS` compare-and-set attempts (logged). Transport errors raise.
+
+    ``trusts(revision)`` (a run that requires signed revisions) says whether the newest revision may be built on:
+    when it may not, a ``replace`` write keeps none of its command tokens, and a merge is not written (logged):
+    the trainer's own revision is trusted without a signature, so it must not carry a forger's config or token.
+    ``remember(revision)`` is called before each try to store it: a watch may deliver it before the write returns.
+    """
     changes = message.get("changes")
     author = message.get("author")
     if not isinstance(changes, Mapping) or not isinstance(author, str):
@@ -66,12 +79,25 @@ async def write(transport: Transport, run: str, message: Mapping[str, Any]) -> R
         else:
             number = latest.revision if latest is not None else 0
             base = dict(latest.config) if latest is not None else {}
+            if latest is not None and trusts is not None and not trusts(latest):
+                if not message.get("replace"):
+                    log.error(
+                        "weavelet: run %r: the trainer's revision (%s) is not written: the newest revision %d is "
+                        "not signed by a trusted key, and the trainer's own revision must not build on it",
+                        run,
+                        author,
+                        number,
+                    )
+                    return None
+                base = {}
         if message.get("replace"):
             config = {k: v for k, v in changes.items() if k not in COMMAND_KEYS}
             config.update({k: v for k, v in base.items() if k in COMMAND_KEYS})
         else:
             config = _merge(base, changes)
         revision = Revision(run=run, revision=number + 1, config=config, author=truncate(author, MAX_AUTHOR_CHARS))
+        if remember is not None:
+            remember(revision)
         try:
             await transport.put(revision)
         except RevisionConflict:

@@ -76,6 +76,8 @@ PARENT_CHECK_INTERVAL = 0.25
 RECONNECT_DELAY = (0.1, 5.0)
 ORPHAN_FINAL_TIMEOUT = 0.5
 SIGNAL_FINAL_TIMEOUT = 2.0
+MAX_OWN_REVISIONS = 64
+"""Revisions the sidecar stored for its trainer that it remembers, to trust them without a signature."""
 MAX_SUPERSEDE_SCAN = 1000
 """At most this many skipped stored revisions are checked for a missing outcome on each forward (one history
 read and one outcomes read, sized to what was skipped)."""
@@ -143,6 +145,7 @@ class Sidecar:
         self.last_outcome_seen: dict[str, Any] | None = None
         self._trusted = signing.TrustedKeys.from_lines(config.trusted_keys) if config.trusted_keys else None
         self._refused: dict[str, Any] | None = None  # the newest revision refused for its signature, for the status
+        self._own: dict[str, Revision] = {}  # revisions stored for the trainer, by id (see _is_own)
         self.writes: list[dict[str, Any]] = []  # revisions the trainer asked to store (see weavelet_core.authored)
 
     # -- entry -----------------------------------------------------------------------------------------
@@ -460,6 +463,7 @@ class Sidecar:
                 config={},
                 author=f"weavelet (fresh start of incarnation {self.config.incarnation})",
             )
+            self._remember_own(revision)  # before the put: a watch may deliver it before the put returns
             try:
                 await transport.put(revision)
             except RevisionConflict as exc:
@@ -536,11 +540,14 @@ class Sidecar:
         await self._supersede_range(transport, self.last_forwarded + 1, number)
         message: dict[str, Any] = {"t": "revision", "baseline": number == self.baseline}
         if self._trusted is not None:
-            verdict = self._trusted.verify(revision)
-            if not verdict.ok:
-                await self._refuse(transport, revision, verdict)
-                return
-            message["signature"] = verdict.detail()
+            if self._is_own(revision):
+                message["signature"] = {"verified": True, "local": True, "key": "trainer"}
+            else:
+                verdict = self._trusted.verify(revision)
+                if not verdict.ok:
+                    await self._refuse(transport, revision, verdict)
+                    return
+                message["signature"] = verdict.detail()
         try:
             encode(revision)
             data = json.dumps({**message, "revision": to_dict(revision)}, ensure_ascii=False).encode()
@@ -559,6 +566,23 @@ class Sidecar:
         else:
             self.channel.forward(data)
         self.last_forwarded = number
+
+    def _is_own(self, revision: Revision) -> bool:
+        """Whether ``revision`` is, field for field, one this sidecar stored for its trainer (a rollback's rewrite,
+        the spike guard's command): local, so trusted without a signature. A stored copy changed in any field is
+        not."""
+        own = self._own.get(revision.id)
+        return own is not None and own == revision
+
+    def _trusts(self, revision: Revision) -> bool:
+        """Whether a trainer-authored write may build on ``revision``: always without trusted keys; with them,
+        only on one of its own revisions or one signed by a trusted key."""
+        return self._trusted is None or self._is_own(revision) or self._trusted.verify(revision).ok
+
+    def _remember_own(self, revision: Revision) -> None:
+        self._own[revision.id] = revision
+        while len(self._own) > MAX_OWN_REVISIONS:
+            del self._own[next(iter(self._own))]
 
     async def _refuse(self, transport: Transport, revision: Revision, verdict: signing.Verdict) -> None:
         """Answer a revision whose signature does not verify ``rejected``; it never reaches the trainer."""
@@ -675,7 +699,9 @@ class Sidecar:
                 self.channel.outcome_ack.value = seq
             await anyio.lowlevel.checkpoint()
         while self.writes:  # revisions the trainer authored (a rollback's rewrite, the spike guard's commands)
-            await authored.write(transport, self.run_id, self.writes[0])
+            await authored.write(
+                transport, self.run_id, self.writes[0], trusts=self._trusts, remember=self._remember_own
+            )
             self.writes.pop(0)
 
     def _drop_outcome(self, outcome: Outcome, exc: BaseException) -> None:
