@@ -183,16 +183,36 @@ def test_swap_under_a_grad_scaler(tmp_path: Path, url: str, weaver: Weaver) -> N
     wc = WeaveletCallback(run, url)
     driver = Driver(weaver, run, {10: {"optimizer": "adam", "lr": 0.001}}, wc)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=5)
+    scales = ScaleRecorder(scaler)
     model = DemoModel()
-    fit = trainer([wc, driver], tmp_path, max_steps=40, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    fit = trainer(
+        [wc, driver, scales], tmp_path, max_steps=40, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+    )
     fit.fit(model, make_loader(make_data(1024)))
 
     verdict = wc.verdicts[0]
     assert verdict.result == "applied"
     assert verdict.step is not None
     assert {name for step, name in model.stepped if step >= verdict.step} == {"Adam"}
-    assert int(fit.optimizers[0].state[next(model.parameters())]["step"]) == 40 - verdict.step
-    assert scaler.get_scale() == 1024.0 * 2 ** (40 // 5), "the scaler skipped or lost steps around the swap"
+    # float16 may overflow now and then: the scaler then skips that step and halves its scale (torch's rule). No
+    # other step is lost around the swap: Adam took every step after it that the scaler did not skip.
+    skipped = [step for step, scale in scales.by_step.items() if scale < scales.by_step.get(step - 1, scale)]
+    assert all(scales.by_step[s] == scales.by_step[s - 1] / 2 for s in skipped), scales.by_step
+    adam_steps = int(fit.optimizers[0].state[next(model.parameters())]["step"])
+    assert adam_steps == 40 - verdict.step - sum(1 for s in skipped if s > verdict.step), (skipped, verdict.step)
+    if not skipped:
+        assert scaler.get_scale() == 1024.0 * 2 ** (40 // 5), "the scaler lost steps around the swap"
+
+
+class ScaleRecorder(pl.Callback):
+    """The GradScaler's scale after each optimizer step, by global step."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+        self.by_step: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.by_step[trainer.global_step] = self.scaler.get_scale()
 
 
 # ---------------------------------------------------------------------------------------- commands
