@@ -381,6 +381,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+"""One decoder for every payload (``json.loads`` with an option builds a new one per call)."""
+
+
+_FIELD_TABLES: dict[type[Any], tuple[frozenset[str], tuple[str, ...]]] = {}
+
+
+def _field_table(expected: type[Any]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The field names of a message type, and those without a default (computed once per type)."""
+    table = _FIELD_TABLES.get(expected)
+    if table is None:
+        fields = dataclasses.fields(expected)
+        required = tuple(
+            f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        table = _FIELD_TABLES[expected] = (frozenset(f.name for f in fields), required)
+    return table
+
+
 def decode(data: bytes | str, expected: type[M], *, max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
     """Decode untrusted ``data`` as a message of type ``expected``.
 
@@ -396,7 +415,10 @@ def decode(data: bytes | str, expected: type[M], *, max_bytes: int = MAX_PAYLOAD
     if len(data) > max_bytes:
         raise ProtocolError(f"{kind}: payload of {len(data)} bytes exceeds the {max_bytes}-byte cap", field=kind)
     try:
-        obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+        text = bytes(data).decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise ValueError("a byte order mark before the JSON")
+        obj = _JSON.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{kind}: not valid JSON ({exc})") from None
     return from_dict(obj, expected)
@@ -416,17 +438,9 @@ def from_dict(obj: object, expected: type[M]) -> M:
         raise ProtocolError(f"{kind}.v: unsupported protocol version {version!r}; {hint}", field=f"{kind}.v")
     if obj.get("kind") != kind:
         raise ProtocolError(f"{kind}.kind: expected {kind!r}, got {obj.get('kind')!r}", field=f"{kind}.kind")
-    fields = {f.name: f for f in dataclasses.fields(expected)}
-    kwargs = {}
-    for name, value in obj.items():
-        if name in ("v", "kind"):
-            continue
-        if name not in fields:
-            continue  # newer minor additions are ignored, not fatal
-        kwargs[name] = value
-    required = [
-        f.name for f in fields.values() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+    fields, required = _field_table(expected)
+    # "v" and "kind" are no fields; newer minor additions are ignored, not fatal
+    kwargs = {name: value for name, value in obj.items() if name in fields}
     for name in required:
         if name not in kwargs:
             raise ProtocolError(f"{kind}.{name}: missing", field=f"{kind}.{name}")
