@@ -65,8 +65,48 @@ def validate_run_id(run: object) -> str:
     return run
 
 
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is plain JSON made of exact built-in types, at most 32 levels deep, without NaN, infinities
+    or lone surrogates: a quick check that builds no path and makes no call per leaf. ``False`` means
+    :func:`_check_json_value` must look (it accepts a few more, such as tuples, and names the problem)."""
+    if depth > 32:
+        return False
+    kind = type(value)
+    if kind is dict or kind is list:
+        if value and depth >= 32:
+            return False  # its items would be deeper than 32 levels
+        for key, item in value.items() if kind is dict else enumerate(value):
+            if kind is dict and (type(key) is not str or not (key.isascii() or _encodes(key))):
+                return False
+            leaf = type(item)
+            if leaf is str:
+                if not (item.isascii() or _encodes(item)):
+                    return False
+            elif leaf is float:
+                if not math.isfinite(item):
+                    return False
+            elif not (item is None or leaf is bool or leaf is int or _plain_json(item, depth + 1)):
+                return False
+        return True
+    if kind is str:
+        return value.isascii() or _encodes(value)
+    if kind is float:
+        return math.isfinite(value)
+    return value is None or kind is bool or kind is int
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_json_value(value: Any, path: str, depth: int = 0) -> None:
     """Reject values that are not plain JSON (NaN, infinities, non-string keys, other types)."""
+    if depth == 0 and _plain_json(value):
+        return  # the common case, without a path per node (a trainer's status carries a schema of hundreds)
     if depth > 32:
         raise ProtocolError(f"{path}: nested more than 32 levels deep", field=path)
     if value is None or isinstance(value, (bool, int)):
