@@ -65,7 +65,7 @@ from weavelet_core.protocol import (
     lenient_revision_number,
     validate_run_id,
 )
-from weavelet_core.transport import Entry, Transport
+from weavelet_core.transport import Entry, Transport, decoding_many
 
 log = logging.getLogger(__name__)
 
@@ -629,14 +629,22 @@ class FileTransport(Transport):
     async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
         """Every run's ``status.json``, read in one worker thread (no task per run; the event loop stays free)."""
         self._check_open()
-        return await anyio.to_thread.run_sync(
-            lambda: {run: self._read(os.path.join(self._run_path(run), "status.json"), Status) for run in runs}
-        )
+
+        def read() -> dict[str, Status | None]:
+            with decoding_many():
+                return {run: self._read(os.path.join(self._run_path(run), "status.json"), Status) for run in runs}
+
+        return await anyio.to_thread.run_sync(read)
 
     async def latests(self, runs: Sequence[str]) -> dict[str, Entry | None]:
         """Every run's newest revision, read in one worker thread (an unreadable one as its ``CorruptEntry``)."""
         self._check_open()
-        return await anyio.to_thread.run_sync(lambda: {run: self._newest(run, self._run_path(run)) for run in runs})
+
+        def read() -> dict[str, Entry | None]:
+            with decoding_many():
+                return {run: self._newest(run, self._run_path(run)) for run in runs}
+
+        return await anyio.to_thread.run_sync(read)
 
     async def delete(self, run: str) -> None:
         """Remove the run's directory (under its lock, so no write interleaves). The directory is first renamed

@@ -63,7 +63,7 @@ from weavelet_core.errors import (
 )
 from weavelet_core.plugins import mask_password
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, lenient_revision_number, validate_run_id
-from weavelet_core.transport import Entry, Transport, gather_by_run
+from weavelet_core.transport import Entry, Transport, decoding_many, gather_by_run
 from weavelet_nats.url import NatsSettings, parse_url
 
 log = logging.getLogger(__name__)
@@ -944,11 +944,12 @@ class NatsTransport(Transport):
     async def _bucket_for(self, role: str, count: int) -> dict[str, _Newest] | None:
         """The bucket of ``role`` read whole (:meth:`_read_bucket`) when that costs less than reading ``count`` keys
         one by one, else ``None``: fewer than :data:`SCAN_FROM` keys, or a stream holding more than
-        :data:`SCAN_RATIO` messages per key asked for."""
+        :data:`SCAN_RATIO` messages per key asked for (unless the previous read of it is still current)."""
         if count < SCAN_FROM:
             return None
         state = await self._stream_state(role)
-        if state[1] > count * SCAN_RATIO:
+        kept = self._snapshots.get(role)
+        if state[1] > count * SCAN_RATIO and not (kept is not None and kept[0] == state):
             return None
         return await self._read_bucket(role, state)
 
@@ -971,12 +972,13 @@ class NatsTransport(Transport):
         if scan is None:
             return await gather_by_run(runs, self.status)
         found: dict[str, Status | None] = {}
-        for run, key in keys.items():
-            newest = scan.get(key)
-            if newest is None or newest.deleted:
-                found[run] = None
-            else:
-                found[run] = self._decode(newest.value, Status, f"status of run {run!r}")
+        with decoding_many():
+            for run, key in keys.items():
+                newest = scan.get(key)
+                if newest is None or newest.deleted:
+                    found[run] = None
+                else:
+                    found[run] = self._decode(newest.value, Status, f"status of run {run!r}")
         return {run: found[run] for run in runs}
 
     async def latests(self, runs: Sequence[str]) -> dict[str, Entry | None]:
@@ -998,19 +1000,20 @@ class NatsTransport(Transport):
             return await super().latests(runs)
         found: dict[str, Entry | None] = {}
         unnumbered: list[str] = []
-        for run, key in keys.items():
-            newest = scan.get(key)
-            if newest is None or newest.deleted:
-                found[run] = None
-                continue
-            entry = self._read_entry(run, newest.value, 0)
-            if isinstance(entry, CorruptEntry) and lenient_revision_number(newest.value) is None:
-                unnumbered.append(run)  # rare: numbered from the key's history, as latest() does
-                continue
-            found[run] = entry
-            seen = self._seen.get(run)
-            if seen is None or seen[1] < newest.sequence:
-                self._seen[run] = (entry.revision, newest.sequence)
+        with decoding_many():
+            for run, key in keys.items():
+                newest = scan.get(key)
+                if newest is None or newest.deleted:
+                    found[run] = None
+                    continue
+                entry = self._read_entry(run, newest.value, 0)
+                if isinstance(entry, CorruptEntry) and lenient_revision_number(newest.value) is None:
+                    unnumbered.append(run)  # rare: numbered from the key's history, as latest() does
+                    continue
+                found[run] = entry
+                seen = self._seen.get(run)
+                if seen is None or seen[1] < newest.sequence:
+                    self._seen[run] = (entry.revision, newest.sequence)
         if unnumbered:
             with self._mapped(f"read the newest revisions of {len(unnumbered)} runs", "desired"):
                 for run in unnumbered:

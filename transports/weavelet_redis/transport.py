@@ -54,7 +54,7 @@ from weavelet_core.errors import (
 )
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
 from weavelet_core.transport import Entry as StoredEntry
-from weavelet_core.transport import Transport
+from weavelet_core.transport import Transport, decoding_many
 from weavelet_redis import scripts
 from weavelet_redis.config import RedisSettings, parse_url
 from weavelet_redis.errors import translate
@@ -451,12 +451,13 @@ class RedisTransport(Transport):
                 newest: list[bytes] = await self._call(
                     action, self._newest_script(keys=[self.keys.revisions(run) for run in chunk], client=client)
                 )
-                for run, reply in zip(chunk, newest, strict=True):
-                    if not reply:
-                        found[run] = None
-                        continue
-                    shown, _, data = reply.partition(b" ")
-                    found[run] = self._decode_entry(run, int(shown), {b"data": data})
+                with decoding_many():
+                    for run, reply in zip(chunk, newest, strict=True):
+                        if not reply:
+                            found[run] = None
+                            continue
+                        shown, _, data = reply.partition(b" ")
+                        found[run] = self._decode_entry(run, int(shown), {b"data": data})
             await anyio.lowlevel.checkpoint()
         return {run: found[run] for run in runs}
 
@@ -517,8 +518,9 @@ class RedisTransport(Transport):
                 replies = await self._call(action, pipe.execute())
             else:
                 replies = await self._call(action, self._statuses_script(keys=keys, client=client))
-            for run, data in zip(chunk, replies, strict=True):
-                found[run] = self._decode(data, Status, run)
+            with decoding_many():
+                for run, data in zip(chunk, replies, strict=True):
+                    found[run] = self._decode(data, Status, run)
             await anyio.lowlevel.checkpoint()
         return {run: found[run] for run in runs}
 
