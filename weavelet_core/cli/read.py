@@ -566,9 +566,8 @@ def status_event(status: Status, *, as_json: bool, stale_for: float | None = Non
     """One ``watch`` line (or JSON object) for a status, dated ``at`` (default: its heartbeat); ``stale_for``:
     seconds without a heartbeat, when stale."""
     if as_json:
-        body: dict[str, Any] = {"event": "status", "status": to_dict(status)}
+        body: dict[str, Any] = {"event": "status", "status": to_dict(status), "stale": stale_for is not None}
         if stale_for is not None:
-            body["stale"] = True
             body["heartbeat_age"] = round(stale_for, 3)
         return json.dumps(body)
     metrics = " ".join(f"{k}={v:g}" for k, v in sorted(status.metrics.items()))
