@@ -31,3 +31,9 @@ class TestFileTransport(TransportConformance):
     async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
         assert isinstance(transport, FileTransport)
         await transport.put_raw(run, number, data)
+
+    async def write_raw_status(self, transport: Transport, run: str, data: bytes) -> None:
+        assert isinstance(transport, FileTransport)
+        path = transport._run_dir(run) / "status.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)

@@ -7,6 +7,8 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -26,7 +28,7 @@ def run_demo(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Comp
 
 
 def applied_steps(stdout: str) -> list[int]:
-    return [int(m) for m in re.findall(r"\[weaver\]  revision \d+ applied at step (\d+)", stdout)]
+    return [int(m) for m in re.findall(r"\[trainer\] revision \d+ applied at step (\d+)", stdout)]
 
 
 def test_demo_runs_to_the_end_and_writes_its_plot(tmp_path: Path, isolated_env: dict[str, str]) -> None:
@@ -40,6 +42,15 @@ def test_demo_runs_to_the_end_and_writes_its_plot(tmp_path: Path, isolated_env: 
     steps = applied_steps(out)
     assert len(steps) == 3
     assert steps == sorted(steps)
+    # Each outcome is printed once, in order with the trainer's progress lines, and nothing goes to stderr for it.
+    everything = out + done.stderr
+    for number in (1, 2, 3):
+        assert len(re.findall(rf"revision {number} (applied|rejected)", everything)) == 1, everything
+    lines = out.splitlines()
+    sent = next(i for i, line in enumerate(lines) if "weavelet set" in line and "lr=0.0005" in line)
+    applied = next(i for i, line in enumerate(lines) if line.startswith("[trainer] revision 2 applied"))
+    assert sent < applied
+    assert all("revision" not in line for line in lines if line.startswith("[weaver]") and "weavelet set" not in line)
     assert "SGD lr=0.05" in out
     assert "Adam lr=0.0005" in out
     assert re.search(r"fit ended at step (\d+) with Adam", out)
@@ -91,6 +102,45 @@ def test_without_matplotlib_the_demo_says_how_to_get_the_plot(
         'no plot: matplotlib is not installed; install it with: pip install "weavelet[plot]"' in capsys.readouterr().out
     )
     assert not (tmp_path / "p.png").exists()
+
+
+def test_the_plot_labels_every_mark_with_its_revision_and_what_it_did() -> None:
+    from weavelet_lightning import demo
+
+    decided = [
+        SimpleNamespace(revision=1, step=56, detail={"changes": {"optimizer": ["sgd", "adam"], "lr": [0.05, 0.003]}},
+                        commands={}),
+        SimpleNamespace(revision=2, step=105, detail={"changes": {"lr": [0.003, 0.0005]}}, commands={}),
+        SimpleNamespace(revision=3, step=154, detail={"changes": {}, "commands": {"stop": "stopping"}},
+                        commands={"stop": "stopping at the end of this step"}),
+        SimpleNamespace(revision=4, step=160, detail={}, commands={}),
+    ]  # fmt: skip
+    assert demo.marks(decided) == [
+        (56, "r1: optimizer sgd\u2192adam, lr 0.05\u21920.003"),
+        (105, "r2: lr 0.003\u21920.0005"),
+        (154, "r3: stop"),
+        (160, "r4: no change"),
+    ]
+
+
+def test_the_plot_draws_each_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from weavelet_lightning import demo
+
+    drawn: list[str] = []
+    original = matplotlib.axes.Axes.annotate
+
+    def annotate(self: Any, text: str, *args: Any, **kwargs: Any) -> Any:
+        drawn.append(text)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", annotate)
+    marked = [(50, "r1: lr 0.1\u21920.01"), (90, "r2: stop")]
+    demo._plot([(0, 1.0), (50, 0.5), (100, 0.2)], marked, tmp_path / "p.png", "r")
+    assert drawn == ["r1: lr 0.1\u21920.01", "r2: stop"]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_demo_module_does_not_import_torch() -> None:

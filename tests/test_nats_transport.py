@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 
 from weavelet_core import open_transport
@@ -34,6 +35,11 @@ async def _put_raw(transport: Transport, run: str, data: bytes) -> None:
     await transport._kv("desired").put(run_key(run), data)
 
 
+async def _put_raw_status(transport: Transport, run: str, data: bytes) -> None:
+    assert isinstance(transport, NatsTransport)
+    await transport._kv("status").put(run_key(run), data)
+
+
 class TestNatsTransport(TransportConformance):
     @pytest.fixture
     def transport_url(self, weavelet_nats_url: str) -> str:
@@ -41,6 +47,9 @@ class TestNatsTransport(TransportConformance):
 
     async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
         await _put_raw(transport, run, data)  # the key stores no number apart from the payload
+
+    async def write_raw_status(self, transport: Transport, run: str, data: bytes) -> None:
+        await _put_raw_status(transport, run, data)
 
 
 class TestNatsTransportWithPrefix(TransportConformance):
@@ -52,6 +61,9 @@ class TestNatsTransportWithPrefix(TransportConformance):
 
     async def write_raw_revision(self, transport: Transport, run: str, number: int, data: bytes) -> None:
         await _put_raw(transport, run, data)
+
+    async def write_raw_status(self, transport: Transport, run: str, data: bytes) -> None:
+        await _put_raw_status(transport, run, data)
 
 
 # -- URL parsing -----------------------------------------------------------------------------------------
@@ -211,8 +223,10 @@ async def test_runs_lists_every_run_every_time(weavelet_nats_server: NatsServer)
         await transport.publish_status(Status(run="c", state="running"))
         for number in range(2, 5):
             await transport.put(Revision(run="a.1", revision=number, config={}))
+        assert isinstance(transport, NatsTransport)
         started = time.monotonic()
         for attempt in range(200):
+            transport._snapshots.clear()  # read the buckets again each time, not what the last listing kept
             assert await transport.runs() == ["a.1", "b", "c"], f"listing {attempt} was incomplete"
         assert time.monotonic() - started < 20
     finally:
@@ -232,6 +246,108 @@ async def test_runs_leaves_out_deleted_keys(weavelet_nats_server: NatsServer) ->
         assert await transport.runs() == ["kept"]
     finally:
         await transport.aclose()
+
+
+async def _many(transport: Transport, runs: list[str]) -> None:
+    for index, run in enumerate(runs):
+        await transport.put(Revision(run=run, revision=1, config={"i": index}))
+        await transport.publish_status(Status(run=run, state="running", step=index))
+
+
+@pytest.mark.anyio
+async def test_a_listing_reads_each_bucket_once_and_batched_reads_reuse_it_until_a_write(
+    weavelet_nats_server: NatsServer,
+) -> None:
+    prefix = f"scan-{uuid.uuid4().hex[:6]}"
+    async with open_transport(f"{weavelet_nats_server.url}?prefix={prefix}") as transport:
+        assert isinstance(transport, NatsTransport)
+        runs = [f"r{index:03d}" for index in range(100)]
+        await _many(transport, runs)
+        await transport._kv("desired").delete(run_key(runs[0]))  # a delete marker: no revision any more
+        await transport._kv("status").delete(run_key(runs[0]))
+        await _put_raw(transport, runs[1], b"not json")  # unreadable, without a number: numbered from the history
+        assert await transport.runs() == runs[1:]
+        desired, status = transport._snapshots["desired"], transport._snapshots["status"]
+        latests = await transport.latests(runs)
+        statuses = await transport.statuses(runs)
+        assert transport._snapshots["desired"] is desired, "nothing was written: the listing's read is reused"
+        assert transport._snapshots["status"] is status
+        assert latests[runs[0]] is None
+        assert statuses[runs[0]] is None
+        broken = latests[runs[1]]
+        assert isinstance(broken, CorruptEntry)
+        assert broken.revision == 2
+        assert [latests[run].revision for run in runs[2:]] == [1] * 98  # type: ignore[union-attr]
+        # A write since: read again, and seen.
+        await transport.put(Revision(run=runs[5], revision=2, config={"new": True}))
+        newer = await transport.latests(runs)
+        assert transport._snapshots["desired"] is not desired
+        assert newer[runs[5]] is not None
+        assert newer[runs[5]].config == {"new": True}  # type: ignore[union-attr]
+        # A removal (delete purges the run's subjects: no new message) also counts as a change.
+        await transport.delete(runs[6])
+        assert (await transport.latests(runs))[runs[6]] is None
+        assert (await transport.statuses(runs))[runs[6]] is None
+        assert runs[6] not in await transport.runs()
+
+
+@pytest.mark.anyio
+async def test_few_runs_or_a_much_larger_bucket_are_read_key_by_key(
+    weavelet_nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import weavelet_nats.transport as module
+
+    prefix = f"scan-{uuid.uuid4().hex[:6]}"
+    async with open_transport(f"{weavelet_nats_server.url}?prefix={prefix}") as transport:
+        assert isinstance(transport, NatsTransport)
+        runs = [f"r{index:03d}" for index in range(60)]
+        await _many(transport, runs)
+        few = runs[: module.SCAN_FROM - 1]
+        assert [r.revision for r in (await transport.latests(few)).values()] == [1] * len(few)  # type: ignore[union-attr]
+        assert all(s is not None for s in (await transport.statuses(few)).values())
+        assert transport._snapshots == {}
+        monkeypatch.setattr(module, "SCAN_RATIO", 1)  # 60 messages in a bucket is "much larger" than 40 runs
+        many = runs[:40]
+        assert [r.revision for r in (await transport.latests(many)).values()] == [1] * 40  # type: ignore[union-attr]
+        assert transport._snapshots == {}
+        monkeypatch.setattr(module, "SCAN_RATIO", 16)
+        await transport.latests(many)
+        assert set(transport._snapshots) == {"desired"}
+
+
+@pytest.mark.anyio
+async def test_a_bucket_read_ends_while_writes_keep_coming(weavelet_nats_server: NatsServer) -> None:
+    """A scan stops at the messages the bucket held when it began: a steady writer cannot keep it going."""
+    prefix = f"scan-{uuid.uuid4().hex[:6]}"
+    url = f"{weavelet_nats_server.url}?prefix={prefix}"
+    async with open_transport(url) as transport, open_transport(url) as writer:
+        assert isinstance(transport, NatsTransport)
+        runs = [f"r{index:03d}" for index in range(200)]
+        await _many(writer, runs)
+        stop = anyio.Event()
+        written = 0
+
+        async def keep_writing(offset: int) -> None:
+            nonlocal written
+            while not stop.is_set():
+                written += 1
+                run = runs[(written + offset) % 200]
+                await writer.publish_status(Status(run=run, state="running", step=1000 + written))
+
+        async with anyio.create_task_group() as tg:
+            for offset in range(4):
+                tg.start_soon(keep_writing, offset)
+            await anyio.sleep(0.1)
+            started = time.monotonic()
+            for _ in range(5):
+                transport._snapshots.clear()
+                with anyio.fail_after(10):
+                    statuses = await transport.statuses(runs)
+                assert all(statuses[run] is not None for run in runs)
+            took = time.monotonic() - started
+            stop.set()
+        assert written > 20
+        assert took < 10
 
 
 @pytest.mark.anyio

@@ -283,3 +283,84 @@ def test_version_1_messages_are_still_read_with_the_new_fields_defaulted() -> No
     status = decode(b'{"v":1,"kind":"status","run":"r","state":"running"}', Status)
     assert (status.incarnation, status.started_at, status.keepalive, status.last_outcome) == ("", 0.0, 0.0, None)
     assert json.loads(encode(outcome))["v"] == PROTOCOL_VERSION == 2
+
+
+# -- the quick JSON check agrees with the full one ----------------------------------------------------------
+
+odd_scalars = (
+    json_scalars
+    | st.floats()  # NaN and infinities
+    | st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=2)
+    | st.builds(tuple, st.lists(st.integers(), max_size=2))
+    | st.sets(st.integers(), max_size=2)
+)
+odd_values = st.recursive(
+    odd_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=4) | st.integers() | st.just("\udcff"), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def _nested(levels: int, leaf: Any = 1) -> Any:
+    for _ in range(levels):
+        leaf = [leaf]
+    return leaf
+
+
+def _full_check(value: Any, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """What the path-naming check alone says of ``value`` (``None``: accepted)."""
+    from weavelet_core import protocol
+
+    with monkeypatch.context() as patched:
+        patched.setattr(protocol, "_plain_json", lambda value, depth=0: False)
+        try:
+            protocol._check_json_value(value, "p")
+        except ProtocolError as exc:
+            return str(exc)
+    return None
+
+
+@PROPERTY
+@given(value=odd_values | st.integers(28, 36).map(_nested) | st.integers(28, 36).map(lambda n: _nested(n, [])))
+def test_the_quick_check_accepts_only_what_the_full_check_accepts(value: Any) -> None:
+    from weavelet_core import protocol
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        expected = _full_check(value, monkeypatch)
+    try:
+        protocol._check_json_value(value, "p")
+        got = None
+    except ProtocolError as exc:
+        got = str(exc)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (_nested(32), None),
+        (_nested(31, {}), None),
+        (_nested(32, []), None),
+        (_nested(33), "nested more than 32 levels deep"),
+        (_nested(32, [1]), "nested more than 32 levels deep"),
+        ({"a": [1.5, math.inf]}, "is not valid JSON"),
+        ({"\udcff": 1}, "lone surrogate"),
+        ({"a": ["ok", "\udcff"]}, "lone surrogate"),
+        ({1: "a"}, "object keys must be strings"),
+        ({"t": (1, 2), "b": True, "n": None}, None),
+        ({"s": {1, 2}}, "set is not a JSON value"),
+    ],
+)
+def test_json_values_the_quick_check_decides(value: Any, problem: str | None) -> None:
+    from weavelet_core import protocol
+
+    if problem is None:
+        protocol._check_json_value(value, "p")
+        return
+    with pytest.raises(ProtocolError, match=problem):
+        protocol._check_json_value(value, "p")
+    with pytest.raises(ProtocolError, match=problem):
+        Status(run="r", state="running", schema={"v": value})

@@ -181,6 +181,15 @@ class TestRedisClusterConformance(TransportConformance):
         finally:
             await client.aclose()
 
+    async def write_raw_status(self, transport: Transport, run: str, data: bytes) -> None:
+        assert isinstance(transport, RedisTransport)
+        client = ClusterClient(startup_nodes=[ClusterNode(h, p) for h, p in transport.settings.nodes])
+        try:
+            await client.hset(transport.keys.run(run), "status", data)
+            await client.sadd(transport.keys.runs(), run)
+        finally:
+            await client.aclose()
+
 
 @pytest.mark.slow
 def test_cluster_runs_spread_over_slots_and_nodes(redis_cluster: RedisCluster) -> None:

@@ -49,6 +49,15 @@ class TestRedisTransport(TransportConformance):
         finally:
             await client.aclose()
 
+    async def write_raw_status(self, transport: Transport, run: str, data: bytes) -> None:
+        assert isinstance(transport, RedisTransport)
+        client = aioredis.Redis.from_url(transport.settings.driver_url)
+        try:
+            await client.hset(transport.keys.run(run), "status", data)
+            await client.sadd(transport.keys.runs(), run)
+        finally:
+            await client.aclose()
+
 
 @pytest.fixture
 async def transport(weavelet_redis_url: str) -> AsyncIterator[RedisTransport]:
@@ -236,6 +245,11 @@ async def test_entries_that_do_not_decode_are_reported_in_place(
     with pytest.raises(CorruptEntry) as info:
         await transport.latest(run)  # the newest entry is unreadable: reported, never "no revision"
     assert info.value.revision == 5
+    # The batched read (a script on the server) numbers and reports it the same way.
+    [batched] = (await transport.latests([run])).values()
+    assert isinstance(batched, CorruptEntry)
+    assert (batched.revision, batched.reason) == (5, info.value.reason)
+    assert await transport.statuses([run]) == {run: None}
     assert await transport.status(run) is None
     assert await transport.outcome(run, 1) is None
     assert "unreadable" in caplog.text
@@ -247,6 +261,56 @@ async def test_entries_that_do_not_decode_are_reported_in_place(
     latest = await transport.latest(run)
     assert latest is not None
     assert latest.config == {"ok": 6}
+
+
+async def test_batched_reads_number_entries_without_a_number_as_the_write_script_does(
+    transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    """Entries a foreign writer added without a ``revision`` field: after a numbered one, after many unnumbered
+    ones (more than the 64 looked back at), and in a stream that has only unnumbered ones."""
+    after_one, after_many, only = _run(), _run(), _run()
+    await transport.put(Revision(run=after_one, revision=1, config={}))
+    await raw.xadd(transport.keys.revisions(after_one), {"data": b"x"})
+    await raw.xadd(transport.keys.revisions(after_one), {"data": b"y"})
+    await transport.put(Revision(run=after_many, revision=1, config={}))
+    for _ in range(70):
+        await raw.xadd(transport.keys.revisions(after_many), {"data": b"x"})
+    for _ in range(3):
+        await raw.xadd(transport.keys.revisions(only), {"data": b"x"})
+    batched = await transport.latests([after_one, after_many, only])
+    for run, expected in ((after_one, 3), (after_many, 65), (only, 3)):
+        with pytest.raises(CorruptEntry) as info:
+            await transport.latest(run)
+        entry = batched[run]
+        assert isinstance(entry, CorruptEntry)
+        assert entry.revision == info.value.revision == expected, run
+        with pytest.raises(RevisionConflict) as conflict:
+            await transport.put(Revision(run=run, revision=1, config={}))
+        assert conflict.value.current == expected
+
+
+async def test_delete_removes_every_key_of_the_run_and_its_index_entry(
+    transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    run, kept = _run(), _run()
+    for name in (run, kept):
+        await transport.put(Revision(run=name, revision=1, config={}))
+        await transport.publish_status(Status(run=name, state="stopped"))
+        await transport.publish_outcome(Outcome(run=name, revision=1, result="applied", step=1, incarnation="i"))
+    prefix = transport.keys.prefix
+    before = {key async for key in raw.scan_iter(match=f"{prefix}*")}
+    await transport.delete(run)
+    after = {key async for key in raw.scan_iter(match=f"{prefix}*")}
+    gone = {key.decode() for key in before - after}
+    assert gone == {
+        transport.keys.run(run),
+        transport.keys.revisions(run),
+        transport.keys.status_stream(run),
+        transport.keys.outcomes(run),
+        transport.keys.outcome_index(run),
+    }
+    assert not await raw.sismember(transport.keys.runs(), run)
+    assert await raw.sismember(transport.keys.runs(), kept)
 
 
 async def test_version_1_outcomes_still_read_and_are_kept_beside_new_ones(

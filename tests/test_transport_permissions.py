@@ -36,6 +36,10 @@ authorization {
       publish: {allow: ["$JS.API.>"]}
       subscribe: {allow: ["_INBOX.>"]}
     }}
+    {user: lister, password: lister-pw, permissions: {
+      publish: {allow: ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.DIRECT.GET.>"]}
+      subscribe: {allow: ["_INBOX.>"]}
+    }}
     {user: noreplies, password: noreplies-pw, permissions: {
       publish: {allow: ["$JS.API.>", "$KV.>"]}
       subscribe: {deny: [">"]}
@@ -98,6 +102,28 @@ async def test_nats_user_without_publish_permission_is_refused_at_once(nats_with
         latest = await admin.latest(run)
         assert latest is not None
         assert latest.revision == 1, "nothing was written"
+
+
+async def test_nats_user_who_may_not_read_whole_buckets_still_lists_runs(nats_with_users: NatsServer) -> None:
+    """Without permission to create a consumer over a whole bucket, listings and batched reads go key by key."""
+    address = nats_with_users.address
+    runs = [f"list-{index:02d}" for index in range(40)]
+    async with _open(f"nats://admin:admin-pw@{address}") as admin:
+        for index, run in enumerate(runs):
+            if index % 4:
+                await admin.put(Revision(run=run, revision=1, config={"i": index}))
+            if index % 3:
+                await admin.publish_status(Status(run=run, state="running", step=index))
+        listed = [run for index, run in enumerate(runs) if index % 4 or index % 3]
+        async with _open(f"nats://lister:lister-pw@{address}") as lister:
+            started = time.monotonic()
+            assert await lister.runs() == listed
+            latests = await lister.latests(runs)
+            statuses = await lister.statuses(runs)
+            assert time.monotonic() - started < PROMPT
+            for run in runs:
+                assert latests[run] == await admin.latest(run)
+                assert statuses[run] == await admin.status(run)
 
 
 async def test_nats_user_without_subscribe_permission_is_refused_at_connect(nats_with_users: NatsServer) -> None:

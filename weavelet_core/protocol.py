@@ -66,8 +66,48 @@ def validate_run_id(run: object) -> str:
     return run
 
 
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is plain JSON made of exact built-in types, at most 32 levels deep, without NaN, infinities
+    or lone surrogates: a quick check that builds no path and makes no call per leaf. ``False`` means
+    :func:`_check_json_value` must look (it accepts a few more, such as tuples, and names the problem)."""
+    if depth > 32:
+        return False
+    kind = type(value)
+    if kind is dict or kind is list:
+        if value and depth >= 32:
+            return False  # its items would be deeper than 32 levels
+        for key, item in value.items() if kind is dict else enumerate(value):
+            if kind is dict and (type(key) is not str or not (key.isascii() or _encodes(key))):
+                return False
+            leaf = type(item)
+            if leaf is str:
+                if not (item.isascii() or _encodes(item)):
+                    return False
+            elif leaf is float:
+                if not math.isfinite(item):
+                    return False
+            elif not (item is None or leaf is bool or leaf is int or _plain_json(item, depth + 1)):
+                return False
+        return True
+    if kind is str:
+        return value.isascii() or _encodes(value)
+    if kind is float:
+        return math.isfinite(value)
+    return value is None or kind is bool or kind is int
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_json_value(value: Any, path: str, depth: int = 0) -> None:
     """Reject values that are not plain JSON (NaN, infinities, non-string keys, other types)."""
+    if depth == 0 and _plain_json(value):
+        return  # the common case, without a path per node (a trainer's status carries a schema of hundreds)
     if depth > 32:
         raise ProtocolError(f"{path}: nested more than 32 levels deep", field=path)
     if value is None or isinstance(value, (bool, int)):
@@ -397,6 +437,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+"""One decoder for every payload (``json.loads`` with an option builds a new one per call)."""
+
+
+_FIELD_TABLES: dict[type[Any], tuple[frozenset[str], tuple[str, ...]]] = {}
+
+
+def _field_table(expected: type[Any]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The field names of a message type, and those without a default (computed once per type)."""
+    table = _FIELD_TABLES.get(expected)
+    if table is None:
+        fields = dataclasses.fields(expected)
+        required = tuple(
+            f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+        table = _FIELD_TABLES[expected] = (frozenset(f.name for f in fields), required)
+    return table
+
+
 def decode(data: bytes | str, expected: type[M], *, max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
     """Decode untrusted ``data`` as a message of type ``expected``.
 
@@ -412,7 +471,10 @@ def decode(data: bytes | str, expected: type[M], *, max_bytes: int = MAX_PAYLOAD
     if len(data) > max_bytes:
         raise ProtocolError(f"{kind}: payload of {len(data)} bytes exceeds the {max_bytes}-byte cap", field=kind)
     try:
-        obj = json.loads(bytes(data).decode("utf-8"), parse_constant=_reject_constant)
+        text = bytes(data).decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise ValueError("a byte order mark before the JSON")
+        obj = _JSON.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"{kind}: not valid JSON ({exc})") from None
     return from_dict(obj, expected)
@@ -432,17 +494,9 @@ def from_dict(obj: object, expected: type[M]) -> M:
         raise ProtocolError(f"{kind}.v: unsupported protocol version {version!r}; {hint}", field=f"{kind}.v")
     if obj.get("kind") != kind:
         raise ProtocolError(f"{kind}.kind: expected {kind!r}, got {obj.get('kind')!r}", field=f"{kind}.kind")
-    fields = {f.name: f for f in dataclasses.fields(expected)}
-    kwargs = {}
-    for name, value in obj.items():
-        if name in ("v", "kind"):
-            continue
-        if name not in fields:
-            continue  # newer minor additions are ignored, not fatal
-        kwargs[name] = value
-    required = [
-        f.name for f in fields.values() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+    fields, required = _field_table(expected)
+    # "v" and "kind" are no fields; newer minor additions are ignored, not fatal
+    kwargs = {name: value for name, value in obj.items() if name in fields}
     for name in required:
         if name not in kwargs:
             raise ProtocolError(f"{kind}.{name}: missing", field=f"{kind}.{name}")

@@ -2,8 +2,9 @@
 
 A small MLP trains on synthetic data with SGD. A weaver in another process watches the run's status and, as
 training goes on, switches the optimizer to Adam, later lowers the learning rate, and finally asks the fit to
-stop. Each revision's outcome is printed as it happens; at the end a plot of loss against step, with the
-revisions marked, is written as a PNG (``pip install "weavelet[plot]"`` for matplotlib).
+stop. Each revision's outcome is printed once, as the trainer applies it (the line weavelet writes on a training
+console, marked ``[trainer]``); at the end a plot of loss against step, with the revisions marked, is written as a
+PNG (``pip install "weavelet[plot]"`` for matplotlib).
 
 No server is needed: by default the run lives in the per-user ``file://`` directory (or ``WEAVELET_URL``), so
 ``weavelet status`` and ``weavelet set`` in another terminal work on it. ``--url nats://...`` or
@@ -21,8 +22,10 @@ import multiprocessing
 import secrets
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 PLOT_HINT = 'pip install "weavelet[plot]"'
 SCHEDULE = (
@@ -70,8 +73,49 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+class Decided(Protocol):
+    """What the plot needs of an outcome the trainer decided (a ``weavelet_torch`` ``Verdict``)."""
+
+    @property
+    def revision(self) -> int: ...
+
+    @property
+    def step(self) -> int | None: ...
+
+    @property
+    def detail(self) -> dict[str, Any]: ...
+
+    @property
+    def commands(self) -> dict[str, Any]: ...
+
+
+@contextmanager
+def trainer_lines(run_id: str) -> Iterator[None]:
+    """Print what weavelet logs in the training process (an applied change, a rejection) as ``[trainer]`` lines on
+    standard output, in order with the demo's other lines, instead of weavelet's own line on standard error."""
+    logger = logging.getLogger("weavelet_torch")
+    prefix = f"weavelet: run {run_id!r} "
+
+    class TrainerLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            _say(f"[trainer] {record.getMessage().removeprefix(prefix)}")
+
+    handler = TrainerLine(logging.INFO)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def weaver_main(url: str, run: str, steps: int, timeout: float) -> int:
-    """The weaver process: send each revision of :data:`SCHEDULE` when the run reaches its step."""
+    """The weaver process: send each revision of :data:`SCHEDULE` when the run reaches its step, and wait for its
+    outcome. The trainer prints an applied outcome; the weaver speaks only when one is not applied (and ends)."""
     from weavelet_core import WeaveletError, Weaver
 
     deadline = time.monotonic() + timeout
@@ -96,9 +140,8 @@ def weaver_main(url: str, run: str, steps: int, timeout: float) -> int:
                 )
                 _say(f"[weaver]  at step ~{seen}: weavelet set {run} {shown}")
                 outcome = weaver.set(run, changes, wait=max(1.0, deadline - time.monotonic()))
-                where = f" at step {outcome.step}" if outcome.step is not None else ""
-                _say(f"[weaver]  revision {outcome.revision} {outcome.result}{where}: {outcome.message}")
                 if outcome.result != "applied":
+                    _say(f"[weaver]  revision {outcome.revision} {outcome.result}: {outcome.message}; stopping here")
                     return 1
     except (WeaveletError, OSError) as exc:
         _say(f"[weaver]  error: {exc}")
@@ -144,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     )
     weaver.start()
     try:
-        trainer.fit(model, make_loader(make_data()))
+        with trainer_lines(run_id):
+            trainer.fit(model, make_loader(make_data()))
     finally:
         weaver.join(10.0)
         if weaver.is_alive():
@@ -155,8 +199,7 @@ def run(args: argparse.Namespace) -> int:
     _say(f"fit ended at step {trainer.global_step} with {type(trainer.optimizers[0]).__name__}")
     ok = weaver.exitcode == 0 and len(applied) == len(SCHEDULE)
     if not args.no_plot:
-        marks = [(v.step or 0, _label(v.detail.get("changes", {}))) for v in applied]
-        _plot(model.losses, marks, Path(args.plot), run_id)
+        _plot(model.losses, marks(applied), Path(args.plot), run_id)
     return 0 if ok else 1
 
 
@@ -166,16 +209,27 @@ def _masked(url: str) -> str:
     return plugins.mask_password(url)
 
 
-def _label(changes: Any) -> str:
-    if not isinstance(changes, dict):
-        return ""
-    parts = []
-    for key, (before, after) in changes.items():
-        parts.append(key if key in ("stop", "checkpoint") else f"{key} {before}\u2192{after}")
-    return ", ".join(parts)
+def marks(applied: Sequence[Decided]) -> list[tuple[int, str]]:
+    """``(step, label)`` of each applied revision, for the plot: ``r1: optimizer sgd→adam, lr 0.05→0.003``,
+    ``r3: stop``."""
+    return [(v.step or 0, f"r{v.revision}: {_label(v)}") for v in applied]
 
 
-def _plot(losses: list[tuple[int, float]], marks: list[tuple[int, str]], path: Path, run_id: str) -> None:
+def _label(decided: Decided) -> str:
+    """What a revision did: each changed key (``lr 0.05→0.003``), then each command that acted (``stop``)."""
+    changes = decided.detail.get("changes")
+    changes = changes if isinstance(changes, dict) else {}
+    parts = [
+        f"{key} {change[0]}\u2192{change[1]}" if isinstance(change, (list, tuple)) and len(change) == 2 else str(key)
+        for key, change in changes.items()
+    ]
+    commands = decided.commands or decided.detail.get("commands") or {}
+    parts += [str(name) for name in commands if name not in changes]
+    return ", ".join(parts) or "no change"
+
+
+def _plot(losses: list[tuple[int, float]], marked: list[tuple[int, str]], path: Path, run_id: str) -> None:
+    """Loss against step with a dashed line and its label (see :func:`marks`) at each applied revision."""
     try:
         import matplotlib
 
@@ -199,11 +253,11 @@ def _plot(losses: list[tuple[int, float]], marks: list[tuple[int, str]], path: P
     axes.set_ylabel("training loss")
     axes.set_title(f"weavelet demo: run {run_id}, reconfigured live")
     last = max(steps, default=1) or 1
-    for number, (step, label) in enumerate(marks, start=1):
+    for number, (step, label) in enumerate(marked, start=1):
         axes.axvline(step, color=f"C{number}", linestyle="--", linewidth=1.2)
         right = step > 0.75 * last
         axes.annotate(
-            f"r{number}: {label}",
+            label,
             xy=(step, 1.0),
             xycoords=("data", "axes fraction"),
             xytext=(-3 if right else 3, -12 * number),

@@ -285,10 +285,22 @@ def test_watch_streams_status_revisions_and_outcomes_until_the_run_ends(
         if watcher.poll() is None:
             watcher.kill()
     assert watcher.returncode == 0, err
-    assert f"w: revision {revision.revision} written by" in out
-    assert f"w: revision {revision.revision} applied at step 7: lr 0.1 -> 0.2" in out
-    assert re.search(r"w: running step 7 ", out)
-    assert re.search(r"w: stopped step 7 ", out)
+    lines = out.splitlines()
+
+    def line_of(pattern: str) -> int:
+        found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        assert len(found) == 1, f"{pattern!r} printed {len(found)} times:\n{out}"
+        return found[0]
+
+    # One line per state, revision and outcome change, in the order they happened; a new step alone prints nothing
+    # (the applied revision's line says where it took effect).
+    started = line_of(rf"^{ISO}  w: running step 5 epoch 0 applied r0 loss=0.5 \(incarnation \w+\)$")
+    written = line_of(rf"^{ISO}  w: revision {revision.revision} written by .+: lr=0.2$")
+    applied = line_of(rf"^{ISO}  w: revision {revision.revision} applied at step 7: lr 0.1 -> 0.2")
+    stopped = line_of(r"w: stopped step 7 ")
+    assert started == 0
+    assert started < written < applied < stopped
+    assert not re.search(r"w: running step 7", out)
 
 
 def test_history_follow_prints_new_revisions_and_outcomes(cli_env: dict[str, str], store: str) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 import time
@@ -110,7 +111,7 @@ def _scoped_urls(snippet: dict[str, str], address: str) -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_the_documented_permissions_scope_trainers_and_weavers(
-    snippet: dict[str, str], weavelet_nats_server_factory: NatsServerFactory
+    snippet: dict[str, str], weavelet_nats_server_factory: NatsServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     server: NatsServer = weavelet_nats_server_factory(config=snippet["nats-permissions"])
     admin = f"nats://admin:ADMIN-PASSWORD@{server.address}"
@@ -166,10 +167,16 @@ def test_the_documented_permissions_scope_trainers_and_weavers(
 
     anyio.run(trainer_cannot_reach_other_runs)
 
-    # The team's weaver writes any run of its buckets, and nothing outside them.
+    # The team's weaver writes any run of its buckets, lists and removes them, and touches nothing outside them.
     with Weaver(weaver_url) as weaver:
         assert weaver.set("exp-7", {"lr": 0.3}).revision == 1
         assert [r.revision for r in weaver.history("team-a-warmup")] == [1]
+        caplog.set_level(logging.DEBUG, logger="weavelet_nats.transport")
+        assert weaver.runs() == ["exp-7", "team-a-warmup"]
+        assert weaver.latests(["exp-7", "team-a-warmup"])["exp-7"] is not None
+        weaver.delete("exp-7")
+        assert weaver.runs() == ["team-a-warmup"]
+        assert "key by key" not in caplog.text, "the documented rules let the weaver read a whole bucket at once"
     outside = weaver_url.replace("prefix=team-a&", "")
     with pytest.raises(PermissionDenied), Weaver(outside, write_timeout=5) as weaver:
         weaver.set("resnet50", {"lr": 5.0})

@@ -228,8 +228,14 @@ def test_the_documented_acl_users_scope_trainers_and_weavers(
 
     with Weaver(weaver_url) as weaver:
         assert weaver.set("team-a-exp", {"lr": 0.3}).revision == 1
+        assert weaver.latests(["team-a-exp"])["team-a-exp"] is not None
+        assert weaver.statuses(["team-a-exp"]) == {"team-a-exp": None}
+        weaver.delete("team-a-exp")
+        assert weaver.get("team-a-exp") is None
         with pytest.raises(PermissionDenied):
             weaver.set("resnet50", {"lr": 5.0})
+        with pytest.raises(PermissionDenied):
+            weaver.delete("resnet50")
     with Weaver(admin) as weaver:
         latest = weaver.get("resnet50")
         assert latest is not None

@@ -22,8 +22,10 @@ re-read the newest revision.
 A value that does not decode as a revision is a :class:`~weavelet_core.errors.CorruptEntry` numbered by the
 integer ``revision`` of its JSON, else one past the entry before it; writers number on top of it. A permission
 violation the server reports (asynchronously, to the error callback) cancels the calls it concerns, which raise
-:class:`~weavelet_core.errors.PermissionDenied`. ``runs()`` reads the buckets' stream subjects, never
-``KeyValue.keys()`` (which can end early); listings read until the consumer has nothing pending.
+:class:`~weavelet_core.errors.PermissionDenied`. Listings never use ``KeyValue.keys()`` (which can end early):
+they read until the consumer has nothing pending. ``runs()``, and ``statuses()``/``latests()`` of many runs, read
+each bucket in one pass (an ordered consumer delivering the newest message of every key), not a request per run.
+``delete()`` purges the run's subjects from the buckets' streams.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -47,8 +49,9 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
 from weavelet_core.errors import (
     AuthenticationFailed,
@@ -60,7 +63,7 @@ from weavelet_core.errors import (
 )
 from weavelet_core.plugins import mask_password
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, lenient_revision_number, validate_run_id
-from weavelet_core.transport import Entry, Transport
+from weavelet_core.transport import Entry, Transport, decoding_many, gather_by_run
 from weavelet_nats.url import NatsSettings, parse_url
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,16 @@ delivered by the next read means its consumer is gone (a JetStream cluster lost 
 nats-py notices only after missed heartbeats, ~10 s): the watch is recreated."""
 CLOSE_TIMEOUT = 5.0
 LIST_PAGES = 1000
-"""Most pages of subjects ``runs()`` asks a stream for (the server sends up to 100,000 subjects a page)."""
+"""Most pages of subjects :meth:`NatsTransport._runs_key_by_key` asks a stream for (up to 100,000 subjects a
+page)."""
+SCAN_FROM = 32
+"""Batched reads (:meth:`NatsTransport.statuses`, :meth:`NatsTransport.latests`) of at least this many runs read the
+whole bucket in one pass; fewer runs are read key by key, concurrently."""
+SCAN_RATIO = 16
+"""... unless the bucket's stream holds more than this many messages per run asked for: then reading those keys one
+by one costs less than reading every key."""
+SCAN_INACTIVE = 30.0
+"""Seconds after which the server removes the consumer of a bucket scan that its client abandoned."""
 _TOKEN = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _DENIED = re.compile(r"permissions violation for (publish|subscription) to \"?([^\"\s]+)\"?")
 
@@ -87,6 +99,34 @@ def incarnation_token(incarnation: str) -> str:
     if not incarnation:
         return "="
     return "=" + hashlib.sha256(incarnation.encode()).hexdigest()[:32]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Newest:
+    """The newest message of one key, as a bucket scan read it (``deleted``: a delete or purge marker)."""
+
+    value: bytes
+    sequence: int
+    deleted: bool
+
+
+def _is_marker(msg: Msg) -> bool:
+    """Whether a key-value message is a delete or purge marker (``KV-Operation``, or a server-placed marker)."""
+    headers = msg.headers
+    if not headers:
+        return False
+    return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
+
+
+def _position(msg: Msg) -> tuple[int, int]:
+    """``(stream sequence, messages pending after it)`` of a message a consumer delivered: read from its reply
+    subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``), or from
+    nats-py's parse of the longer form some servers send."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5]), int(tokens[8])
+    meta = msg.metadata
+    return meta.sequence.stream, meta.num_pending
 
 
 @dataclasses.dataclass
@@ -196,6 +236,8 @@ class NatsTransport(Transport):
         # run -> (revision number, stream sequence) of the newest entry this client has seen; lets ``put``
         # send its compare-and-set without reading first. A stale entry only costs a re-read.
         self._seen: dict[str, tuple[int, int]] = {}
+        # role -> (stream state before the scan, what the scan read): see _read_bucket
+        self._snapshots: dict[str, tuple[tuple[int, int], dict[str, _Newest]]] = {}
 
     # -- connection --------------------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -754,26 +796,44 @@ class NatsTransport(Transport):
         return 0 if newest is None else newest[0].revision
 
     async def runs(self) -> list[str]:
-        """Runs with a revision or a status: the subjects the two buckets' streams hold (one stream-info request
-        per 100,000 subjects, never a key-value ``keys()`` listing, which can end early), less runs whose key was
-        deleted."""
-        desired, status = self._kv("desired"), self._kv("status")
+        """Runs with a revision or a status: the keys of the two buckets whose newest entry is not a delete marker,
+        each bucket read in one pass (:meth:`_read_bucket`), never with a key-value ``keys()`` listing, which can
+        end early. A user who may not read a whole bucket through a consumer gets the slower listing of
+        :meth:`_runs_key_by_key`."""
+        self._kv("desired")
         found: set[str] = set()
+        try:
+            with self._mapped("list runs", "desired", "status"):
+                # One after the other: a permission error on the first then stops both (and no late one from the
+                # second can interrupt the slower listing).
+                scans = [await self._read_bucket(role) for role in ("desired", "status")]
+        except PermissionDenied as exc:
+            log.debug("NATS %s: listing runs key by key: %s", self.settings.display, exc)
+            return await self._runs_key_by_key()
+        for scan in scans:
+            for key, newest in scan.items():
+                run = None if newest.deleted else key_run(key)
+                if run is not None:
+                    found.add(run)
+        return sorted(found)
+
+    async def _runs_key_by_key(self) -> list[str]:
+        """:meth:`runs` with less permission (stream info and direct gets only): the subjects the two buckets'
+        streams hold (one stream-info request per 100,000 subjects), less those whose key was deleted (a read of
+        each, :data:`~weavelet_core.transport.CONCURRENT_READS` at a time)."""
+        desired, status = self._kv("desired"), self._kv("status")
         with self._mapped("list runs", "desired", "status"):
             listed = {role: await self._stream_subjects(role) for role in ("desired", "status")}
-            candidates = sorted(set(listed["desired"]) | set(listed["status"]))
 
-            async def present(run: str) -> None:
+            async def present(run: str) -> bool:
                 key = run_key(run)
                 for role, kv in (("desired", desired), ("status", status)):
                     if run in listed[role] and await self._entry(kv, key) is not None:
-                        found.add(run)
-                        return
+                        return True
+                return False
 
-            async with anyio.create_task_group() as tg:
-                for run in candidates:
-                    tg.start_soon(present, run)
-        return sorted(found)
+            found = await gather_by_run(sorted(listed["desired"] | listed["status"]), present)
+        return [run for run, there in found.items() if there]
 
     async def _stream_subjects(self, role: str) -> set[str]:
         """Run ids with at least one message in the bucket's stream (deleted keys included), page by page."""
@@ -804,6 +864,179 @@ class NatsTransport(Transport):
             if not subjects or not isinstance(total, int) or offset >= total:
                 break
         return runs
+
+    async def _stream_state(self, role: str) -> tuple[int, int]:
+        """``(last sequence, message count)`` of the stream of the bucket of ``role``: any write raises the first,
+        any removal (a purge, an expiry) lowers the second."""
+        kv = self._kv(role)
+        info = await kv._js.stream_info(kv._stream)
+        return int(info.state.last_seq or 0), int(info.state.messages or 0)
+
+    async def _read_bucket(self, role: str, state: tuple[int, int] | None = None) -> dict[str, _Newest]:
+        """The newest message of every key in the bucket of ``role``: what the previous :meth:`_scan` of it read
+        when the bucket's stream has not changed since (its state, read before that scan, is still ``state``),
+        else a fresh scan. So ``runs()`` followed by ``latests()`` and ``statuses()`` reads each bucket once when
+        nothing is written meanwhile, and never returns what was true before a write."""
+        if state is None:
+            state = await self._stream_state(role)
+        kept = self._snapshots.get(role)
+        if kept is not None and kept[0] == state:
+            return kept[1]
+        scan = await self._scan(role)
+        self._snapshots[role] = (state, scan)
+        return scan
+
+    async def _scan(self, role: str) -> dict[str, _Newest]:
+        """The newest message of every key in the bucket of ``role`` (delete markers included), keyed by key.
+
+        One ordered consumer delivering the last message per subject, read until the server says nothing is
+        pending after a message, or until as many messages as it held when the consumer was made have arrived (so
+        a bucket written to without pause cannot keep the scan going). Bounded: raises ``TimeoutError`` (which
+        :meth:`_mapped` turns into ``TransportUnavailable``) when no message arrives for ``request_timeout``
+        seconds while some are due. Call it inside :meth:`_mapped`.
+        """
+        kv = self._kv(role)
+        prefix = kv._pre
+        found: dict[str, _Newest] = {}
+        done = asyncio.Event()
+        received = 0
+        target: int | None = None
+
+        async def on_message(msg: Msg) -> None:
+            nonlocal received
+            sequence, pending = _position(msg)
+            found[msg.subject[len(prefix) :]] = _Newest(msg.data, sequence, _is_marker(msg))
+            received += 1
+            if pending == 0 or (target is not None and received >= target):
+                done.set()
+
+        js = cast(JetStreamContext, _NamedConsumers(kv._js))
+        sub = await js.subscribe(
+            f"{prefix}>",
+            stream=kv._stream,
+            cb=on_message,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=SCAN_INACTIVE,
+        )
+        try:
+            info = await sub.consumer_info()
+            delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+            target = int(info.num_pending or 0) + int(delivered or 0)
+            if received >= target:
+                done.set()
+            progress = -1
+            while not done.is_set():
+                if received == progress:
+                    raise asyncio.TimeoutError(
+                        f"no entry of bucket {kv._name} for {self.settings.request_timeout:g}s after {received} of "
+                        f"{target}"
+                    )
+                progress = received
+                with anyio.move_on_after(self.settings.request_timeout):
+                    await done.wait()
+        finally:
+            with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        return found
+
+    async def _bucket_for(self, role: str, count: int) -> dict[str, _Newest] | None:
+        """The bucket of ``role`` read whole (:meth:`_read_bucket`) when that costs less than reading ``count`` keys
+        one by one, else ``None``: fewer than :data:`SCAN_FROM` keys, or a stream holding more than
+        :data:`SCAN_RATIO` messages per key asked for (unless the previous read of it is still current)."""
+        if count < SCAN_FROM:
+            return None
+        state = await self._stream_state(role)
+        kept = self._snapshots.get(role)
+        if state[1] > count * SCAN_RATIO and not (kept is not None and kept[0] == state):
+            return None
+        return await self._read_bucket(role, state)
+
+    async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
+        """The latest status of each of ``runs`` (``None`` for one without, or one that cannot be read: it is
+        logged), keyed and ordered like ``runs``.
+
+        From :data:`SCAN_FROM` runs on, one pass over the status bucket (see :meth:`_scan`), unless the bucket is
+        much larger than the request (:data:`SCAN_RATIO`); fewer runs, or a user who may not read the whole bucket,
+        are read key by key, concurrently. Raises ``TransportUnavailable`` like :meth:`status`.
+        """
+        keys = {run: run_key(run) for run in runs}
+        self._kv("status")
+        try:
+            with self._mapped(f"read the statuses of {len(keys)} runs", "status"):
+                scan = await self._bucket_for("status", len(keys))
+        except PermissionDenied as exc:
+            log.debug("NATS %s: reading the statuses key by key: %s", self.settings.display, exc)
+            scan = None
+        if scan is None:
+            return await gather_by_run(runs, self.status)
+        found: dict[str, Status | None] = {}
+        with decoding_many():
+            for run, key in keys.items():
+                newest = scan.get(key)
+                if newest is None or newest.deleted:
+                    found[run] = None
+                else:
+                    found[run] = self._decode(newest.value, Status, f"status of run {run!r}")
+        return {run: found[run] for run in runs}
+
+    async def latests(self, runs: Sequence[str]) -> dict[str, Entry | None]:
+        """The newest revision of each of ``runs``: a :class:`Revision`, a :class:`CorruptEntry` in place of one
+        that cannot be read, or ``None`` for a run without revisions; keyed and ordered like ``runs``.
+
+        Read like :meth:`statuses` (one pass over the desired bucket from :data:`SCAN_FROM` runs on). An unreadable
+        entry whose JSON shows no revision number is numbered from its key's history, read for it alone.
+        """
+        keys = {run: run_key(run) for run in runs}
+        self._kv("desired")
+        try:
+            with self._mapped(f"read the newest revisions of {len(keys)} runs", "desired"):
+                scan = await self._bucket_for("desired", len(keys))
+        except PermissionDenied as exc:
+            log.debug("NATS %s: reading the newest revisions key by key: %s", self.settings.display, exc)
+            scan = None
+        if scan is None:
+            return await super().latests(runs)
+        found: dict[str, Entry | None] = {}
+        unnumbered: list[str] = []
+        with decoding_many():
+            for run, key in keys.items():
+                newest = scan.get(key)
+                if newest is None or newest.deleted:
+                    found[run] = None
+                    continue
+                entry = self._read_entry(run, newest.value, 0)
+                if isinstance(entry, CorruptEntry) and lenient_revision_number(newest.value) is None:
+                    unnumbered.append(run)  # rare: numbered from the key's history, as latest() does
+                    continue
+                found[run] = entry
+                seen = self._seen.get(run)
+                if seen is None or seen[1] < newest.sequence:
+                    self._seen[run] = (entry.revision, newest.sequence)
+        if unnumbered:
+            with self._mapped(f"read the newest revisions of {len(unnumbered)} runs", "desired"):
+                for run in unnumbered:
+                    numbered = await self._newest(run, keys[run])
+                    found[run] = None if numbered is None else numbered[0]
+        return {run: found[run] for run in runs}
+
+    async def delete(self, run: str) -> None:
+        """Remove the run's keys from the three buckets: the messages of its subjects are purged from each bucket's
+        stream (no delete marker is left, so a new revision of the run is numbered 1 again).
+
+        Needs permission to publish to ``$JS.API.STREAM.PURGE.KV_PREFIX-desired`` (``-status``, ``-outcomes``).
+        A watcher of the run is not told: its trainer keeps its config, and ignores revisions numbered from 1
+        again until it restarts. Raises ``TransportUnavailable`` or ``PermissionDenied``.
+        """
+        key = run_key(run)
+        self._kv("desired")
+        for role, subject in (("desired", key), ("outcomes", f"{key}.>"), ("status", key)):
+            kv = self._kv(role)
+            purge = f"$JS.API.STREAM.PURGE.{kv._stream}"
+            with self._mapped(f"delete run {run!r} from bucket {kv._name}", role, subject=purge):
+                await kv._js.purge_stream(kv._stream, subject=f"{kv._pre}{subject}")
+        self._seen.pop(run, None)
 
     # -- status and outcomes -----------------------------------------------------------------------------
     async def publish_status(self, status: Status) -> None:
@@ -898,6 +1131,7 @@ class NatsTransport(Transport):
         for watcher in list(self._watchers):
             with contextlib.suppress(Exception):
                 watcher._updates.put_nowait(watcher.STOP_ITER)
+        self._snapshots.clear()
         nc, self._nc = self._nc, None
         if nc is not None:
             await self._close_client(nc)

@@ -51,6 +51,59 @@ redis.call('HSET', KEYS[2], 'revision', ARGV[2])
 return {1, id}
 """
 
+NEWEST_REVISIONS = """
+-- The newest revision entry of each of many runs (all on this server: never called on a Redis Cluster, where the
+-- runs' keys sit in different slots).
+-- KEYS: the revisions streams. Returns one string per key: '' when the stream has no entry, else the entry's
+-- revision number, a space, and its 'data' field (empty when it has none). Entries are numbered as PUT_REVISION
+-- numbers them.
+local function numbered(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'revision' and string.match(fields[i + 1], '^[1-9][0-9]*$') then
+      return fields[i + 1]
+    end
+  end
+  return nil
+end
+local found = {}
+for k, key in ipairs(KEYS) do
+  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #newest == 0 then
+    found[k] = ''
+  else
+    local fields = newest[1][2]
+    local number = numbered(fields)
+    if number == nil then
+      local older = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 65)
+      number = tostring(#older)
+      for i = 2, #older do
+        local seen = numbered(older[i][2])
+        if seen then
+          number = string.format('%d', tonumber(seen) + i - 1)
+          break
+        end
+      end
+    end
+    local data = ''
+    for i = 1, #fields, 2 do
+      if fields[i] == 'data' then data = fields[i + 1] end
+    end
+    found[k] = number .. ' ' .. data
+  end
+end
+return found
+"""
+
+STATUSES = """
+-- The latest status of each of many runs (all on this server: never called on a Redis Cluster).
+-- KEYS: the run hashes. Returns, per key, its 'status' field, or nil when it has none.
+local found = {}
+for k, key in ipairs(KEYS) do
+  found[k] = redis.call('HGET', key, 'status')
+end
+return found
+"""
+
 PUBLISH_STATUS = """
 -- Replace a run's latest status and append it to the run's capped status stream.
 -- KEYS: [1] run hash, [2] status stream
@@ -117,4 +170,4 @@ end
 return 1
 """
 
-__all__ = ["NUMBER_SCAN", "PUBLISH_OUTCOME", "PUBLISH_STATUS", "PUT_REVISION"]
+__all__ = ["NEWEST_REVISIONS", "NUMBER_SCAN", "PUBLISH_OUTCOME", "PUBLISH_STATUS", "PUT_REVISION", "STATUSES"]

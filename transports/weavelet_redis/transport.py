@@ -16,8 +16,12 @@ with ``XREAD BLOCK`` from the id of the last entry it read, on its own connectio
 reconnects with backoff, re-reads the newest entry and resumes from its last id; revisions are delivered only
 when newer than the last one delivered, so nothing is delivered twice even if the server lost its data.
 
+Batched reads (``statuses()``, ``latests()`` of many runs) take one request per thousand runs: on one server a
+script reading every run's field or newest entry, on a Redis Cluster (where runs sit in different slots) a
+pipeline redis-py splits by node. ``delete()`` removes a run's keys (one ``DEL``: one slot), then its index entry.
+
 An entry whose data does not decode is a :class:`~weavelet_core.errors.CorruptEntry` numbered by its ``revision``
-field (see :func:`entry_number`); the compare-and-set script numbers it the same way. ``NOPERM`` is
+field (see :func:`entry_number`); the compare-and-set script and the batched read number it the same way. ``NOPERM`` is
 :class:`~weavelet_core.errors.PermissionDenied`. Calls are plain awaits on redis-py, so a caller's cancel
 scope (``anyio.fail_after``) ends them at once, also against a stopped server.
 """
@@ -27,10 +31,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar, cast
 
 import anyio
+import anyio.lowlevel
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -49,7 +54,7 @@ from weavelet_core.errors import (
 )
 from weavelet_core.protocol import Outcome, Revision, Status, decode, encode, validate_run_id
 from weavelet_core.transport import Entry as StoredEntry
-from weavelet_core.transport import Transport
+from weavelet_core.transport import Transport, decoding_many
 from weavelet_redis import scripts
 from weavelet_redis.config import RedisSettings, parse_url
 from weavelet_redis.errors import translate
@@ -67,6 +72,9 @@ _STREAM_START = b"0-0"
 _NUMBER = re.compile(rb"[1-9][0-9]*")
 OUTCOME_INCARNATIONS = 8
 """Outcomes kept per revision, one per incarnation: the newest (greatest ``at``) this many."""
+BATCH = 1000
+"""Runs per request of a batched read (:meth:`RedisTransport.statuses`, :meth:`RedisTransport.latests`): one
+pipeline or one script call each, so that no single reply, and no script blocking the server, grows with the store."""
 
 
 def field_number(fields: dict[bytes, bytes]) -> int | None:
@@ -158,6 +166,8 @@ class RedisTransport(Transport):
             self._put_script = client.register_script(scripts.PUT_REVISION)
             self._status_script = client.register_script(scripts.PUBLISH_STATUS)
             self._outcome_script = client.register_script(scripts.PUBLISH_OUTCOME)
+            self._newest_script = client.register_script(scripts.NEWEST_REVISIONS)
+            self._statuses_script = client.register_script(scripts.STATUSES)
             self._client = client
         return self._client
 
@@ -411,6 +421,46 @@ class RedisTransport(Transport):
             return newest_id, [newest]
         return cursor, []
 
+    async def latests(self, runs: Sequence[str]) -> dict[str, StoredEntry | None]:
+        """The newest revision of each of ``runs``: a :class:`Revision`, a :class:`CorruptEntry` in place of one
+        that cannot be read, or ``None`` for a run without revisions; keyed and ordered like ``runs``.
+
+        :data:`BATCH` runs a request: on one server (or a Sentinel's master), one script call that reads each
+        stream's newest entry; on a Redis Cluster, where the runs' keys sit in different slots, a pipeline of
+        ``XREVRANGE ... COUNT 1`` that redis-py splits by node. Raises ``TransportUnavailable`` (and
+        ``PermissionDenied``) like :meth:`latest`.
+        """
+        client = self._redis()
+        unique = list(dict.fromkeys(validate_run_id(run) for run in runs))
+        action = f"read the newest revisions of {len(unique)} runs"
+        found: dict[str, StoredEntry | None] = {}
+        for start in range(0, len(unique), BATCH):
+            chunk = unique[start : start + BATCH]
+            if self.settings.mode == "cluster":
+                pipe = client.pipeline(transaction=False)
+                for run in chunk:
+                    pipe.xrevrange(self.keys.revisions(run), count=1)
+                replies: list[list[Entry]] = await self._call(action, pipe.execute())
+                for run, entries in zip(chunk, replies, strict=True):
+                    if not entries:
+                        found[run] = None
+                        continue
+                    [(number, entry)] = await self._numbered(client, run, entries[:1])
+                    found[run] = self._decode_entry(run, number, entry[1])
+            else:
+                newest: list[bytes] = await self._call(
+                    action, self._newest_script(keys=[self.keys.revisions(run) for run in chunk], client=client)
+                )
+                with decoding_many():
+                    for run, reply in zip(chunk, newest, strict=True):
+                        if not reply:
+                            found[run] = None
+                            continue
+                        shown, _, data = reply.partition(b" ")
+                        found[run] = self._decode_entry(run, int(shown), {b"data": data})
+            await anyio.lowlevel.checkpoint()
+        return {run: found[run] for run in runs}
+
     async def runs(self) -> list[str]:
         client = self._redis()
         members: set[bytes] = await self._call("list runs", client.smembers(self.keys.runs()))
@@ -445,6 +495,49 @@ class RedisTransport(Transport):
             f"read the status of run {run!r}", client.hget(self.keys.run(run), "status")
         )
         return self._decode(data, Status, run)
+
+    async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
+        """The latest status of each of ``runs`` (``None`` for one without, or one that cannot be read: it is
+        logged), keyed and ordered like ``runs``.
+
+        :data:`BATCH` runs a request: on one server (or a Sentinel's master), one script call reading each run's
+        ``status`` field; on a Redis Cluster a pipeline of ``HGET`` that redis-py splits by node. Raises
+        ``TransportUnavailable`` (and ``PermissionDenied``) like :meth:`status`."""
+        client = self._redis()
+        unique = list(dict.fromkeys(validate_run_id(run) for run in runs))
+        action = f"read the statuses of {len(unique)} runs"
+        found: dict[str, Status | None] = {}
+        for start in range(0, len(unique), BATCH):
+            chunk = unique[start : start + BATCH]
+            keys = [self.keys.run(run) for run in chunk]
+            replies: list[bytes | None]
+            if self.settings.mode == "cluster":
+                pipe = client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hget(key, "status")
+                replies = await self._call(action, pipe.execute())
+            else:
+                replies = await self._call(action, self._statuses_script(keys=keys, client=client))
+            with decoding_many():
+                for run, data in zip(chunk, replies, strict=True):
+                    found[run] = self._decode(data, Status, run)
+            await anyio.lowlevel.checkpoint()
+        return {run: found[run] for run in runs}
+
+    async def delete(self, run: str) -> None:
+        """Remove every key of the run (one ``DEL``: they share the run's hash tag, so one Redis Cluster slot), then
+        its id from the run index (a key of its own, in another slot). A live trainer that publishes its status
+        afterwards lists the run again. Raises ``TransportUnavailable`` or ``PermissionDenied``."""
+        validate_run_id(run)
+        client = self._redis()
+        keys = self.keys
+        await self._call(
+            f"delete run {run!r}",
+            client.delete(
+                keys.run(run), keys.revisions(run), keys.status_stream(run), keys.outcomes(run), keys.outcome_index(run)
+            ),
+        )
+        await self._call(f"delete run {run!r} from {keys.runs()}", client.srem(keys.runs(), run))
 
     async def publish_outcome(self, outcome: Outcome) -> None:
         client = self._redis()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -161,7 +162,8 @@ async def overview(
     stale_after: float | None,
     statuses: dict[str, Status | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per run, from two batched reads (newest revisions and statuses), never two requests per run."""
+    """One row per run, from two batched reads (newest revisions and statuses), never two requests per run.
+    ``statuses``: those already read for ``runs`` (by a label selector), not read again."""
     latest = await w.latests(runs)
     if statuses is None or set(statuses) != set(runs):
         statuses = await w.statuses(runs)
@@ -403,34 +405,96 @@ async def _follow(
     as_json: bool,
     trusted: TrustedKeys | None = None,
 ) -> None:
-    """Print each revision written and each outcome reported from now on, a line each, until Ctrl-C (a signed
-    revision's author checked against ``trusted``)."""
-    newest = last.revision
-    previous = last.config if isinstance(last, Revision) else None
+    """Print each revision written and each outcome reported from now on, a line each, in the order they happened,
+    until Ctrl-C (a signed revision's author checked against ``trusted``)."""
+    events = _Events(run, last, seen, as_json=as_json, trusted=trusted)
     while True:
-        for entry in await w.history(run, limit=20):
-            if entry.revision <= newest:
+        events.revisions(await w.history(run, limit=FOLLOWED))
+        events.outcomes(await w.outcomes(run, limit=FOLLOWED))
+        events.flush(out)
+        await anyio.sleep(FOLLOW_INTERVAL)
+
+
+FOLLOWED = 20
+"""Newest revisions and outcomes a followed run is read for at each look (more than a person writes in a quarter
+second)."""
+
+
+@dataclasses.dataclass(order=True)
+class _Event:
+    at: float
+    rank: int
+    """Revisions before outcomes before status changes at the same time."""
+    text: str = dataclasses.field(compare=False)
+
+
+class _Events:
+    """What ``watch`` and ``history --follow`` print: the events of one look at a run, sorted by when they happened
+    and never before what caused them (an outcome after its revision, a status after the outcomes it reflects),
+    even when the writer's and the trainer's clocks disagree a little."""
+
+    def __init__(
+        self,
+        run: str,
+        last: Revision | CorruptEntry | None,
+        seen: set[tuple[int, str, float]],
+        *,
+        as_json: bool,
+        trusted: TrustedKeys | None = None,
+    ) -> None:
+        self.run = run
+        self.trusted = trusted
+        self.newest = last.revision if last is not None else 0
+        self.previous: dict[str, Any] | None = last.config if isinstance(last, Revision) else None
+        self.seen = seen
+        self.answered = {revision for revision, _, _ in seen}
+        self.as_json = as_json
+        self.pending: list[_Event] = []
+        self.written: dict[int, float] = {}
+
+    def revisions(self, entries: list[Revision | CorruptEntry]) -> None:
+        for entry in entries:
+            if entry.revision <= self.newest:
                 continue
-            newest = entry.revision
-            if as_json:
-                out.write(json.dumps({"event": "revision", **_history_json(entry, {}, trusted)}) + "\n")
+            self.newest = entry.revision
+            at = entry.created_at if isinstance(entry, Revision) else time.time()
+            self.written[entry.revision] = at
+            if self.as_json:
+                text = json.dumps({"event": "revision", **_history_json(entry, {}, self.trusted)})
             elif isinstance(entry, Revision):
-                change = output.describe_changes(previous, entry.config)
-                out.write(
-                    f"{output.format_time(entry.created_at)}  {run}: revision {entry.revision} written by "
-                    f"{author_text(entry, [], trusted)}: {change}\n"
+                change = output.describe_changes(self.previous, entry.config)
+                text = (
+                    f"{output.format_time(at)}  {self.run}: revision {entry.revision} written by "
+                    f"{author_text(entry, [], self.trusted)}: {change}"
                 )
             else:
-                out.write(f"{output.format_time(time.time())}  {run}: revision {entry.revision} UNREADABLE\n")
-            previous = entry.config if isinstance(entry, Revision) else None
-        for outcome in await w.outcomes(run, limit=20):
+                text = f"{output.format_time(at)}  {self.run}: revision {entry.revision} UNREADABLE: {entry.reason}"
+            self.previous = entry.config if isinstance(entry, Revision) else None
+            self.pending.append(_Event(at, 0, text))
+
+    def outcomes(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
             key = (outcome.revision, outcome.incarnation, outcome.at)
-            if key in seen:
+            if key in self.seen:
                 continue
-            seen.add(key)
-            out.write(outcome_event(outcome, as_json=as_json) + "\n")
+            self.seen.add(key)
+            self.answered.add(outcome.revision)
+            at = max(outcome.at, self.written.get(outcome.revision, outcome.at))
+            self.pending.append(_Event(at, 1, outcome_event(outcome, as_json=self.as_json)))
+
+    def status(self, status: Status, *, stale_for: float | None = None) -> None:
+        """A status line, after every event of this look (which it reflects: they were stored before it was read).
+        ``stale_for``: seconds without a heartbeat, for a run found stale (its line is dated now)."""
+        at = status.heartbeat if stale_for is None else time.time()
+        text = status_event(status, as_json=self.as_json, stale_for=stale_for, at=at)
+        self.pending.append(_Event(max([at, *(e.at for e in self.pending)]), 2, text))
+
+    def flush(self, out: TextIO) -> None:
+        for event in sorted(self.pending):
+            out.write(event.text + "\n")
+        self.pending.clear()
+        self.written.clear()
         out.flush()
-        await anyio.sleep(FOLLOW_INTERVAL)
 
 
 def outcome_event(outcome: Outcome, *, as_json: bool) -> str:
@@ -477,45 +541,41 @@ async def cmd_diff(args: argparse.Namespace, out: TextIO) -> int:
 
 # -- watch -------------------------------------------------------------------------------------------------
 
-WATCHED = ("state", "step", "epoch", "applied_revision", "incarnation", "optimizer", "metrics", "message")
-"""Status fields whose change ``weavelet watch`` prints (a heartbeat alone prints nothing)."""
+WATCHED = ("state", "incarnation", "message")
+"""Status fields whose change ``weavelet watch`` prints a line for (with whether the run is stale, and an applied
+revision no outcome line told of). Steps, metrics and heartbeats alone print nothing: ``weavelet top`` shows them."""
 
 
 async def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
-    """Stream a run's status changes, revisions and outcomes; end when its incarnation ends (or at
-    ``--timeout``)."""
+    """Stream a run's state changes, revisions and outcomes, a line each in the order they happened; end when its
+    incarnation ends (or at ``--timeout``)."""
     validate_run_id(args.run)
     as_json = wants_json(args)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     async with weaver(args) as w:
         seen = {(o.revision, o.incarnation, o.at) for o in await w.outcomes(args.run)}
+        last: Revision | CorruptEntry | None
         try:
-            newest: int = (await w.get(args.run) or _NoRevision()).revision
+            last = await w.get(args.run)
         except CorruptEntry as exc:
-            newest = exc.revision
+            last = exc
+        events = _Events(args.run, last, seen, as_json=as_json)
         shown: tuple[Any, ...] | None = None
+        applied: int | None = None
         while True:
+            # Status first: whatever it reflects was stored before it, so this look's reads below find it too.
             status = await w.status(args.run)
+            events.revisions(await w.history(args.run, limit=FOLLOWED))
+            events.outcomes(await w.outcomes(args.run, limit=FOLLOWED))
             if status is not None:
-                key = tuple(json.dumps(getattr(status, f), sort_keys=True) for f in WATCHED)
-                if key != shown:
-                    shown = key
-                    out.write(status_event(status, as_json=as_json) + "\n")
-            for entry in await w.history(args.run, limit=20):
-                if entry.revision > newest:
-                    newest = entry.revision
-                    if as_json:
-                        out.write(json.dumps({"event": "revision", **_history_json(entry, {})}) + "\n")
-                    else:
-                        who = entry.author if isinstance(entry, Revision) else "?"
-                        when = output.format_time(time.time())
-                        out.write(f"{when}  {args.run}: revision {entry.revision} written by {who}\n")
-            for outcome in await w.outcomes(args.run, limit=20):
-                okey = (outcome.revision, outcome.incarnation, outcome.at)
-                if okey not in seen:
-                    seen.add(okey)
-                    out.write(outcome_event(outcome, as_json=as_json) + "\n")
-            out.flush()
+                now = time.time()
+                stale = is_stale(status, args.stale_after, now)
+                key = (*(getattr(status, f) for f in WATCHED), stale)
+                untold = status.applied_revision != applied and status.applied_revision not in events.answered
+                if key != shown or untold:
+                    events.status(status, stale_for=status.age(now) if stale else None)
+                shown, applied = key, status.applied_revision
+            events.flush(out)
             if status is not None and not status.live:
                 return EXIT_OK if status.state == "stopped" else EXIT_ERROR
             if deadline is not None and time.monotonic() >= deadline:
@@ -523,18 +583,23 @@ async def cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
             await anyio.sleep(FOLLOW_INTERVAL)
 
 
-class _NoRevision:
-    revision = 0
-
-
-def status_event(status: Status, *, as_json: bool) -> str:
+def status_event(status: Status, *, as_json: bool, stale_for: float | None = None, at: float | None = None) -> str:
+    """One ``watch`` line (or JSON object) for a status, dated ``at`` (default: its heartbeat); ``stale_for``:
+    seconds without a heartbeat, when stale."""
     if as_json:
-        return json.dumps({"event": "status", "status": to_dict(status)})
+        body: dict[str, Any] = {"event": "status", "status": to_dict(status), "stale": stale_for is not None}
+        if stale_for is not None:
+            body["heartbeat_age"] = round(stale_for, 3)
+        return json.dumps(body)
     metrics = " ".join(f"{k}={v:g}" for k, v in sorted(status.metrics.items()))
     tail = f"  {status.message}" if status.message else ""
+    if stale_for is not None:
+        tail += f"  STALE: no heartbeat for {output.format_age(stale_for)}"
+    who = f" (incarnation {status.incarnation})" if status.incarnation else ""
+    when = output.format_time(status.heartbeat if at is None else at)
     return (
-        f"{output.format_time(status.heartbeat)}  {status.run}: {status.state} step {status.step} epoch "
-        f"{status.epoch} applied r{status.applied_revision}" + (f" {metrics}" if metrics else "") + tail
+        f"{when}  {status.run}: {status.state} step {status.step} epoch {status.epoch} applied "
+        f"r{status.applied_revision}" + (f" {metrics}" if metrics else "") + who + tail
     )
 
 
@@ -625,15 +690,17 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
 
     p = subparsers.add_parser(
         "watch",
-        help="stream a run's status changes, revisions and outcomes as they happen",
-        description="Print a line for each status change (a heartbeat alone prints nothing), each revision "
-        "written and each outcome, until the run's incarnation ends (exit 0 stopped, 1 failed), --timeout, or "
-        "Ctrl-C.",
+        help="stream a run's state changes, revisions and outcomes as they happen",
+        description="Print a line for each revision written, each outcome reported and each change of the run's "
+        "state (a new incarnation, running, stopping, stopped or failed, a message, gone stale or back), in the "
+        "order they happened. Steps, metrics and heartbeats alone print nothing (weavelet top shows them). Ends "
+        "when the run's incarnation ends (exit 0 stopped, 1 failed), at --timeout (exit 0), or on Ctrl-C.",
         epilog="examples:\n  weavelet watch demo\n  weavelet watch demo --json | jq -c .\n",
         formatter_class=formatter,
     )
     add_url(p)
     add_output(p)
+    add_stale(p)
     p.add_argument("run", metavar="RUN", help="run id")
     p.add_argument("--timeout", type=positive_float, metavar="S", help="stop watching after S seconds (exit 0)")
     p.set_defaults(handler=cmd_watch, is_async=True)

@@ -14,9 +14,11 @@ fixture; every test below then runs against that transport::
 The built-in transports pass this suite unchanged. Tests use anyio's pytest plugin on the asyncio backend
 (it ships with anyio; no extra plugin is needed). Each test uses its own run ids, so a shared server is fine.
 
-Tests of undecodable entries need to store raw bytes as a run's newest revision, which only the transport's
-own test module knows how to do: override :meth:`TransportConformance.write_raw_revision`. Without it those
-tests are skipped with a reason that says so (and only those).
+Tests of undecodable entries need to store raw bytes as a run's newest revision (or status), which only the
+transport's own test module knows how to do: override :meth:`TransportConformance.write_raw_revision` (and
+:meth:`TransportConformance.write_raw_status`). Without them those tests are skipped with a reason that says so
+(and only those). Tests of :meth:`~weavelet_core.Transport.delete` are skipped for a transport that does not
+implement it (it raises :class:`~weavelet_core.transport.DeleteUnsupported`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pytest
 from weavelet_core.errors import CorruptEntry, InvalidRunId, RevisionConflict
 from weavelet_core.plugins import open_transport
 from weavelet_core.protocol import Outcome, Revision, Status
-from weavelet_core.transport import Entry, Transport
+from weavelet_core.transport import DeleteUnsupported, Entry, Transport
 
 WATCH_TIMEOUT = 10.0
 
@@ -48,6 +50,14 @@ async def _next(iterator: AsyncIterator[Entry], timeout: float = WATCH_TIMEOUT) 
 
 def _number(entry: Entry) -> int:
     return entry.revision
+
+
+def _shown(entry: Entry | None) -> tuple[int, dict[str, Any]] | None:
+    """``(number, config)`` of a revision read back (``None`` for none); anything else fails the test."""
+    if entry is None:
+        return None
+    assert isinstance(entry, Revision), entry
+    return entry.revision, entry.config
 
 
 def _undecodable(kind: str, run: str, number: int) -> bytes:
@@ -82,6 +92,9 @@ class TransportConformance:
     #: Concurrent writers in the no-lost-writes test, and writes each.
     concurrent_writers = 4
     writes_per_writer = 10
+    #: Runs in the tests of the batched reads (``statuses``, ``latests``): enough for a transport to switch from
+    #: reading run by run to reading in bulk.
+    batch_runs = 300
 
     @pytest.fixture
     def anyio_backend(self) -> str:
@@ -101,6 +114,16 @@ class TransportConformance:
         pytest.skip(
             f"{type(self).__name__} does not override write_raw_revision(transport, run, number, data), so the "
             "tests of undecodable revisions cannot store raw bytes; implement it to run them"
+        )
+
+    async def write_raw_status(self, transport: Transport, run: str, data: bytes) -> None:
+        """Store ``data`` as the latest status of ``run``, bypassing every check (the run is listed by ``runs()``).
+
+        Override it in the subclass to run the test of an undecodable status among many; the default skips it.
+        """
+        pytest.skip(
+            f"{type(self).__name__} does not override write_raw_status(transport, run, data), so the test of an "
+            "undecodable status cannot store raw bytes; implement it to run it"
         )
 
     @pytest.fixture
@@ -348,6 +371,177 @@ class TransportConformance:
         await transport.publish_outcome(newer)
         assert await other.outcome(run, 1) == newer
         assert await other.outcomes(run) == [legacy, newer]
+
+    # -- batched reads -----------------------------------------------------------------------------------
+    async def _fill(self, transport: Transport, runs: list[str]) -> None:
+        """Run ``i`` of ``runs``: revisions unless ``i % 5 == 0`` (1 to 3 of them), a status unless ``i % 3 == 0``."""
+        semaphore = anyio.Semaphore(32)
+
+        async def one(index: int, run: str) -> None:
+            async with semaphore:
+                if index % 5:
+                    for number in range(1, 2 + index % 3):
+                        await transport.put(_rev(run, number, i=index))
+                if index % 3:
+                    await transport.publish_status(Status(run=run, state="running", step=index))
+
+        async with anyio.create_task_group() as tg:
+            for index, name in enumerate(runs):
+                tg.start_soon(one, index, name)
+
+    @pytest.mark.anyio
+    async def test_batched_reads_give_what_reads_run_by_run_give(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        runs = [f"{run}-{index:03d}" for index in range(self.batch_runs)]
+        await self._fill(transport, runs)
+        unknown = f"{run}-unknown"
+        asked = [unknown, *reversed(runs), runs[-1]]  # unsorted, a run never written, a repeat
+        order = list(dict.fromkeys(asked))
+        latests = await other.latests(asked)
+        statuses = await other.statuses(asked)
+        assert list(latests) == order
+        assert list(statuses) == order
+        for index, name in enumerate(runs):
+            newest = latests[name]
+            if index % 5:
+                assert isinstance(newest, Revision), name
+                assert (newest.revision, newest.config) == (1 + index % 3, {"i": index})
+            else:
+                assert newest is None, f"{name} has a status but no revision"
+            status = statuses[name]
+            if index % 3:
+                assert status is not None, name
+                assert (status.run, status.step) == (name, index)
+            else:
+                assert status is None, f"{name} has revisions but no status"
+        assert latests[unknown] is None
+        assert statuses[unknown] is None
+        for name in runs[:: max(1, len(runs) // 25)]:
+            assert latests[name] == await other.latest(name)
+            assert statuses[name] == await other.status(name)
+        few = [runs[1], runs[5], unknown]  # a small request may take another way: the same answers
+        assert await other.latests(few) == {name: latests[name] for name in few}
+        assert await other.statuses(few) == {name: statuses[name] for name in few}
+        assert await other.latests([]) == {}
+        assert await other.statuses([]) == {}
+
+    @pytest.mark.anyio
+    async def test_batched_reads_see_writes_made_since_the_last_listing(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        runs = [f"{run}-{index:03d}" for index in range(self.batch_runs)]
+        await self._fill(transport, runs)
+        assert {name for index, name in enumerate(runs) if index % 15} <= set(await other.runs())
+        before = await other.latests(runs)
+        await transport.put(_rev(runs[1], 3, changed=True))  # run 1 had 2 revisions
+        await transport.publish_status(Status(run=runs[1], state="stopped", step=7))
+        await transport.put(_rev(runs[0], 1))  # run 0 had none
+        after = await other.latests(runs)
+        assert _shown(after[runs[1]]) == (3, {"changed": True})
+        assert _shown(after[runs[0]]) == (1, {"n": 1})
+        assert {k: v for k, v in after.items() if k not in runs[:2]} == {
+            k: v for k, v in before.items() if k not in runs[:2]
+        }
+        status = (await other.statuses(runs))[runs[1]]
+        assert status is not None
+        assert (status.state, status.step) == ("stopped", 7)
+
+    @pytest.mark.anyio
+    async def test_batched_reads_report_unreadable_revisions_in_their_place(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        runs = [f"{run}-{index:03d}" for index in range(self.batch_runs)]
+        await self._fill(transport, runs)
+        garbage, future = runs[1], runs[4]  # each with 2 revisions: the unreadable one is number 3
+        await self.write_raw_revision(transport, garbage, 3, _undecodable("garbage", garbage, 3))
+        await self.write_raw_revision(transport, future, 3, _undecodable("future-version", future, 3))
+        latests = await other.latests(runs)
+        for name in (garbage, future):
+            entry = latests[name]
+            assert isinstance(entry, CorruptEntry), name
+            assert (entry.run, entry.revision) == (name, 3)
+            with pytest.raises(CorruptEntry):
+                await other.latest(name)
+        readable = [name for index, name in enumerate(runs) if index % 5 and name not in (garbage, future)]
+        assert all(isinstance(latests[name], Revision) for name in readable)
+        statuses = await other.statuses(runs)
+        assert statuses[garbage] is not None
+        assert sum(status is not None for status in statuses.values()) == sum(1 for i in range(len(runs)) if i % 3)
+
+    @pytest.mark.anyio
+    async def test_batched_statuses_leave_out_an_unreadable_status(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        runs = [f"{run}-{index:03d}" for index in range(self.batch_runs)]
+        await self._fill(transport, runs)
+        broken = runs[4]
+        await self.write_raw_status(transport, broken, b"\x80 not json {")
+        statuses = await other.statuses(runs)
+        assert statuses[broken] is None
+        assert await other.status(broken) is None
+        assert broken in await other.runs()
+        assert sum(status is not None for status in statuses.values()) == sum(1 for i in range(len(runs)) if i % 3) - 1
+
+    # -- delete ------------------------------------------------------------------------------------------
+    async def _delete(self, transport: Transport, run: str) -> None:
+        try:
+            await transport.delete(run)
+        except DeleteUnsupported as exc:
+            pytest.skip(f"{type(transport).__name__} does not implement delete(): {exc}")
+
+    @pytest.mark.anyio
+    async def test_delete_removes_everything_of_the_run_and_nothing_else(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        kept = f"{run}-kept"
+        for name in (run, kept):
+            await transport.put(_rev(name, 1))
+            await transport.put(_rev(name, 2))
+            await transport.publish_status(Status(run=name, state="stopped", step=9))
+            for incarnation in ("i1", "i2"):
+                outcome = Outcome(run=name, revision=2, result="applied", step=9, incarnation=incarnation)
+                await transport.publish_outcome(outcome)
+        assert {run, kept} <= set(await other.runs())
+        await self._delete(other, run)
+        for reader in (transport, other):
+            listed = await reader.runs()
+            assert run not in listed
+            assert kept in listed
+            assert await reader.latest(run) is None
+            assert await reader.history(run) == []
+            assert await reader.status(run) is None
+            assert await reader.outcome(run, 2) is None
+            assert await reader.outcomes(run) == []
+            latests = await reader.latests([run, kept])
+            assert (_shown(latests[run]), _shown(latests[kept])) == (None, (2, {"n": 2}))
+            statuses = await reader.statuses([run, kept])
+            assert statuses[run] is None
+            assert statuses[kept] is not None
+            assert len(await reader.outcomes(kept)) == 2
+        # The run starts again at revision 1, from either connection.
+        with pytest.raises(RevisionConflict) as info:
+            await transport.put(_rev(run, 3))
+        assert info.value.current == 0
+        await transport.put(_rev(run, 1, again=True))
+        assert _shown(await other.latest(run)) == (1, {"again": True})
+        assert [r.revision for r in await other.history(run)] == [1]
+
+    @pytest.mark.anyio
+    async def test_delete_of_a_run_with_nothing_stored_does_nothing(self, transport: Transport, run: str) -> None:
+        await transport.put(_rev(f"{run}-other", 1))
+        await self._delete(transport, run)
+        await self._delete(transport, run)
+        assert _shown(await transport.latest(f"{run}-other")) == (1, {"n": 1})
+        with pytest.raises(InvalidRunId):
+            await transport.delete("../etc")
+
+    @pytest.mark.anyio
+    async def test_delete_of_a_run_with_only_a_status(self, transport: Transport, other: Transport, run: str) -> None:
+        await transport.publish_status(Status(run=run, state="failed", message="boom"))
+        await self._delete(transport, run)
+        assert run not in await other.runs()
+        assert await other.status(run) is None
 
     # -- undecodable revisions ---------------------------------------------------------------------------
     @pytest.mark.anyio
