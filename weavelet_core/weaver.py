@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import getpass
+import logging
 import os
 import random
 import secrets
@@ -36,6 +37,8 @@ from weavelet_core.protocol import JsonObject, Outcome, Revision, Status, valida
 from weavelet_core.transport import Entry, Transport
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WRITE_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 10.0
@@ -313,9 +316,12 @@ class AsyncWeaver:
         """Wait up to ``timeout`` seconds for the outcome of ``revision`` and return it.
 
         With ``revision_id`` (the :attr:`Revision.id` of the write) only an outcome answering that write
-        counts. Raises :class:`~weavelet_core.RunEnded` at once when the run's incarnation has ended (stopped or
-        failed) without answering, and :class:`~weavelet_core.WaitTimeout` when the time runs out, saying what
-        the run was last seen doing. The revision stays desired in either case.
+        counts. The outcome is watched (:meth:`~weavelet_core.Transport.watch_outcome`), so it is returned within
+        a round trip of being stored; the run's status is read every :data:`STATUS_RECHECK` seconds. Raises
+        :class:`~weavelet_core.RunEnded` at once when the run's incarnation has ended (stopped or failed, or no
+        heartbeat for too long) without answering, and :class:`~weavelet_core.WaitTimeout` when the time runs
+        out, saying what the run was last seen doing. The revision stays desired in either case. Errors the
+        transport raises that retrying cannot fix (``PermissionDenied``, ...) are raised as they are.
         """
         transport = await self._ready()
         deadline = time.monotonic() + timeout
@@ -331,27 +337,74 @@ class AsyncWeaver:
     async def _wait(
         self, transport: Transport, run: str, revision: int, revision_id: str | None, deadline: float, timeout: float
     ) -> Outcome:
-        interval = 0.01
-        next_status = 0.0
-        while True:
-            with contextlib.suppress(TransportUnavailable):
-                found = await self._bounded(transport.outcome(run, revision), deadline)
-                if found is not None and _answers(found, revision_id):
-                    return found
-            now = time.monotonic()
-            if now >= next_status:
-                next_status = now + STATUS_RECHECK
+        """Follow the outcome of ``revision`` with :meth:`Transport.watch_outcome` while the run's status is read every
+        :data:`STATUS_RECHECK` seconds (has its incarnation ended?), until an answer, the end of the run, or
+        ``deadline``."""
+        answer: list[Outcome] = []
+        failure: list[Exception] = []
+        ended: Status | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow_outcome, transport, run, revision, revision_id, answer, failure, tg.cancel_scope)
+            while True:
                 with contextlib.suppress(TransportUnavailable):
                     status = await self._bounded(transport.status(run), deadline)
                     if status is not None and (not status.live or status.stale()):
+                        # A last look: the answer may have been stored just before the incarnation ended.
                         found = await self._bounded(transport.outcome(run, revision), deadline)
                         if found is not None and _answers(found, revision_id):
-                            return found
-                        raise RunEnded(_not_live(run, status, f"revision {revision} will not be answered"))
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(await self._explain_missing_outcome(run, revision, timeout))
-            await anyio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 1.5, 0.1)
+                            answer.append(found)
+                        else:
+                            ended = status
+                        tg.cancel_scope.cancel()
+                        break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    tg.cancel_scope.cancel()
+                    break
+                await anyio.sleep(min(STATUS_RECHECK, remaining))
+        if failure:
+            raise failure[0]
+        if answer:
+            return answer[0]
+        if ended is not None:
+            raise RunEnded(_not_live(run, ended, f"revision {revision} will not be answered"))
+        raise WaitTimeout(await self._explain_missing_outcome(run, revision, timeout))
+
+    @staticmethod
+    async def _follow_outcome(
+        transport: Transport,
+        run: str,
+        revision: int,
+        revision_id: str | None,
+        answer: list[Outcome],
+        failure: list[Exception],
+        done: anyio.CancelScope,
+    ) -> None:
+        """Watch the outcome of ``revision`` until one answers ``revision_id``: append it to ``answer`` and cancel
+        ``done``. An outage restarts the watch after a backoff; any other error goes to ``failure`` (and cancels
+        ``done``). A watch that ends (the transport was closed) leaves the rest to the status checks and the
+        deadline."""
+        delay = READ_RETRY_FIRST
+        while True:
+            watcher = transport.watch_outcome(run, revision)
+            try:
+                async for outcome in watcher:
+                    if _answers(outcome, revision_id):
+                        answer.append(outcome)
+                        done.cancel()
+                        return
+                return
+            except TransportUnavailable as exc:
+                log.debug("weaver: watching the outcome of revision %d of run %r: %s", revision, run, exc)
+            except Exception as exc:
+                failure.append(exc)
+                done.cancel()
+                return
+            finally:
+                with anyio.move_on_after(1.0, shield=True), contextlib.suppress(Exception):
+                    await watcher.aclose()  # type: ignore[attr-defined]
+            await anyio.sleep(delay)
+            delay = min(delay * 2, READ_RETRY_MAX)
 
     @staticmethod
     async def _bounded(call: Awaitable[T], deadline: float) -> T:
