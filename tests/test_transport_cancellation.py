@@ -58,6 +58,7 @@ CALLS: dict[str, Call] = {
     "publish_outcome": lambda t, run: t.publish_outcome(Outcome(run=run, revision=1, result="applied", step=1)),
     "outcome": lambda t, run: t.outcome(run, 1),
     "outcomes": lambda t, run: t.outcomes(run),
+    "watch_outcome": lambda t, run: t.watch_outcome(run, 1).__anext__(),
 }
 
 
