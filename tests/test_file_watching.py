@@ -133,6 +133,14 @@ def test_the_directory_watcher_reports_renames_and_its_directory_going(tmp_path:
             assert not watcher.watching(watched)
             watched.mkdir()
             assert watcher.add(watched), "a directory made again at the same path is watched again"
+            (watched / "queued.json").write_text("x")
+            watcher.reset()  # ready for another watch: nothing watched, nothing queued
+            assert not watcher.watching(watched)
+            (watched / "unwatched.json").write_text("x")
+            assert await watcher.wait(0.05) == []
+            assert watcher.add(tmp_path)
+            (tmp_path / "again.json").write_text("x")
+            assert {e.name for e in await watcher.wait(PROMPT)} == {"again.json"}
         finally:
             watcher.close()
             watcher.close()

@@ -71,13 +71,25 @@ from weavelet_core.protocol import (
     validate_run_id,
 )
 from weavelet_core.transport import Entry, Transport
-from weavelet_file.watching import ENTRIES, GONE, RENAMES, WATCH_MODES, DirectoryWatcher, Event, choose_mode
+from weavelet_file.watching import (
+    ENTRIES,
+    GONE,
+    RENAMES,
+    WATCH_MODES,
+    DirectoryWatcher,
+    Event,
+    choose_mode,
+    close_in_background,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HISTORY = 1000
 DEFAULT_POLL_INTERVAL = 0.05  # a 10 ms poll cost a training loop on 2 cores ~3% per step; see docs/benchmarks.md
 LOCK_TIMEOUT = 10.0
+IDLE_WATCHERS = 4
+"""inotify instances a transport keeps for its next watches once a watch ends (closing one costs the kernel a
+grace period, milliseconds; reusing one costs nothing)."""
 INOTIFY_RECHECK = 10.0
 """Seconds an inotify watch waits without an event before it looks at the files anyway (a bound, not a poll)."""
 _DIGITS = 20
@@ -203,6 +215,7 @@ class FileTransport(Transport):
         :func:`weavelet_file.watching.choose_mode`)."""
         self.watch_reason = ""
         self._waits: set[anyio.CancelScope] = set()
+        self._idle_watchers: list[DirectoryWatcher] = []
         self._warned_inotify = False
         group = group if group is not None else query.get("group")
         self.group: str | None = group or None
@@ -566,8 +579,7 @@ class FileTransport(Transport):
                 first = False
                 await self._next_change(watcher, armed, lambda event: _touches(event, run_dir, ("latest.json",)))
         finally:
-            if watcher is not None:
-                watcher.close()
+            self._release_watcher(watcher)
 
     async def watch_outcome(self, run: str, revision: int) -> AsyncIterator[Outcome]:
         """The newest outcome of the revision each time it changes, woken by inotify on the run's ``outcomes``
@@ -588,8 +600,7 @@ class FileTransport(Transport):
                     yield found
                 await self._next_change(watcher, armed, lambda event: _answers_revision(event, run_dir, revision))
         finally:
-            if watcher is not None:
-                watcher.close()
+            self._release_watcher(watcher)
 
     # -- change notification -----------------------------------------------------------------------------
     def _open_watcher(self) -> DirectoryWatcher | None:
@@ -597,6 +608,8 @@ class FileTransport(Transport):
         is logged once, with the fix)."""
         if self._resolve_watch_mode() != "inotify":
             return None
+        if self._idle_watchers:
+            return self._idle_watchers.pop()
         try:
             return DirectoryWatcher()
         except OSError as exc:
@@ -617,6 +630,17 @@ class FileTransport(Transport):
                     self.poll_interval,
                 )
             return None
+
+    def _release_watcher(self, watcher: DirectoryWatcher | None) -> None:
+        """Keep a watcher whose watch ended for the next watch (up to :data:`IDLE_WATCHERS`), else close it without
+        holding up the event loop."""
+        if watcher is None or watcher.closed:
+            return
+        if self._closed or len(self._idle_watchers) >= IDLE_WATCHERS:
+            close_in_background([watcher])
+            return
+        watcher.reset()
+        self._idle_watchers.append(watcher)
 
     def _arm(self, watcher: DirectoryWatcher | None, *directories: tuple[Path, int]) -> bool:
         """Watch ``runs/`` and those of ``directories`` (each with its inotify mask, nested in this order) that exist:
@@ -780,6 +804,8 @@ class FileTransport(Transport):
         self._closed = True
         for scope in list(self._waits):
             scope.cancel()
+        idle, self._idle_watchers = self._idle_watchers, []
+        close_in_background(idle)
 
 
 def _touches(event: Event, run_dir: Path, names: Sequence[str]) -> bool:
