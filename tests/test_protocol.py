@@ -283,3 +283,15 @@ def test_version_1_messages_are_still_read_with_the_new_fields_defaulted() -> No
     status = decode(b'{"v":1,"kind":"status","run":"r","state":"running"}', Status)
     assert (status.incarnation, status.started_at, status.keepalive, status.last_outcome) == ("", 0.0, 0.0, None)
     assert json.loads(encode(outcome))["v"] == PROTOCOL_VERSION == 2
+
+
+def test_revision_ids_are_distinct_version_4_uuids() -> None:
+    import uuid as uuid_module
+
+    from weavelet_core.protocol import new_id
+
+    ids = {Revision(run="r", revision=1, config={}).id for _ in range(2000)} | {new_id() for _ in range(2000)}
+    assert len(ids) == 4000
+    for text in list(ids)[:200]:
+        parsed = uuid_module.UUID(text)
+        assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid_module.RFC_4122, text)
