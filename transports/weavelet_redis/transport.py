@@ -122,6 +122,9 @@ class RedisTransport(Transport):
         self._sentinels: list[Sentinel] = []
         self._closed = False
         self._outcome_stream_denied = False
+        # Runs this transport put in the run index: a write adds its run there once per connection (and with every
+        # revision 1, which follows a delete), not with every revision, which would cost a second round trip each.
+        self._indexed: set[str] = set()
 
     # -- connections -------------------------------------------------------------------------------------
     def _new_client(self, *, retries: int) -> aioredis.Redis:
@@ -268,7 +271,9 @@ class RedisTransport(Transport):
         else:
             stored, value = await self._call(action, self._put_script(keys=keys, args=args, client=client))
         if stored:
-            await self._index(client, run)
+            if revision.revision == 1 or run not in self._indexed:
+                await self._index(client, run)
+                self._indexed.add(run)
             return
         current = int(value)
         if current == revision.revision:
