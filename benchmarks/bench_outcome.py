@@ -2,7 +2,8 @@
 NATS and Redis, each beside the polling wait it replaced, measured in the same run.
 
 A trainer process (spawned, as a training script is) runs steps of 1 ms that keep its core busy, as training does,
-calls ``WeaveletProcess.poll()`` at each step boundary and reports ``applied`` at once. This process writes one
+in native code that releases the GIL, as torch's kernels do (SHA-256 over 16 KiB blocks), calls
+``WeaveletProcess.poll()`` at each step boundary and reports ``applied`` at once. This process writes one
 ``lr`` change at a time and waits for its outcome:
 
 - baseline: the wait as it was: ``Weaver.set()``, then ``Weaver.outcome()`` every 10 ms, the interval growing 1.5x
@@ -19,6 +20,7 @@ missed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing
 import statistics
 import sys
@@ -44,12 +46,13 @@ def train(url: str, run: str, ready: EventType, stop: EventType) -> None:
     process = WeaveletProcess(run, url)
     process.start(timeout=30)
     ready.set()
+    block = bytes(16 * 1024)
     step = 0
     try:
         while not stop.is_set():
             until = time.perf_counter() + STEP
             while time.perf_counter() < until:
-                pass
+                hashlib.sha256(block)  # releases the GIL while it hashes, as a torch kernel does
             step += 1
             revision = process.poll()
             if revision is not None:

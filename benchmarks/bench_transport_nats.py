@@ -23,9 +23,9 @@ import tempfile
 from collections.abc import Callable
 
 import nats
+from _latency import Watcher, interleaved, percentile, row
 from nats.js.kv import KeyValue
 
-from _latency import Watcher, interleaved, percentile, row
 from weavelet_core import AsyncWeaver, Weaver, open_transport
 from weavelet_core.protocol import Revision
 from weavelet_nats.embedded import NatsServer

@@ -103,7 +103,7 @@ def test_an_unknown_watch_option_is_refused_with_the_choices(tmp_path: Path) -> 
 @pytest.mark.skipif(sys.platform.startswith("linux"), reason="inotify exists here")
 def test_asking_for_inotify_where_there_is_none_says_so(tmp_path: Path) -> None:
     async def go() -> None:
-        with pytest.raises(TransportError, match="watch=inotify: .*use watch=poll or auto"):
+        with pytest.raises(TransportError, match=r"watch=inotify: .*use watch=poll or auto"):
             async with open_transport((tmp_path / "s").as_uri() + "?watch=inotify"):
                 pass
 
