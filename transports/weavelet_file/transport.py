@@ -185,6 +185,10 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
         raise
 
 
+class _LockBusy(Exception):
+    """The run's lock is held by another writer (raised only when asked not to wait for it)."""
+
+
 class FileTransport(Transport):
     """A directory as the store. Safe for many processes on one host (and on filesystems with working
     ``flock``, such as local disks and NFSv4)."""
@@ -383,8 +387,15 @@ class FileTransport(Transport):
 
     # -- revisions ---------------------------------------------------------------------------------------
     async def put(self, revision: Revision) -> None:
+        """Compare-and-set under the run's lock. When the lock is free (the usual case) the write is done at once, in
+        the caller's thread; only a lock held by another writer is waited for in a worker thread."""
         self._check_open()
         data = encode(revision)
+        try:
+            self._put_locked(revision.run, revision.revision, data, True, wait=False)
+            return
+        except _LockBusy:
+            pass
         # A cancelled caller does not wait for the thread, and the thread gives up waiting for the lock as soon as
         # it sees the cancellation: a write the caller was told timed out does not land seconds later.
         cancelled = threading.Event()
@@ -406,8 +417,17 @@ class FileTransport(Transport):
         await anyio.to_thread.run_sync(self._put_locked, run, number, data, False, abandon_on_cancel=True)
 
     def _put_locked(
-        self, run: str, number: int, data: bytes, compare: bool, cancelled: threading.Event | None = None
+        self,
+        run: str,
+        number: int,
+        data: bytes,
+        compare: bool,
+        cancelled: threading.Event | None = None,
+        *,
+        wait: bool = True,
     ) -> None:
+        """Write under the run's lock; without ``wait``, raise :class:`_LockBusy` at once when another writer holds
+        it."""
         run_dir = self._run_dir(run)
         try:
             self._makedirs(run_dir / "revisions")
@@ -415,9 +435,11 @@ class FileTransport(Transport):
             deadline = time.monotonic() + LOCK_TIMEOUT
             while True:  # bounded by LOCK_TIMEOUT; gives up at once when the caller is gone
                 try:
-                    lock.acquire(timeout=0.05)
+                    lock.acquire(timeout=0.05, blocking=wait)
                     break
                 except filelock.Timeout:
+                    if not wait:
+                        raise _LockBusy from None
                     if (cancelled is not None and cancelled.is_set()) or time.monotonic() >= deadline:
                         raise
             try:
