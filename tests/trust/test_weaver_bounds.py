@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from weavelet_core import RunEnded, TransportUnavailable, Weaver
@@ -140,8 +141,13 @@ def test_status_published_by_an_unknown_writer_does_not_count_as_live(weaver: We
 
 @contextmanager
 def _stopped(pid: int) -> Iterator[None]:
+    """The process is stopped (SIGSTOP) inside the block: the block starts once it is (a stop takes effect a moment
+    after the signal, and a write sent in that moment would be answered), and it is always resumed after."""
     os.kill(pid, signal.SIGSTOP)
     try:
+        deadline = time.monotonic() + 5
+        while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+            time.sleep(0.001)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
