@@ -20,6 +20,7 @@ import pytest
 from weavelet_core import open_transport
 from weavelet_core.errors import RevisionConflict, TransportUnavailable
 from weavelet_core.protocol import Outcome, Revision, Status
+from weavelet_core.testing.servers import wait_until_stopped
 from weavelet_core.transport import Transport
 from weavelet_nats.testing import NatsServerFactory
 from weavelet_redis.testing import RedisServer
@@ -39,9 +40,11 @@ def anyio_backend() -> str:
 
 @contextlib.contextmanager
 def stopped(pid: int) -> Iterator[None]:
-    """The process is stopped (SIGSTOP) inside the block and always resumed after it."""
+    """The process is stopped (SIGSTOP) inside the block, from the moment the stop has taken effect, and always
+    resumed after it."""
     os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until_stopped(pid)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from weavelet_core import RunEnded, TransportUnavailable, Weaver
 from weavelet_core.protocol import Status
+from weavelet_core.testing.servers import wait_until_stopped
 from weavelet_nats.testing import NatsServerFactory
 from weavelet_redis.testing import RedisServerFactory
 
@@ -145,9 +145,7 @@ def _stopped(pid: int) -> Iterator[None]:
     after the signal, and a write sent in that moment would be answered), and it is always resumed after."""
     os.kill(pid, signal.SIGSTOP)
     try:
-        deadline = time.monotonic() + 5
-        while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_until_stopped(pid)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
