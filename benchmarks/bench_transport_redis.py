@@ -7,9 +7,9 @@ waits until its watcher, a process of its own (as a sidecar is), has it; the row
 - baseline: raw redis-py, ``XADD`` -> a reader blocked in ``XREAD BLOCK`` from the last id it read;
 - raw redis-py, ``EVALSHA`` of the transport's compare-and-set script (``XREVRANGE``, ``XADD``, ``HSET`` on the
   server) -> ``XREAD BLOCK``: the primitive a write actually is;
-- ``Weaver.set()``, the synchronous API (its event loop runs in a thread), -> ``RedisTransport.watch`` yields:
-  the target, p50 within 1.3x of the baseline;
-- ``AsyncWeaver.set()`` -> ``RedisTransport.watch`` yields;
+- ``Weaver.set()``, the synchronous API (its event loop runs in a thread), -> ``RedisTransport.watch`` yields;
+- ``AsyncWeaver.set()`` -> ``RedisTransport.watch`` yields: the target, p50 within 1.3x of the baseline (the
+  figure the issue measured at 1.69x);
 - ``RedisTransport.put()`` of the next revision -> ``RedisTransport.watch`` yields (the transport without the Weaver).
 
 Usage: ``python benchmarks/bench_transport_redis.py [--count N]`` (default 1000 per row, at least 200). Exit status
@@ -126,9 +126,9 @@ def main(argv: list[str]) -> int:
     print(row("Weaver.set() (sync) -> RedisTransport.watch", sync, raw))
     print(row("AsyncWeaver.set() -> RedisTransport.watch", async_, raw))
     print(row("RedisTransport.put() -> RedisTransport.watch", put, raw))
-    ratio = percentile(sync, 0.5) / percentile(raw, 0.5)
+    ratio = percentile(async_, 0.5) / percentile(raw, 0.5)
     verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
-    print(f"target: Weaver.set() (sync) p50 within {TARGET_RATIO:g}x of the baseline: {ratio:.2f}x, {verdict}")
+    print(f"target: AsyncWeaver.set() p50 within {TARGET_RATIO:g}x of the baseline: {ratio:.2f}x, {verdict}")
     return 0 if ratio <= TARGET_RATIO else 1
 
 
