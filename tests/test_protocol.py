@@ -364,3 +364,15 @@ def test_json_values_the_quick_check_decides(value: Any, problem: str | None) ->
         protocol._check_json_value(value, "p")
     with pytest.raises(ProtocolError, match=problem):
         Status(run="r", state="running", schema={"v": value})
+
+
+def test_revision_ids_are_distinct_version_4_uuids() -> None:
+    import uuid as uuid_module
+
+    from weavelet_core.protocol import new_id
+
+    ids = {Revision(run="r", revision=1, config={}).id for _ in range(2000)} | {new_id() for _ in range(2000)}
+    assert len(ids) == 4000
+    for text in list(ids)[:200]:
+        parsed = uuid_module.UUID(text)
+        assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid_module.RFC_4122, text)

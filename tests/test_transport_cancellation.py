@@ -20,6 +20,7 @@ import pytest
 from weavelet_core import open_transport
 from weavelet_core.errors import RevisionConflict, TransportUnavailable
 from weavelet_core.protocol import Outcome, Revision, Status
+from weavelet_core.testing.servers import wait_until_stopped
 from weavelet_core.transport import Transport
 from weavelet_nats.testing import NatsServerFactory
 from weavelet_redis.testing import RedisServer
@@ -39,9 +40,11 @@ def anyio_backend() -> str:
 
 @contextlib.contextmanager
 def stopped(pid: int) -> Iterator[None]:
-    """The process is stopped (SIGSTOP) inside the block and always resumed after it."""
+    """The process is stopped (SIGSTOP) inside the block, from the moment the stop has taken effect, and always
+    resumed after it."""
     os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until_stopped(pid)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -58,6 +61,7 @@ CALLS: dict[str, Call] = {
     "publish_outcome": lambda t, run: t.publish_outcome(Outcome(run=run, revision=1, result="applied", step=1)),
     "outcome": lambda t, run: t.outcome(run, 1),
     "outcomes": lambda t, run: t.outcomes(run),
+    "watch_outcome": lambda t, run: t.watch_outcome(run, 1).__anext__(),
 }
 
 

@@ -8,6 +8,7 @@ and Redis ``NOPERM`` was reported as ``AuthenticationFailed``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -195,3 +196,42 @@ async def test_redis_wrong_password_is_still_an_authentication_failure(redis_wit
     with pytest.raises(AuthenticationFailed):
         await transport.connect()
     await transport.aclose()
+
+
+async def test_redis_trainer_whose_acl_predates_the_outcome_stream_still_stores_outcomes(
+    weavelet_redis_server_factory: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL written before the outcome stream existed: outcomes are stored all the same (the notice is left out,
+    said once), and a waiting weaver still sees them, by re-reading when its blocking read finds nothing."""
+    server = weavelet_redis_server_factory()
+    run = f"perm-{uuid.uuid4().hex[:6]}"
+    keys = [f"~weavelet:run:{{{run}}}{suffix}" for suffix in ("", ":status", ":outcomes", ":outcomes:index")]
+    admin = aioredis.Redis.from_url(server.url)
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", "old-trainer", "on", ">old-pw", "resetkeys", "-@all", "+@connection", "+evalsha",
+            "+script|load", "+hget", "+hset", "+hdel", "+zadd", "+zcard", "+zrange", "+zrem", *keys,
+        )  # fmt: skip
+    finally:
+        await admin.aclose()
+    async with _open(f"{server.url}?block=0.3") as weaver, _open(server.url_with("old-pw", user="old-trainer")) as old:
+        watcher = weaver.watch_outcome(run, 1)
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def publish_later() -> None:
+                    await anyio.sleep(0.2)
+                    with caplog.at_level(logging.WARNING, logger="weavelet_redis"):
+                        for step in (1, 2):
+                            await old.publish_outcome(Outcome(run=run, revision=1, result="applied", step=step))
+
+                tg.start_soon(publish_later)
+                with anyio.fail_after(PROMPT):
+                    first = await watcher.__anext__()
+                assert first.revision == 1
+            assert (await weaver.outcome(run, 1)).step == 2  # type: ignore[union-attr]
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+    warnings = [r.getMessage() for r in caplog.records if "outcomes:stream" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "ACL SETUSER <user> ~weavelet:run:{" in warnings[0]

@@ -161,6 +161,55 @@ def test_wait_timeout_says_what_the_run_was_doing(url: str) -> None:
             weaver.set("demo", {"lr": 0.3}, wait=30)
 
 
+def _later(url: str, delay: float, *messages: Outcome | Status) -> threading.Thread:
+    """Publish ``messages`` through ``url``, in a thread, ``delay`` seconds from now."""
+
+    async def publish() -> None:
+        await anyio.sleep(delay)
+        async with open_transport(url) as transport:
+            for message in messages:
+                if isinstance(message, Status):
+                    await transport.publish_status(message)
+                else:
+                    await transport.publish_outcome(message)
+
+    thread = threading.Thread(target=anyio.run, args=(publish,), kwargs={"backend": "asyncio"})
+    thread.start()
+    return thread
+
+
+def test_wait_takes_only_the_outcome_of_its_own_write(url: str) -> None:
+    with Weaver(url) as weaver:
+        written = weaver.set("demo", {"lr": 0.1})
+        # An outcome of another write numbered 1 (a store whose numbering was reset) first, then the answer.
+        stale = Outcome(run="demo", revision=1, revision_id="another-write", result="applied", step=1)
+        thread = _later(url, 0.2, stale)
+        answer = Outcome(run="demo", revision=1, revision_id=written.id, result="rejected", message="no")
+        late = _later(url, 0.6, answer)
+        try:
+            got = weaver.wait("demo", 1, timeout=20, revision_id=written.id)
+        finally:
+            thread.join()
+            late.join()
+        assert got == answer
+
+
+def test_wait_ends_when_the_incarnation_ends_while_it_waits(url: str) -> None:
+    with Weaver(url) as weaver:
+        live = Status(run="demo", state="running", incarnation="i1", heartbeat=time.time(), keepalive=1.0)
+        _later(url, 0, live).join()
+        written = weaver.set("demo", {"lr": 0.1})
+        stopped = Status(run="demo", state="stopped", incarnation="i1", heartbeat=time.time(), keepalive=1.0)
+        thread = _later(url, 0.3, stopped)
+        started = time.monotonic()
+        try:
+            with pytest.raises(RunEnded, match="incarnation i1 ended stopped"):
+                weaver.wait("demo", written.revision, timeout=20, revision_id=written.id)
+        finally:
+            thread.join()
+        assert time.monotonic() - started < 5
+
+
 def test_bad_changes_are_refused_and_nothing_is_written(url: str) -> None:
     with Weaver(url) as weaver:
         weaver.set("demo", {"lr": 0.1})

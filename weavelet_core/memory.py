@@ -198,6 +198,7 @@ class MemoryTransport(Transport):
                 oldest_kept = numbers[-self._history]
                 for key in [key for key in outcomes if key[0] < oldest_kept]:
                     del outcomes[key]
+        self._store.notify()
 
     async def outcome(self, run: str, revision: int) -> Outcome | None:
         self._check_open()
@@ -206,6 +207,33 @@ class MemoryTransport(Transport):
             state = self._store.runs.get(run)
             found = [o for key, o in state.outcomes.items() if key[0] == revision] if state else []
         return max(found, key=lambda o: o.at, default=None)
+
+    async def watch_outcome(self, run: str, revision: int) -> AsyncIterator[Outcome]:
+        """The newest outcome of the revision each time it changes, woken by every write to the store (no polling);
+        ends when the transport is closed."""
+        self._check_open()
+        validate_run_id(run)
+        event = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), event)
+        store = self._store
+        with store.lock:
+            store.waiters.add(waiter)
+        last: Outcome | None = None
+        try:
+            while not self._closed:
+                event.clear()  # before reading: a write after the read sets it again
+                with store.lock:
+                    state = store.runs.get(run)
+                    found = [o for key, o in state.outcomes.items() if key[0] == revision] if state else []
+                newest = max(found, key=lambda o: o.at, default=None)
+                if newest is not None and newest != last:
+                    last = newest
+                    yield newest
+                else:
+                    await event.wait()
+        finally:
+            with store.lock:
+                store.waiters.discard(waiter)
 
     async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
         self._check_open()

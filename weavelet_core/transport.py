@@ -19,6 +19,11 @@ undecodable status or outcome is skipped and logged.
 Every method returns or raises promptly when its caller's cancel scope is cancelled, so that callers can bound
 every call (``anyio.fail_after``) even against a stopped (SIGSTOP) server.
 
+Waiting for the answer to a write: :meth:`Transport.watch_outcome` yields the outcome of one revision as it is
+stored. The default polls :meth:`Transport.outcome` (so a third-party transport works unchanged); the built-in
+transports override it with a watch of their own (a key-value watch, a blocking stream read, inotify), so that
+:meth:`weavelet_core.Weaver.wait` learns of an outcome within a round trip of its being stored.
+
 ``weavelet_core.testing.TransportConformance`` is the executable form of this contract.
 """
 
@@ -27,20 +32,28 @@ from __future__ import annotations
 import abc
 import contextlib
 import gc
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import TypeVar
 
 import anyio
 
-from weavelet_core.errors import CorruptEntry, TransportError
+from weavelet_core.errors import CorruptEntry, TransportError, TransportUnavailable
 from weavelet_core.protocol import Outcome, Revision, Status
+
+log = logging.getLogger(__name__)
 
 Entry = Revision | CorruptEntry
 """What ``watch`` and ``history`` yield: a revision, or the stand-in for one that cannot be read."""
 
 CONCURRENT_READS = 64
 """How many reads the default :meth:`Transport.statuses` and :meth:`Transport.latests` keep in flight at once."""
+
+OUTCOME_POLL_FIRST = 0.01
+OUTCOME_POLL_MAX = 0.1
+"""Seconds between two reads of the default :meth:`Transport.watch_outcome`: the first, growing 1.5 times a read
+up to the most."""
 
 _T = TypeVar("_T")
 
@@ -190,6 +203,35 @@ class Transport(abc.ABC):
                 return exc
 
         return await gather_by_run(runs, read)
+
+    async def watch_outcome(self, run: str, revision: int) -> AsyncIterator[Outcome]:
+        """Yield the newest outcome of revision ``revision`` of ``run`` (what :meth:`outcome` returns) each time it
+        changes: first the stored one, if there is one, then each newer one as it is stored.
+
+        Nothing is missed: an implementation arms its watch first and reads the stored outcome after, so an
+        outcome stored in between is seen by one or the other. It never yields an outcome of another revision; it
+        may yield the same outcome twice (after a reconnect it reads again). It keeps going across outages (it
+        reads again once the store is back) until the consumer stops iterating, and returns promptly when the
+        consumer's cancel scope is cancelled. The built-in transports also end it when the transport is closed.
+        Raises what :meth:`outcome` raises, except :class:`~weavelet_core.errors.TransportUnavailable`.
+
+        Optional. The default polls :meth:`outcome`, every :data:`OUTCOME_POLL_FIRST` seconds at first, growing
+        to every :data:`OUTCOME_POLL_MAX` seconds, and ends only when the consumer stops; a transport that can
+        watch a key overrides it. Implement as an ``async def`` generator.
+        """
+        last: Outcome | None = None
+        interval = OUTCOME_POLL_FIRST
+        while True:
+            try:
+                found = await self.outcome(run, revision)
+            except TransportUnavailable as exc:
+                log.debug("waiting for the outcome of revision %d of run %r: %s", revision, run, exc)
+                found = None
+            if found is not None and found != last:
+                last = found
+                yield found
+            await anyio.sleep(interval)
+            interval = min(interval * 1.5, OUTCOME_POLL_MAX)
 
     async def delete(self, run: str) -> None:
         """Remove everything stored for ``run``: its revisions, status and outcomes. Deleting a run that has

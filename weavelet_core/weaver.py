@@ -12,10 +12,12 @@ second, also against a stopped server: each transport call runs under the caller
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import dataclasses
 import getpass
+import logging
 import os
 import random
 import secrets
@@ -40,10 +42,14 @@ from weavelet_core.transport import Entry, Transport
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 DEFAULT_WRITE_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 10.0
 STATUS_RECHECK = 1.0
 """Seconds between two looks at the run's status while waiting for an outcome (has its incarnation ended?)."""
+STATUS_FIRST = 0.05
+"""Seconds before the first of them: an answer that comes sooner (the usual case) is not slowed by the read."""
 COMMAND_TOKEN_BYTES = 8
 READ_RETRY_FIRST = 0.1
 READ_RETRY_MAX = 1.0
@@ -67,20 +73,34 @@ def merge_config(base: Mapping[str, Any], changes: Mapping[str, Any], *, whole: 
     Top-level keys in ``whole`` take their new value as it is, never merged (a command's token object: a field
     left over from an earlier value must not make it malformed).
     """
-    merged: JsonObject = copy.deepcopy(dict(base))
+    merged: JsonObject = {key: _copy(value) for key, value in base.items()}
     for key, value in changes.items():
         if value is None:
             merged.pop(key, None)
         elif key in whole:
-            merged[key] = copy.deepcopy(value)
+            merged[key] = _copy(value)
         elif isinstance(value, Mapping):
             current = merged.get(key)
             sub = merge_config(current if isinstance(current, dict) else {}, value)
             if sub or not value or isinstance(current, dict):
                 merged[key] = sub
         else:
-            merged[key] = copy.deepcopy(value)
+            merged[key] = _copy(value)
     return merged
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a config value: its mappings and lists copied, recursively, JSON scalars shared (anything else
+    deep-copied). A third of ``copy.deepcopy``'s cost, on the path of every write."""
+    if isinstance(value, Mapping):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_copy(item) for item in value)
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    return copy.deepcopy(value)
 
 
 class AsyncWeaver:
@@ -408,9 +428,12 @@ class AsyncWeaver:
         """Wait up to ``timeout`` seconds for the outcome of ``revision`` and return it.
 
         With ``revision_id`` (the :attr:`Revision.id` of the write) only an outcome answering that write
-        counts. Raises :class:`~weavelet_core.RunEnded` at once when the run's incarnation has ended (stopped or
-        failed) without answering, and :class:`~weavelet_core.WaitTimeout` when the time runs out, saying what
-        the run was last seen doing. The revision stays desired in either case.
+        counts. The outcome is watched (:meth:`~weavelet_core.Transport.watch_outcome`), so it is returned within
+        a round trip of being stored; the run's status is read every :data:`STATUS_RECHECK` seconds. Raises
+        :class:`~weavelet_core.RunEnded` at once when the run's incarnation has ended (stopped or failed, or no
+        heartbeat for too long) without answering, and :class:`~weavelet_core.WaitTimeout` when the time runs
+        out, saying what the run was last seen doing. The revision stays desired in either case. Errors the
+        transport raises that retrying cannot fix (``PermissionDenied``, ...) are raised as they are.
         """
         transport = await self._ready()
         deadline = time.monotonic() + timeout
@@ -426,27 +449,75 @@ class AsyncWeaver:
     async def _wait(
         self, transport: Transport, run: str, revision: int, revision_id: str | None, deadline: float, timeout: float
     ) -> Outcome:
-        interval = 0.01
-        next_status = 0.0
-        while True:
-            with contextlib.suppress(TransportUnavailable):
-                found = await self._bounded(transport.outcome(run, revision), deadline)
-                if found is not None and _answers(found, revision_id):
-                    return found
-            now = time.monotonic()
-            if now >= next_status:
-                next_status = now + STATUS_RECHECK
+        """Follow the outcome of ``revision`` with :meth:`Transport.watch_outcome` while the run's status is read every
+        :data:`STATUS_RECHECK` seconds from :data:`STATUS_FIRST` on (has its incarnation ended?), until an answer, the
+        end of the run, or ``deadline``."""
+        answer: list[Outcome] = []
+        failure: list[Exception] = []
+        ended: Status | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow_outcome, transport, run, revision, revision_id, answer, failure, tg.cancel_scope)
+            await anyio.sleep(min(STATUS_FIRST, max(0.0, deadline - time.monotonic())))
+            while True:
                 with contextlib.suppress(TransportUnavailable):
                     status = await self._bounded(transport.status(run), deadline)
                     if status is not None and (not status.live or status.stale()):
+                        # A last look: the answer may have been stored just before the incarnation ended.
                         found = await self._bounded(transport.outcome(run, revision), deadline)
                         if found is not None and _answers(found, revision_id):
-                            return found
-                        raise RunEnded(_not_live(run, status, f"revision {revision} will not be answered"))
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(await self._explain_missing_outcome(run, revision, timeout))
-            await anyio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 1.5, 0.1)
+                            answer.append(found)
+                        else:
+                            ended = status
+                        tg.cancel_scope.cancel()
+                        break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    tg.cancel_scope.cancel()
+                    break
+                await anyio.sleep(min(STATUS_RECHECK, remaining))
+        if failure:
+            raise failure[0]
+        if answer:
+            return answer[0]
+        if ended is not None:
+            raise RunEnded(_not_live(run, ended, f"revision {revision} will not be answered"))
+        raise WaitTimeout(await self._explain_missing_outcome(run, revision, timeout))
+
+    @staticmethod
+    async def _follow_outcome(
+        transport: Transport,
+        run: str,
+        revision: int,
+        revision_id: str | None,
+        answer: list[Outcome],
+        failure: list[Exception],
+        done: anyio.CancelScope,
+    ) -> None:
+        """Watch the outcome of ``revision`` until one answers ``revision_id``: append it to ``answer`` and cancel
+        ``done``. An outage restarts the watch after a backoff; any other error goes to ``failure`` (and cancels
+        ``done``). A watch that ends (the transport was closed) leaves the rest to the status checks and the
+        deadline."""
+        delay = READ_RETRY_FIRST
+        while True:
+            watcher = transport.watch_outcome(run, revision)
+            try:
+                async for outcome in watcher:
+                    if _answers(outcome, revision_id):
+                        answer.append(outcome)
+                        done.cancel()
+                        return
+                return
+            except TransportUnavailable as exc:
+                log.debug("weaver: watching the outcome of revision %d of run %r: %s", revision, run, exc)
+            except Exception as exc:
+                failure.append(exc)
+                done.cancel()
+                return
+            finally:
+                with anyio.move_on_after(1.0, shield=True), contextlib.suppress(Exception):
+                    await watcher.aclose()  # type: ignore[attr-defined]
+            await anyio.sleep(delay)
+            delay = min(delay * 2, READ_RETRY_MAX)
 
     @staticmethod
     async def _bounded(call: Awaitable[T], deadline: float) -> T:
@@ -688,17 +759,22 @@ class _LoopThread:
 
     A daemon thread, unlike anyio's ``start_blocking_portal`` (a non-daemon pool thread that interpreter exit
     waits for), never keeps a process alive: a script that forgets to close its ``Weaver`` exits at once.
+    :meth:`call` hands a coroutine to the loop with ``asyncio.run_coroutine_threadsafe``, half the cost of the
+    portal's own ``call`` (which starts a task in its task group, under a cancel scope): it is on the path of every
+    synchronous call, ``Weaver.set()`` included.
     """
 
     def __init__(self, name: str = "weavelet-weaver") -> None:
         self._ready = threading.Event()
         self._portal: BlockingPortal | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
-        if not self._ready.wait(10.0) or self._portal is None:
+        if not self._ready.wait(10.0) or self._portal is None or self._loop is None:
             raise RuntimeError(f"the weaver's event loop did not start: {self._error!r}")
         self.portal: BlockingPortal = self._portal
+        self.loop: asyncio.AbstractEventLoop = self._loop
 
     def _main(self) -> None:
         try:
@@ -710,11 +786,25 @@ class _LoopThread:
     async def _serve(self) -> None:
         async with BlockingPortal() as portal:
             self._portal = portal
+            self._loop = asyncio.get_running_loop()
             self._ready.set()
             await portal.sleep_until_stopped()
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return self.portal.call(fn, *args)
+        """``await fn(*args)`` on the loop, from another thread; its result, or its exception raised here. An
+        interruption while waiting (Ctrl-C) cancels it on the loop, and is raised."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a Weaver method was called from its own event loop; await AsyncWeaver's there")
+
+        async def run() -> T:
+            return await fn(*args)
+
+        future = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
 
     def close(self, timeout: float = 2.0) -> None:
         """Cancel what still runs and end the loop within ``timeout`` seconds. Idempotent."""
@@ -750,7 +840,7 @@ class Weaver:
         except BaseException:
             self._loop.close()
             raise
-        self._portal = self._loop.portal
+        self._portal = self._loop
         self._closed = False
         self._finalizer = weakref.finalize(self, _close_at_exit, self._loop, self._async)
 

@@ -19,6 +19,7 @@ import pytest
 
 from weavelet_core import RunEnded, TransportUnavailable, Weaver
 from weavelet_core.protocol import Status
+from weavelet_core.testing.servers import wait_until_stopped
 from weavelet_nats.testing import NatsServerFactory
 from weavelet_redis.testing import RedisServerFactory
 
@@ -140,8 +141,11 @@ def test_status_published_by_an_unknown_writer_does_not_count_as_live(weaver: We
 
 @contextmanager
 def _stopped(pid: int) -> Iterator[None]:
+    """The process is stopped (SIGSTOP) inside the block: the block starts once it is (a stop takes effect a moment
+    after the signal, and a write sent in that moment would be answered), and it is always resumed after."""
     os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until_stopped(pid)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -12,8 +12,13 @@ Layout, one directory per run::
 
 Every file is written to a temporary file in the same directory, flushed, fsynced and renamed over the
 target, so a reader (or a writer that crashed half-way) never sees a torn file: the previous revision stays
-readable. Watching polls ``latest.json``'s ``stat`` (default every 50 ms), which also works on shared
-filesystems where inotify sees no remote writes.
+readable.
+
+Watching (``watch``, ``watch_outcome``) waits for inotify events on the run's directories (see
+:mod:`weavelet_file.watching`): a rename wakes the watcher at once, and an idle watcher costs nothing but a
+look every :data:`INOTIFY_RECHECK` seconds. On network and FUSE filesystems, where other hosts' writes raise no
+event, and with ``?watch=poll``, it polls ``stat`` every ``poll_interval`` (default 50 ms) instead. Either way it
+arms its watch before it reads, so a write in between is never missed, and closing the transport ends it.
 
 A revision file that does not decode is a :class:`~weavelet_core.errors.CorruptEntry` numbered by its file
 name; a damaged ``latest.json`` falls back to the newest revision file, or is a ``CorruptEntry`` numbered by
@@ -37,7 +42,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -66,12 +71,27 @@ from weavelet_core.protocol import (
     validate_run_id,
 )
 from weavelet_core.transport import Entry, Transport, decoding_many
+from weavelet_file.watching import (
+    ENTRIES,
+    GONE,
+    RENAMES,
+    WATCH_MODES,
+    DirectoryWatcher,
+    Event,
+    choose_mode,
+    close_in_background,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HISTORY = 1000
 DEFAULT_POLL_INTERVAL = 0.05  # a 10 ms poll cost a training loop on 2 cores ~3% per step; see docs/benchmarks.md
 LOCK_TIMEOUT = 10.0
+IDLE_WATCHERS = 4
+"""inotify instances a transport keeps for its next watches once a watch ends (closing one costs the kernel a
+grace period, milliseconds; reusing one costs nothing)."""
+INOTIFY_RECHECK = 10.0
+"""Seconds an inotify watch waits without an event before it looks at the files anyway (a bound, not a poll)."""
 _DIGITS = 20
 _ENTRY_NAME = re.compile(r"(\d{1,40})(?:\.([A-Za-z0-9_%\-]{1,64}))?\.json")
 _TOKEN = re.compile(r"[A-Za-z0-9_\-]{1,64}")
@@ -179,6 +199,10 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
         raise
 
 
+class _LockBusy(Exception):
+    """The run's lock is held by another writer (raised only when asked not to wait for it)."""
+
+
 class FileTransport(Transport):
     """A directory as the store. Safe for many processes on one host (and on filesystems with working
     ``flock``, such as local disks and NFSv4)."""
@@ -190,6 +214,7 @@ class FileTransport(Transport):
         history: int = DEFAULT_HISTORY,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         group: str | None = None,
+        watch: str = "auto",
         **_ignored: Any,
     ) -> None:
         self.url = url
@@ -197,6 +222,19 @@ class FileTransport(Transport):
         query = dict(parse_qsl(urlsplit(url).query))
         self.history_limit = max(1, int(query.get("history", history)))
         self.poll_interval = float(query.get("poll_interval", poll_interval))
+        self.watch_option = str(query.get("watch", watch)).lower()
+        if self.watch_option not in WATCH_MODES:
+            raise ValueError(
+                f"file transport: unknown watch={self.watch_option!r} in {url!r}; use one of "
+                f"{', '.join(WATCH_MODES)} (auto: inotify, except on network and FUSE filesystems, which are polled)"
+            )
+        self.watch_mode = "poll" if self.watch_option == "poll" else ""
+        """How watches learn of changes: ``inotify`` or ``poll``, decided by :meth:`connect` (see
+        :func:`weavelet_file.watching.choose_mode`)."""
+        self.watch_reason = ""
+        self._waits: set[anyio.CancelScope] = set()
+        self._idle_watchers: list[DirectoryWatcher] = []
+        self._warned_inotify = False
         group = group if group is not None else query.get("group")
         self.group: str | None = group or None
         self._gid: int | None = _group_id(group) if group else None
@@ -230,6 +268,17 @@ class FileTransport(Transport):
         self._check_parents(self.root)
         self._check_trusted(self.root)
         self._check_trusted(runs)
+        self._resolve_watch_mode()
+
+    def _resolve_watch_mode(self) -> str:
+        """Decide (once) between ``inotify`` and ``poll``; ``TransportError`` when ``watch=inotify`` cannot be had."""
+        if not self.watch_mode:
+            try:
+                self.watch_mode, self.watch_reason = choose_mode(self.watch_option, self.root)
+            except OSError as exc:
+                raise TransportError(str(exc.strerror or exc)) from None
+            log.debug("file transport %s: watching by %s: %s", self.root, self.watch_mode, self.watch_reason)
+        return self.watch_mode
 
     def _makedirs(self, path: Path) -> None:
         """``mkdir -p`` with this store's mode (and group) on every directory it creates."""
@@ -358,8 +407,15 @@ class FileTransport(Transport):
 
     # -- revisions ---------------------------------------------------------------------------------------
     async def put(self, revision: Revision) -> None:
+        """Compare-and-set under the run's lock. When the lock is free (the usual case) the write is done at once, in
+        the caller's thread; only a lock held by another writer is waited for in a worker thread."""
         self._check_open()
         data = encode(revision)
+        try:
+            self._put_locked(revision.run, revision.revision, data, True, wait=False)
+            return
+        except _LockBusy:
+            pass
         # A cancelled caller does not wait for the thread, and the thread gives up waiting for the lock as soon as
         # it sees the cancellation: a write the caller was told timed out does not land seconds later.
         cancelled = threading.Event()
@@ -381,8 +437,17 @@ class FileTransport(Transport):
         await anyio.to_thread.run_sync(self._put_locked, run, number, data, False, abandon_on_cancel=True)
 
     def _put_locked(
-        self, run: str, number: int, data: bytes, compare: bool, cancelled: threading.Event | None = None
+        self,
+        run: str,
+        number: int,
+        data: bytes,
+        compare: bool,
+        cancelled: threading.Event | None = None,
+        *,
+        wait: bool = True,
     ) -> None:
+        """Write under the run's lock; without ``wait``, raise :class:`_LockBusy` at once when another writer holds
+        it."""
         run_dir = self._run_dir(run)
         try:
             self._makedirs(run_dir / "revisions")
@@ -390,9 +455,11 @@ class FileTransport(Transport):
             deadline = time.monotonic() + LOCK_TIMEOUT
             while True:  # bounded by LOCK_TIMEOUT; gives up at once when the caller is gone
                 try:
-                    lock.acquire(timeout=0.05)
+                    lock.acquire(timeout=0.05, blocking=wait)
                     break
                 except filelock.Timeout:
+                    if not wait:
+                        raise _LockBusy from None
                     if (cancelled is not None and cancelled.is_set()) or time.monotonic() >= deadline:
                         raise
             try:
@@ -515,41 +582,169 @@ class FileTransport(Transport):
         self._check_open()
         run_dir = self._run_dir(run)
         latest_path = run_dir / "latest.json"
+        watcher = self._open_watcher()
         last = after
         seen: tuple[int, int, int] | None = None
         first = True
-        while not self._closed:
-            try:
-                st = os.stat(latest_path)
-                signature: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-            except FileNotFoundError:
-                signature = None
-            except OSError as exc:
-                log.warning("file transport: cannot stat %s: %s", latest_path, exc)
-                signature = None
-            if signature is not None and signature != seen:
-                seen = signature
+        try:
+            while not self._closed:
+                # Armed before reading: a write from here on wakes the wait below.
+                armed = self._arm(watcher, (run_dir, RENAMES))
+                try:
+                    st = os.stat(latest_path)
+                    signature: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+                except FileNotFoundError:
+                    signature = None
+                except OSError as exc:
+                    log.warning("file transport: cannot stat %s: %s", latest_path, exc)
+                    signature = None
+                if signature is not None and signature != seen:
+                    seen = signature
+                    self._check_trusted(run_dir)  # replaced meanwhile by someone else's directory?
+                    newest = self._newest(run, run_dir)
+                    if newest is not None and newest.revision > last:
+                        pending: list[Entry] = []
+                        if not first:
+                            # Revisions written since the last look: the files that exist between the two numbers
+                            # (one listing, however far the number jumped), then the newest.
+                            for number in self._numbers(run_dir / "revisions"):
+                                if last < number < newest.revision:
+                                    entry = self._read_revision(run, run_dir, number)
+                                    if entry is not None:
+                                        pending.append(entry)
+                        pending.append(newest)
+                        for entry in pending:
+                            if entry.revision <= last:
+                                continue
+                            last = entry.revision
+                            yield entry
+                            await anyio.lowlevel.checkpoint()
+                first = False
+                await self._next_change(watcher, armed, lambda event: _touches(event, run_dir, ("latest.json",)))
+        finally:
+            self._release_watcher(watcher)
+
+    async def watch_outcome(self, run: str, revision: int) -> AsyncIterator[Outcome]:
+        """The newest outcome of the revision each time it changes, woken by inotify on the run's ``outcomes``
+        directory (or polled every ``poll_interval``, see the module docstring); ends when the transport is
+        closed."""
+        self._check_open()
+        run_dir = self._run_dir(run)
+        directory = run_dir / "outcomes"
+        watcher = self._open_watcher()
+        last: Outcome | None = None
+        try:
+            while not self._closed:
+                armed = self._arm(watcher, (run_dir, ENTRIES), (directory, RENAMES))
                 self._check_trusted(run_dir)  # replaced meanwhile by someone else's directory?
-                newest = self._newest(run, run_dir)
-                if newest is not None and newest.revision > last:
-                    pending: list[Entry] = []
-                    if not first:
-                        # Revisions written since the last poll: the files that exist between the two numbers
-                        # (one listing, however far the number jumped), then the newest.
-                        for number in self._numbers(run_dir / "revisions"):
-                            if last < number < newest.revision:
-                                entry = self._read_revision(run, run_dir, number)
-                                if entry is not None:
-                                    pending.append(entry)
-                    pending.append(newest)
-                    for entry in pending:
-                        if entry.revision <= last:
-                            continue
-                        last = entry.revision
-                        yield entry
-                        await anyio.lowlevel.checkpoint()
-            first = False
-            await anyio.sleep(self.poll_interval)
+                found = self._newest_outcome(run_dir, revision)
+                if found is not None and found != last:
+                    last = found
+                    yield found
+                await self._next_change(watcher, armed, lambda event: _answers_revision(event, run_dir, revision))
+        finally:
+            self._release_watcher(watcher)
+
+    # -- change notification -----------------------------------------------------------------------------
+    def _open_watcher(self) -> DirectoryWatcher | None:
+        """An inotify watcher, or ``None`` to poll (the store is polled, or inotify could not be had: then polling
+        is logged once, with the fix)."""
+        if self._resolve_watch_mode() != "inotify":
+            return None
+        if self._idle_watchers:
+            return self._idle_watchers.pop()
+        try:
+            return DirectoryWatcher()
+        except OSError as exc:
+            hint = (
+                "; raise the per-user limit, e.g. sysctl fs.inotify.max_user_instances=1024"
+                if exc.errno == errno.EMFILE
+                else ""
+            )
+            if self.watch_option == "inotify":
+                raise TransportError(f"file transport: cannot watch {self.root} with inotify: {exc}{hint}") from None
+            if not self._warned_inotify:
+                self._warned_inotify = True
+                log.warning(
+                    "file transport: cannot watch %s with inotify (%s%s); polling every %gs instead",
+                    self.root,
+                    exc,
+                    hint,
+                    self.poll_interval,
+                )
+            return None
+
+    def _release_watcher(self, watcher: DirectoryWatcher | None) -> None:
+        """Keep a watcher whose watch ended for the next watch (up to :data:`IDLE_WATCHERS`), else close it without
+        holding up the event loop."""
+        if watcher is None or watcher.closed:
+            return
+        if self._closed or len(self._idle_watchers) >= IDLE_WATCHERS:
+            close_in_background([watcher])
+            return
+        watcher.reset()
+        self._idle_watchers.append(watcher)
+
+    def _arm(self, watcher: DirectoryWatcher | None, *directories: tuple[Path, int]) -> bool:
+        """Watch ``runs/`` and those of ``directories`` (each with its inotify mask, nested in this order) that exist:
+        one that appears later is announced by an event in its parent and armed on the next look. ``False`` when
+        a watch could not be set up (the inotify limits): then the caller polls."""
+        if watcher is None:
+            return False
+        for directory, mask in ((self.root / "runs", ENTRIES), *directories):
+            if watcher.watching(directory):
+                continue
+            try:
+                if not watcher.add(directory, mask):
+                    return True  # missing: its parent announces it; what lies below it is missing too
+            except OSError as exc:
+                if not self._warned_inotify:
+                    self._warned_inotify = True
+                    log.warning(
+                        "file transport: cannot watch %s with inotify (%s; raise fs.inotify.max_user_watches); "
+                        "polling every %gs instead",
+                        directory,
+                        exc,
+                        self.poll_interval,
+                    )
+                return False
+        return True
+
+    async def _next_change(
+        self, watcher: DirectoryWatcher | None, armed: bool, wanted: Callable[[Event], bool]
+    ) -> None:
+        """Return when something ``wanted`` may have changed: an event it accepts (or one saying events were lost
+        or a watched directory went away), :data:`INOTIFY_RECHECK` seconds without one (``poll_interval`` when
+        polling or not ``armed``), or at once when the transport is closed."""
+        watched = watcher is not None and armed
+        deadline = time.monotonic() + (INOTIFY_RECHECK if watched else self.poll_interval)
+        while not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with anyio.CancelScope() as scope:
+                self._waits.add(scope)
+                try:
+                    if watcher is None:
+                        await anyio.sleep(remaining)
+                        return
+                    events = await watcher.wait(remaining)
+                finally:
+                    self._waits.discard(scope)
+            if scope.cancelled_caught:
+                return
+            if any(event.directory is None or event.mask & GONE or wanted(event) for event in events):
+                return
+
+    def _newest_outcome(self, run_dir: Path, revision: int) -> Outcome | None:
+        """The newest outcome (greatest ``at``) stored for ``revision``."""
+        directory = run_dir / "outcomes"
+        found = [
+            outcome
+            for name, number, _ in self._listing(directory)
+            if number == revision and (outcome := self._read(directory / name, Outcome)) is not None
+        ]
+        return max(found, key=lambda o: o.at, default=None)
 
     async def runs(self) -> list[str]:
         """Runs whose directory holds a ``latest.json`` or a ``status.json`` (one listing, read in a worker thread)."""
@@ -606,13 +801,7 @@ class FileTransport(Transport):
 
     async def outcome(self, run: str, revision: int) -> Outcome | None:
         self._check_open()
-        directory = self._run_dir(run) / "outcomes"
-        found = [
-            outcome
-            for name, number, _ in self._listing(directory)
-            if number == revision and (outcome := self._read(directory / name, Outcome)) is not None
-        ]
-        return max(found, key=lambda o: o.at, default=None)
+        return self._newest_outcome(self._run_dir(run), revision)
 
     async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
         self._check_open()
@@ -668,7 +857,28 @@ class FileTransport(Transport):
         shutil.rmtree(graveyard, ignore_errors=True)
 
     async def aclose(self) -> None:
+        """Close the transport: running watches end at once. Idempotent."""
         self._closed = True
+        for scope in list(self._waits):
+            scope.cancel()
+        idle, self._idle_watchers = self._idle_watchers, []
+        close_in_background(idle)
+
+
+def _touches(event: Event, run_dir: Path, names: Sequence[str]) -> bool:
+    """Whether ``event`` concerns the run's directory itself (created, removed) or one of ``names`` in it."""
+    if event.directory == run_dir.parent:
+        return event.name == run_dir.name
+    return event.directory == run_dir and event.name in names
+
+
+def _answers_revision(event: Event, run_dir: Path, revision: int) -> bool:
+    """Whether ``event`` may bring an outcome of ``revision``: an outcome file of that number written or renamed
+    into place, or the run's ``outcomes`` directory (or the run's directory) created or removed."""
+    if event.directory == run_dir / "outcomes":
+        match = _ENTRY_NAME.fullmatch(event.name)
+        return match is not None and int(match.group(1)) == revision
+    return _touches(event, run_dir, ("outcomes",))
 
 
 __all__ = ["FileTransport", "atomic_write", "path_from_url"]

@@ -76,6 +76,9 @@ WATCH_CHECK = 0.5
 """Seconds between a quiet watch's reads of the run's newest revision. A newer one that the watcher has not
 delivered by the next read means its consumer is gone (a JetStream cluster lost the node it lived on, which
 nats-py notices only after missed heartbeats, ~10 s): the watch is recreated."""
+OUTCOME_RECHECK = 1.0
+"""Seconds a quiet outcome watch waits for the server before it reads the key itself and checks for a reconnect or
+a close."""
 CLOSE_TIMEOUT = 5.0
 LIST_PAGES = 1000
 """Most pages of subjects :meth:`NatsTransport._runs_key_by_key` asks a stream for (up to 100,000 subjects a
@@ -1056,7 +1059,10 @@ class NatsTransport(Transport):
 
     async def publish_outcome(self, outcome: Outcome) -> None:
         """Store the outcome under ``RUNKEY.REVISION.INCARNATION``, then make it the revision's newest under
-        ``RUNKEY.REVISION`` unless a newer one (greater ``at``) is there (compare-and-set on that key)."""
+        ``RUNKEY.REVISION`` unless a newer one (greater ``at``) is there (compare-and-set on that key).
+
+        The first outcome of a revision, the usual case, costs one round trip: both keys are written at once, the
+        newest one with a create that fails if the key exists (then it is read and compared as above)."""
         newest_key = f"{run_key(outcome.run)}.{outcome.revision}"
         own_key = f"{newest_key}.{incarnation_token(outcome.incarnation)}"
         data = encode(outcome)
@@ -1065,13 +1071,21 @@ class NatsTransport(Transport):
         with self._mapped(
             f"publish the outcome of revision {outcome.revision} of run {outcome.run!r}", "outcomes", subject=subject
         ):
+            own, first = await asyncio.gather(
+                outcomes.put(own_key, data), outcomes.create(newest_key, data), return_exceptions=True
+            )
+            if isinstance(own, BaseException):
+                raise own
+            if not isinstance(first, BaseException):
+                return
+            if not isinstance(first, (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyDeletedError)):
+                raise first
             current = await self._entry(outcomes, newest_key)
             stored = None if current is None else self._decode(current.value, Outcome, "outcome")
             if current is not None and current.value and stored is not None and not stored.incarnation:
                 legacy_key = f"{newest_key}.{incarnation_token('')}"
                 if legacy_key != own_key and await self._entry(outcomes, legacy_key) is None:
                     await outcomes.put(legacy_key, current.value)  # a version-1 outcome keeps its own record
-            await outcomes.put(own_key, data)
             for _attempt in range(5):
                 if stored is not None and stored.at > outcome.at:
                     return
@@ -1090,6 +1104,61 @@ class NatsTransport(Transport):
                 outcome.revision,
                 outcome.run,
             )
+
+    async def watch_outcome(self, run: str, revision: int) -> AsyncIterator[Outcome]:
+        """A key-value watch of the revision's newest-outcome key (``RUNKEY.REVISION``): the stored outcome, then
+        each newer one as the server pushes it. While quiet it reads the key every :data:`OUTCOME_RECHECK` seconds
+        (a watch whose consumer a cluster lost delivers nothing more); after a reconnect the watch is made
+        again. Ends when the transport is closed."""
+        key = f"{run_key(run)}.{int(revision)}"
+        if self._nc is None:
+            self._ready()  # never connected (or closed): say so instead of waiting for ever
+        action = f"watch the outcome of revision {revision} of run {run!r}"
+        last: Outcome | None = None
+        delay = 0.05
+        while not self._closed:
+            generation = self._generation
+            try:
+                outcomes = self._kv("outcomes")
+                with self._mapped(action, "outcomes"):
+                    watcher = await _named_watch(outcomes, key)
+            except TransportUnavailable as exc:
+                if self._closed:
+                    return
+                log.debug("NATS %s: %s waits: %s", self.settings.display, action, exc)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            delay = 0.05
+            self._watchers.add(watcher)
+            try:
+                while not self._closed and generation == self._generation:
+                    try:
+                        update = await _next_update(watcher, OUTCOME_RECHECK)
+                    except nats.errors.TimeoutError:
+                        update = await self._reread(outcomes, key, action)
+                    if update is None:
+                        continue  # the end of the initial value, or a quiet key
+                    if not isinstance(update, KeyValue.Entry):
+                        break  # the watcher was stopped
+                    if update.operation in (KV_DEL, KV_PURGE):
+                        continue
+                    found = self._decode(update.value, Outcome, f"outcome of run {run!r}")
+                    if found is not None and found.revision == revision and found != last:
+                        last = found
+                        yield found
+            finally:
+                self._watchers.discard(watcher)
+                await _stop(watcher)
+
+    async def _reread(self, kv: KeyValue, key: str, action: str) -> KeyValue.Entry | None:
+        """The key's entry, read directly (best effort: ``None`` when it has none or the server cannot say now)."""
+        try:
+            with anyio.move_on_after(OUTCOME_RECHECK), self._mapped(action, "outcomes"):
+                return await self._entry(kv, key)
+        except TransportUnavailable:
+            pass
+        return None
 
     async def outcome(self, run: str, revision: int) -> Outcome | None:
         key = f"{run_key(run)}.{int(revision)}"

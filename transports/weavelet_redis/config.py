@@ -150,6 +150,12 @@ class KeyLayout:
         """Sorted set of the revision numbers that have outcomes (to keep only the newest ``history``)."""
         return f"{self.run(run)}:outcomes:index"
 
+    def outcome_stream(self, run: str) -> str:
+        """Stream of outcome notices, one entry per outcome stored: ``revision`` (number) and ``data`` (the
+        revision's newest outcome after it, JSON), capped at ``OUTCOME_STREAM_LENGTH`` entries; what a waiting
+        weaver reads with ``XREAD BLOCK``."""
+        return f"{self.run(run)}:outcomes:stream"
+
 
 @dataclasses.dataclass(frozen=True)
 class RedisSettings:

@@ -116,9 +116,11 @@ return 1
 PUBLISH_OUTCOME = """
 -- Store one incarnation's outcome of a revision, keep the newest outcome of the revision under its bare number,
 -- keep at most ARGV[6] incarnations (the newest) per revision and the outcomes of the newest ARGV[5] revisions.
--- KEYS: [1] outcomes hash, [2] index (sorted set of revision numbers with outcomes)
+-- Then append the revision's newest outcome to the outcome stream, which waiting weavers read (XREAD BLOCK),
+-- unless the call names no stream (a user whose ACL predates it).
+-- KEYS: [1] outcomes hash, [2] index (sorted set of revision numbers with outcomes), [3] outcome stream (optional)
 -- ARGV: [1] revision, [2] incarnation, [3] payload, [4] at (a decimal string), [5] revisions kept,
---       [6] incarnations kept per revision
+--       [6] incarnations kept per revision, [7] entries kept in the outcome stream
 local hash, index, rev, inc = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local listed = rev .. '#'
 local kept = {}
@@ -151,7 +153,11 @@ while #others > tonumber(ARGV[6]) do
   redis.call('HDEL', hash, rev .. ':' .. dropped[2])
 end
 redis.call('HSET', hash, listed, cjson.encode(others))
-redis.call('HSET', hash, rev, redis.call('HGET', hash, rev .. ':' .. others[#others][2]))
+local newest = redis.call('HGET', hash, rev .. ':' .. others[#others][2])
+redis.call('HSET', hash, rev, newest)
+if KEYS[3] then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'revision', rev, 'data', newest)
+end
 redis.call('ZADD', index, rev, rev)
 local excess = redis.call('ZCARD', index) - tonumber(ARGV[5])
 if excess > 0 then

@@ -9,10 +9,13 @@ Key layout (prefix ``weavelet:`` by default, see :class:`weavelet_redis.config.K
     weavelet:run:RUN:outcomes        hash    N -> newest outcome of revision N; N:INCARNATION -> that
                                              incarnation's outcome; N# -> incarnations kept (JSON)
     weavelet:run:RUN:outcomes:index  zset    revision numbers with outcomes (the newest ``history`` kept)
+    weavelet:run:RUN:outcomes:stream stream  one entry per outcome stored: revision, data (the revision's
+                                             newest outcome); MAXLEN ~ 100: what a waiting weaver reads
 
 A write is a Lua script (compare-and-set on the stream's newest ``revision`` field, ``XADD``, record the
 number), so two writers never both win. A watcher reads the newest entry (``XREVRANGE COUNT 1``), then waits
-with ``XREAD BLOCK`` from the id of the last entry it read, on its own connection. After a lost connection it
+with ``XREAD BLOCK`` from the id of the last entry it read, on its own connection. A weaver waiting for an
+outcome does the same on the run's outcome stream (``watch_outcome``). After a lost connection it
 reconnects with backoff, re-reads the newest entry and resumes from its last id; revisions are delivered only
 when newer than the last one delivered, so nothing is delivered twice even if the server lost its data.
 
@@ -75,6 +78,8 @@ OUTCOME_INCARNATIONS = 8
 BATCH = 1000
 """Runs per request of a batched read (:meth:`RedisTransport.statuses`, :meth:`RedisTransport.latests`): one
 pipeline or one script call each, so that no single reply, and no script blocking the server, grows with the store."""
+OUTCOME_STREAM_LENGTH = 100
+"""Entries kept (``MAXLEN ~``) in a run's outcome stream: notices for waiting weavers, not a record."""
 
 
 def field_number(fields: dict[bytes, bytes]) -> int | None:
@@ -124,6 +129,10 @@ class RedisTransport(Transport):
         self._watch_clients: set[aioredis.Redis] = set()
         self._sentinels: list[Sentinel] = []
         self._closed = False
+        self._outcome_stream_denied = False
+        # Runs this transport put in the run index: a write adds its run there once per connection (and with every
+        # revision 1, which follows a delete), not with every revision, which would cost a second round trip each.
+        self._indexed: set[str] = set()
 
     # -- connections -------------------------------------------------------------------------------------
     def _new_client(self, *, retries: int) -> aioredis.Redis:
@@ -272,7 +281,9 @@ class RedisTransport(Transport):
         else:
             stored, value = await self._call(action, self._put_script(keys=keys, args=args, client=client))
         if stored:
-            await self._index(client, run)
+            if revision.revision == 1 or run not in self._indexed:
+                await self._index(client, run)
+                self._indexed.add(run)
             return
         current = int(value)
         if current == revision.revision:
@@ -540,24 +551,42 @@ class RedisTransport(Transport):
         await self._call(f"delete run {run!r} from {keys.runs()}", client.srem(keys.runs(), run))
 
     async def publish_outcome(self, outcome: Outcome) -> None:
+        """Store the outcome (one script: see :data:`~weavelet_redis.scripts.PUBLISH_OUTCOME`) and append a notice to
+        the run's outcome stream. A user whose ACL does not grant that stream (written before it existed) still
+        stores its outcomes, without the notice (said once in the log): waiting weavers then see them within
+        ``block`` seconds instead of at once."""
         client = self._redis()
         run = outcome.run
         data = encode(outcome)
-        await self._call(
-            f"publish an outcome of run {run!r}",
-            self._outcome_script(
-                keys=[self.keys.outcomes(run), self.keys.outcome_index(run)],
-                args=[
-                    str(outcome.revision),
-                    outcome.incarnation,
-                    data,
-                    repr(float(outcome.at)),
-                    self.settings.history,
-                    OUTCOME_INCARNATIONS,
-                ],
-                client=client,
-            ),
-        )
+        keys = [self.keys.outcomes(run), self.keys.outcome_index(run), self.keys.outcome_stream(run)]
+        args: list[str | int | bytes] = [
+            str(outcome.revision),
+            outcome.incarnation,
+            data,
+            repr(float(outcome.at)),
+            self.settings.history,
+            OUTCOME_INCARNATIONS,
+            OUTCOME_STREAM_LENGTH,
+        ]
+        action = f"publish an outcome of run {run!r}"
+        if not self._outcome_stream_denied:
+            try:
+                await self._call(action, self._outcome_script(keys=keys, args=args, client=client))
+                return
+            except PermissionDenied:
+                # Without the stream: if that is refused too, the ACL lacks more than the stream, and it is said.
+                await self._call(action, self._outcome_script(keys=keys[:2], args=args, client=client))
+                self._outcome_stream_denied = True
+                log.warning(
+                    "redis transport %s: this user may not write %s, so weavers waiting for outcomes see them only "
+                    "every %gs; grant it: ACL SETUSER <user> ~%s (docs/deploy.md)",
+                    self.url,
+                    keys[2],
+                    self.settings.block,
+                    keys[2],
+                )
+                return
+        await self._call(action, self._outcome_script(keys=keys[:2], args=args, client=client))
 
     async def outcome(self, run: str, revision: int) -> Outcome | None:
         validate_run_id(run)
@@ -566,6 +595,61 @@ class RedisTransport(Transport):
             f"read an outcome of run {run!r}", client.hget(self.keys.outcomes(run), str(int(revision)))
         )
         return self._decode(data, Outcome, run)
+
+    async def watch_outcome(self, run: str, revision: int) -> AsyncIterator[Outcome]:
+        """The revision's newest outcome, then each newer one: ``XREAD BLOCK`` on the run's outcome stream.
+
+        Armed before it reads: one pipeline reads the stream's newest id, then the stored outcome, so an outcome
+        stored after that id is read from the stream and one stored before it is in the hash. The blocking read
+        runs on a connection of the transport's pool (a connection is made only when none is free). A read that
+        found nothing for ``block`` seconds, and an outage (after a reconnect with backoff), read both again: an
+        outcome stored by a trainer that may not write the stream is seen that way. Ends when the transport is
+        closed.
+        """
+        validate_run_id(run)
+        if self._closed:
+            raise TransportUnavailable(f"redis transport {self.url} is closed")
+        stream, field = self.keys.outcome_stream(run), str(int(revision)).encode()
+        block_ms = max(1, round(self.settings.block * 1000))
+        action = f"watch the outcome of revision {revision} of run {run!r}"
+        last: Outcome | None = None
+        cursor: bytes | None = None
+        failures = 0
+        while not self._closed:
+            try:
+                client = self._redis()
+                found: list[bytes | None] = []
+                if cursor is None:
+                    pipe = client.pipeline(transaction=False)
+                    pipe.xrevrange(stream, count=1)
+                    pipe.hget(self.keys.outcomes(run), field)
+                    newest, stored = await self._call(action, pipe.execute())
+                    cursor = newest[0][0] if newest else _STREAM_START
+                    found.append(stored)
+                else:
+                    reply = await self._call(action, client.xread({stream: cursor}, count=WATCH_BATCH, block=block_ms))
+                    if not reply:
+                        cursor = None  # quiet for a while: read the stored outcome again
+                    for entry_id, fields in reply[0][1] if reply else []:
+                        cursor = entry_id
+                        if fields.get(b"revision") == field:
+                            found.append(fields.get(b"data"))
+                failures = 0
+            except (AuthenticationFailed, PermissionDenied):
+                raise
+            except TransportUnavailable as exc:
+                if self._closed:
+                    return
+                failures += 1
+                log.debug("redis transport %s: %s: %s; reconnecting", self.url, action, exc)
+                cursor = None
+                await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                continue
+            for data in found:
+                outcome = self._decode(data, Outcome, run)
+                if outcome is not None and outcome.revision == revision and outcome != last:
+                    last = outcome
+                    yield outcome
 
     async def outcomes(self, run: str, *, limit: int | None = None) -> list[Outcome]:
         validate_run_id(run)

@@ -24,6 +24,7 @@ implement it (it raises :class:`~weavelet_core.transport.DeleteUnsupported`).
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import anyio
 import pytest
 
-from weavelet_core.errors import CorruptEntry, InvalidRunId, RevisionConflict
+from weavelet_core.errors import CorruptEntry, InvalidRunId, RevisionConflict, TransportUnavailable
 from weavelet_core.plugins import open_transport
 from weavelet_core.protocol import Outcome, Revision, Status
 from weavelet_core.transport import DeleteUnsupported, Entry, Transport
@@ -44,6 +45,11 @@ def _rev(run: str, number: int, **config: Any) -> Revision:
 
 
 async def _next(iterator: AsyncIterator[Entry], timeout: float = WATCH_TIMEOUT) -> Entry:
+    with anyio.fail_after(timeout):
+        return await iterator.__anext__()
+
+
+async def _next_outcome(iterator: AsyncIterator[Outcome], timeout: float = WATCH_TIMEOUT) -> Outcome:
     with anyio.fail_after(timeout):
         return await iterator.__anext__()
 
@@ -542,6 +548,95 @@ class TransportConformance:
         await self._delete(transport, run)
         assert run not in await other.runs()
         assert await other.status(run) is None
+
+    # -- watching an outcome -----------------------------------------------------------------------------
+    @pytest.mark.anyio
+    async def test_watch_outcome_yields_the_stored_outcome_then_newer_ones(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        applied = Outcome(run=run, revision=1, result="applied", step=3, at=1000.0, revision_id="r1", incarnation="i1")
+        await transport.publish_outcome(applied)
+        watcher = other.watch_outcome(run, 1)
+        try:
+            assert await _next_outcome(watcher) == applied
+            # Another revision's outcome is never yielded; a newer one of this revision is.
+            await transport.publish_outcome(Outcome(run=run, revision=2, result="applied", step=4, at=1001.0))
+            resumed = Outcome(
+                run=run, revision=1, result="applied", step=9, at=1002.0, revision_id="r1", incarnation="i2"
+            )
+            await transport.publish_outcome(resumed)
+            assert await _next_outcome(watcher) == resumed
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+
+    @pytest.mark.anyio
+    async def test_watch_outcome_waits_for_an_outcome_stored_later(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        await transport.put(_rev(run, 1))
+        watcher = other.watch_outcome(run, 1)
+        answer = Outcome(run=run, revision=1, result="rejected", message="unknown key 'lrr'", at=1000.0)
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def publish_later() -> None:
+                    await anyio.sleep(0.2)
+                    await transport.publish_outcome(Outcome(run=run, revision=2, result="applied", at=999.0))
+                    await transport.publish_outcome(answer)
+
+                tg.start_soon(publish_later)
+                assert await _next_outcome(watcher) == answer
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+
+    @pytest.mark.anyio
+    async def test_watch_outcome_misses_no_outcome_stored_as_it_starts(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        # Stored while the watch is being set up, at every point of it: read first or watched, never lost.
+        for number in range(1, 11):
+            answer = Outcome(run=run, revision=number, result="applied", step=number, at=1000.0 + number)
+            watcher = other.watch_outcome(run, number)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(transport.publish_outcome, answer)
+                    assert await _next_outcome(watcher) == answer
+            finally:
+                await watcher.aclose()  # type: ignore[attr-defined]
+
+    @pytest.mark.anyio
+    async def test_watch_outcome_returns_when_its_consumer_gives_up(self, other: Transport, run: str) -> None:
+        watcher = other.watch_outcome(run, 1)
+        started = time.monotonic()
+        try:
+            with anyio.move_on_after(0.3) as scope:
+                await watcher.__anext__()
+            assert scope.cancelled_caught, "nothing was stored, so nothing may be yielded"
+            assert time.monotonic() - started < 1.3
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+
+    @pytest.mark.anyio
+    async def test_watch_outcome_ends_when_the_transport_is_closed(self, transport_url: str, run: str) -> None:
+        transport = open_transport(transport_url)
+        await transport.connect()
+        if type(transport).watch_outcome is Transport.watch_outcome:
+            await transport.aclose()
+            pytest.skip("the default watch_outcome polls until its consumer stops; it cannot see the transport close")
+        watcher = transport.watch_outcome(run, 1)
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def close_soon() -> None:
+                    await anyio.sleep(0.3)
+                    await transport.aclose()
+
+                tg.start_soon(close_soon)
+                with anyio.fail_after(WATCH_TIMEOUT), pytest.raises((StopAsyncIteration, TransportUnavailable)):
+                    await watcher.__anext__()
+        finally:
+            await watcher.aclose()  # type: ignore[attr-defined]
+            await transport.aclose()
 
     # -- undecodable revisions ---------------------------------------------------------------------------
     @pytest.mark.anyio

@@ -183,6 +183,36 @@ class TransportFaultConformance:
         assert consumer.numbers == [1, 2, 3, 4]
         assert [e.config["lr"] for e in consumer.seen if isinstance(e, Revision)] == [0.1, 0.2, 0.3, 0.4]
 
+    @pytest.mark.anyio
+    async def test_a_wait_for_an_outcome_rides_out_a_server_restart(self, fault_server: FaultServer, run: str) -> None:
+        url = self.url_of(fault_server)
+        async with AsyncWeaver(url, write_timeout=20) as weaver:
+            written = await weaver.set(run, {"lr": 0.1})
+            answer = Outcome(run=run, revision=written.revision, revision_id=written.id, result="applied", step=3)
+            got: list[Outcome] = []
+            async with anyio.create_task_group() as tg:
+
+                async def wait() -> None:
+                    got.append(await weaver.wait(run, written.revision, timeout=30, revision_id=written.id))
+
+                tg.start_soon(wait)
+                await anyio.sleep(0.3)  # the wait watches the outcome
+                fault_server.kill()
+                await anyio.sleep(0.3)
+                await anyio.to_thread.run_sync(fault_server.start)
+                answering = await _connected(url)
+                try:
+                    await answering.publish_outcome(answer)
+                    published = time.monotonic()
+                finally:
+                    await answering.aclose()
+                with anyio.fail_after(10):
+                    while not got:
+                        await anyio.sleep(0.01)
+                late = time.monotonic() - published
+                assert late < DELIVERY_DEADLINE, f"the outcome reached the waiting weaver {late:.2f}s late"
+        assert got == [answer]
+
     # -- while the server is down --------------------------------------------------------------------------
     @pytest.mark.anyio
     async def test_calls_while_down_fail_fast_with_one_line_naming_the_server(

@@ -73,6 +73,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def wait_until_stopped(pid: int, timeout: float = 5.0) -> bool:
+    """Wait until process ``pid`` is stopped (after a SIGSTOP), at most ``timeout`` seconds; whether it is.
+
+    A stop takes effect a moment after the signal: a request sent in that moment may still be answered, which a test
+    of a hung server must not count on. Reads ``/proc/PID/stat``; where there is none (not Linux) returns ``True``
+    at once.
+    """
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("T", "t"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+
+
 class ManagedServer:
     """A server child process on ``host:port``, its files under ``directory``.
 
@@ -270,6 +291,7 @@ class ManagedServer:
         if self.process is None or self.process.poll() is not None:
             raise RuntimeError(f"cannot pause the {self.kind}: it is not running")
         self.process.send_signal(signal.SIGSTOP)
+        wait_until_stopped(self.process.pid)
         self.paused = True
 
     def resume(self) -> None:
