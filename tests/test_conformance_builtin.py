@@ -22,6 +22,10 @@ class TestMemoryTransport(TransportConformance):
         assert isinstance(transport, MemoryTransport)
         await transport.put_raw(run, number, data)
 
+    async def write_raw_status(self, transport: Transport, run: str, data: bytes) -> None:
+        assert isinstance(transport, MemoryTransport)
+        await transport.put_raw_status(run, data)
+
 
 class TestFileTransport(TransportConformance):
     @pytest.fixture

@@ -48,6 +48,7 @@ def decode_stored(run: str, number: int, data: bytes) -> Entry:
 class _Run:
     revisions: list[tuple[int, Entry]] = dataclasses.field(default_factory=list)
     status: Status | None = None
+    unreadable_status: bool = False  # a status stored raw that does not decode (put_raw_status): read as none
     outcomes: dict[tuple[int, str], Outcome] = dataclasses.field(default_factory=dict)
 
 
@@ -169,13 +170,31 @@ class MemoryTransport(Transport):
     async def runs(self) -> list[str]:
         self._check_open()
         with self._store.lock:
-            return sorted(name for name, r in self._store.runs.items() if r.revisions or r.status)
+            return sorted(
+                name for name, r in self._store.runs.items() if r.revisions or r.status or r.unreadable_status
+            )
 
     async def publish_status(self, status: Status) -> None:
         self._check_open()
         encode(status)
         with self._store.lock:
-            self._store.runs.setdefault(status.run, _Run()).status = status
+            state = self._store.runs.setdefault(status.run, _Run())
+            state.status, state.unreadable_status = status, False
+
+    async def put_raw_status(self, run: str, data: bytes) -> None:
+        """Store ``data`` as the status of ``run``, without any check (for tests of unreadable statuses: ``data``
+        that does not decode to a status of ``run`` is read back as no status, while the run is still listed)."""
+        self._check_open()
+        validate_run_id(run)
+        try:
+            status = decode(data, Status)
+        except ProtocolError:
+            status = None
+        if status is not None and status.run != run:
+            status = None
+        with self._store.lock:
+            state = self._store.runs.setdefault(run, _Run())
+            state.status, state.unreadable_status = status, status is None
 
     async def status(self, run: str) -> Status | None:
         self._check_open()
