@@ -431,8 +431,8 @@ def test_in_a_training_loop_only_the_keys_stop_ends_the_fit(tmp_path: Path, keys
                     written["signed"] = alice.command(run, "stop")
             time.sleep(0.005)
         assert written["at"] + 20 <= step  # it trained on after the refused stop
-        stopped = alice.outcome(run, 2)
-        assert stopped is not None
+        # The trainer has acted; its outcome reaches the store through the sidecar a moment later.
+        stopped = alice.wait(run, 2, timeout=WAIT, revision_id=written["signed"].id)
         assert stopped.result == "applied"
         assert stopped.detail["signature"]["key"] == "alice"
 

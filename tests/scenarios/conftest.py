@@ -118,6 +118,7 @@ class Driver(pl.Callback):
         self.sent: list[int] = []
         self.batch_of: dict[int, int] = {}
         self._since = 0.0
+        self._step = 0
 
     @property
     def outcomes(self) -> dict[int, Verdict]:
@@ -135,14 +136,24 @@ class Driver(pl.Callback):
             assert run is not None
             self.sent.append(self.weaver.set(run, changes).revision)
             self._since = time.monotonic()
+        boundary = trainer.global_step != self._step  # an optimizer step ran in this batch
+        self._step = trainer.global_step
         if self.sent and self.sent[-1] not in decided:
-            # Hold training until the revision has reached the trainer's side, so it is decided at the next step
-            # boundary however slow the machine is (the callback decides it in its own hook).
+            # Hold training until the revision is decided, however slow the machine is. At a step boundary it is
+            # decided here (the callback's own hook ran just before, at the same boundary); inside an
+            # accumulation window, once it has reached the trainer's side the next boundary decides it.
             process = self.wc.process
-            while process is not None and not process.waiting and self.sent[-1] not in self.outcomes:
+            while process is not None and self.sent[-1] not in self.outcomes:
                 if time.monotonic() - self._since > PACE_TIMEOUT:
                     raise AssertionError(f"revision {self.sent[-1]} got no verdict in {PACE_TIMEOUT}s")
+                if process.waiting:
+                    if not boundary:
+                        break
+                    self.wc._check(trainer)
+                    continue
                 time.sleep(0.005)
+            if self.sent[-1] in self.outcomes:
+                self.batch_of.setdefault(self.sent[-1], batch_idx)
 
 
 @pytest.fixture
