@@ -186,7 +186,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     count = max(50, args.count)
     print(f"set -> outcome with {STEP * 1e3:g} ms training steps, {count} changes each after {WARMUP} warm-up")
-    print(f"{'':52} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8}   vs baseline   target")
+    print(f"{'':58} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'mean ms':>8}   vs baseline   target")
     missed = False
     for kind in args.steps.split(","):
         for name in args.transports.split(","):
