@@ -227,6 +227,32 @@ def test_a_watch_follows_a_run_deleted_and_written_again(tmp_path: Path) -> None
     _run(go)
 
 
+@needs_inotify
+def test_an_outcome_watch_follows_a_run_deleted_and_answered_again(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+
+    async def go() -> None:
+        async with open_transport(url, poll_interval=SLOW_POLL) as watching, open_transport(url) as writing:
+            await writing.publish_outcome(Outcome(run="w", revision=2, result="applied", at=999.0))
+            watcher = watching.watch_outcome("w", 1)
+            answer = Outcome(run="w", revision=1, result="rejected", message="no", at=1000.0, incarnation="i2")
+            try:
+                async with anyio.create_task_group() as tg:
+
+                    async def delete_then_answer() -> None:
+                        await anyio.sleep(0.2)  # the watch has armed outcomes/, which the delete takes away
+                        await writing.delete("w")
+                        await anyio.sleep(0.2)
+                        await writing.publish_outcome(answer)
+
+                    tg.start_soon(delete_then_answer)
+                    assert await _next(watcher) == answer
+            finally:
+                await watcher.aclose()  # type: ignore[attr-defined]
+
+    _run(go)
+
+
 @pytest.mark.parametrize("mode", [pytest.param("inotify", marks=needs_inotify), "poll"])
 def test_closing_the_transport_ends_its_waiting_watches_at_once(tmp_path: Path, mode: str) -> None:
     url = (tmp_path / "store").as_uri() + f"?watch={mode}"

@@ -235,3 +235,34 @@ async def test_redis_trainer_whose_acl_predates_the_outcome_stream_still_stores_
     warnings = [r.getMessage() for r in caplog.records if "outcomes:stream" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "ACL SETUSER <user> ~weavelet:run:{" in warnings[0]
+
+
+async def test_nats_outcome_waits_of_a_user_who_may_not_subscribe_to_outcomes_use_a_watch(
+    nats_with_users: NatsServer,
+) -> None:
+    """A plain subscription to the outcome's subject is refused (the server says so asynchronously): the wait goes
+    on with a key-value watch and sees the outcome; a read in flight meanwhile is not taken for the refused call."""
+    run = f"Perm-{uuid.uuid4().hex[:6]}"
+    address = nats_with_users.address
+    async with _open(f"nats://admin:admin-pw@{address}") as admin:
+        await admin.put(Revision(run=run, revision=1, config={"lr": 1}))
+        async with _open(f"nats://reader:reader-pw@{address}") as reader:
+            for revision in (1, 2):
+                answer = Outcome(run=run, revision=revision, result="applied", step=revision, incarnation="i1")
+                watcher = reader.watch_outcome(run, revision)
+                got: list[Outcome] = []
+                try:
+                    async with anyio.create_task_group() as tg:
+
+                        async def wait(iterator: AsyncIterator[Outcome] = watcher, into: list[Outcome] = got) -> None:
+                            with anyio.fail_after(10):
+                                into.append(await iterator.__anext__())
+
+                        tg.start_soon(wait)
+                        await anyio.sleep(0.001)  # the wait subscribes; the refusal comes back while these reads run
+                        for _ in range(5):
+                            assert await reader.outcome(run, revision) is None
+                        await admin.publish_outcome(answer)
+                finally:
+                    await watcher.aclose()  # type: ignore[attr-defined]
+                assert got == [answer]

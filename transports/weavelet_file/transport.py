@@ -74,6 +74,7 @@ from weavelet_core.transport import Entry, Transport, decoding_many
 from weavelet_file.watching import (
     ENTRIES,
     GONE,
+    MOVES,
     RENAMES,
     WATCH_MODES,
     DirectoryWatcher,
@@ -635,7 +636,14 @@ class FileTransport(Transport):
         last: Outcome | None = None
         try:
             while not self._closed:
-                armed = self._arm(watcher, (run_dir, ENTRIES), (directory, RENAMES))
+                # Armed afresh at each look (a run's directory renamed away takes its outcomes/ with it, unseen):
+                # runs/ and outcomes/ once that exists, else the run's directory, to hear of outcomes/ appearing.
+                if watcher is not None:
+                    watcher.reset()
+                if directory.is_dir():
+                    armed = self._arm(watcher, (directory, MOVES))
+                else:
+                    armed = self._arm(watcher, (run_dir, ENTRIES), (directory, MOVES))
                 self._check_trusted(run_dir)  # replaced meanwhile by someone else's directory?
                 found = self._newest_outcome(run_dir, revision)
                 if found is not None and found != last:

@@ -83,6 +83,9 @@ RENAMES = IN_MOVED_TO | IN_CLOSE_WRITE | _SELF
 """Mask for a directory of files replaced by a rename (``latest.json``, the outcome files): a file renamed into
 place, or written in place and closed (by hand, say), and the directory itself removed or moved. A temporary file
 being created wakes nothing."""
+MOVES = IN_MOVED_TO | _SELF
+"""Mask for a directory whose files only weavelet writes, always by a rename (the outcome files): a file renamed into
+place, and the directory itself removed or moved."""
 GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED
 """Event bits saying the watched directory itself went away (its watch is dropped)."""
 
@@ -324,6 +327,7 @@ def close_in_background(watchers: list[DirectoryWatcher]) -> None:
 __all__ = [
     "ENTRIES",
     "GONE",
+    "MOVES",
     "REMOTE_FILESYSTEMS",
     "RENAMES",
     "WATCH_MODES",

@@ -40,7 +40,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -241,6 +241,9 @@ class NatsTransport(Transport):
         self._seen: dict[str, tuple[int, int]] = {}
         # role -> (stream state before the scan, what the scan read): see _read_bucket
         self._snapshots: dict[str, tuple[tuple[int, int], dict[str, _Newest]]] = {}
+        # Outcome subscriptions (see watch_outcome): lowercased subject -> callbacks that end them (refused, closed).
+        self._outcome_subscriptions: dict[str, list[Callable[[], None]]] = {}
+        self._outcome_subscribe_refused = False
 
     # -- connection --------------------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -256,6 +259,8 @@ class NatsTransport(Transport):
         async def error_cb(exc: Exception) -> None:
             denied = _DENIED.search(str(exc).lower())
             if denied is not None:
+                if denied.group(1) == "subscription" and self._refused_subscription(denied.group(2)):
+                    return
                 self._deny(_Denial(kind=denied.group(1), subject=denied.group(2)))
                 return
             if not connected:
@@ -1106,14 +1111,113 @@ class NatsTransport(Transport):
             )
 
     async def watch_outcome(self, run: str, revision: int) -> AsyncIterator[Outcome]:
-        """A key-value watch of the revision's newest-outcome key (``RUNKEY.REVISION``): the stored outcome, then
-        each newer one as the server pushes it. While quiet it reads the key every :data:`OUTCOME_RECHECK` seconds
-        (a watch whose consumer a cluster lost delivers nothing more); after a reconnect the watch is made
-        again. Ends when the transport is closed."""
+        """The newest outcome of the revision (key ``RUNKEY.REVISION``), then each newer one, as the server stores it.
+
+        A plain subscription to the key's subject, then a read of the key (the subscription is made first, so an
+        outcome stored in between is seen by one or the other): no JetStream consumer is made for a wait. A user
+        the server does not let subscribe to ``$KV.PREFIX-outcomes.>`` gets a key-value watch instead (a named
+        consumer, as every watch; decided once per transport, at the first refusal). Either way it reads the key
+        every :data:`OUTCOME_RECHECK` seconds while quiet and after a reconnect. Ends when the transport is closed.
+        """
         key = f"{run_key(run)}.{int(revision)}"
         if self._nc is None:
             self._ready()  # never connected (or closed): say so instead of waiting for ever
         action = f"watch the outcome of revision {revision} of run {run!r}"
+        if not self._outcome_subscribe_refused:
+            async with contextlib.aclosing(self._subscribe_outcome(run, revision, key, action)) as followed:
+                async for outcome in followed:
+                    yield outcome
+            if self._closed:
+                return
+            log.debug("NATS %s: %s with a key-value watch (subscribing was refused)", self.settings.display, action)
+        async with contextlib.aclosing(self._watch_outcome_key(run, revision, key, action)) as watched:
+            async for outcome in watched:
+                yield outcome
+
+    async def _subscribe_outcome(self, run: str, revision: int, key: str, action: str) -> AsyncGenerator[Outcome, None]:
+        """Follow ``key`` through a plain subscription to its subject (see :meth:`watch_outcome`); returns when the
+        server refuses the subscription (then ``_outcome_subscribe_refused`` is set) or the transport is closed."""
+        subject = f"$KV.{self.settings.prefix}-outcomes.{key}"
+        arrived: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def on_message(msg: Any) -> None:
+            arrived.put_nowait(msg.data)
+
+        def end() -> None:
+            arrived.put_nowait(None)
+
+        ends = self._outcome_subscriptions.setdefault(subject.lower(), [])
+        ends.append(end)
+        subscription: Any = None
+        last: Outcome | None = None
+        reread = True  # the first look, and after a reconnect or a quiet spell
+        generation = self._generation
+        delay = 0.05
+        try:
+            while not self._closed and not self._outcome_subscribe_refused:
+                found: list[bytes | None] = []
+                try:
+                    outcomes = self._kv("outcomes")
+                    with self._mapped(action, "outcomes"):
+                        if subscription is None:
+                            assert self._nc is not None
+                            subscription = await self._nc.subscribe(subject, cb=on_message)
+                        if reread or generation != self._generation:
+                            generation, reread = self._generation, False
+                            entry = await self._entry(outcomes, key)
+                            found.append(None if entry is None else entry.value)
+                except TransportUnavailable as exc:
+                    if self._closed:
+                        return
+                    log.debug("NATS %s: %s waits: %s", self.settings.display, action, exc)
+                    reread = True
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                delay = 0.05
+                if not found:
+                    with anyio.move_on_after(OUTCOME_RECHECK) as quiet:
+                        data = await arrived.get()
+                        if data is None:
+                            continue  # refused or closed: the loop's condition says which
+                        found.append(data)
+                    reread = quiet.cancelled_caught
+                for data in found:
+                    outcome = self._decode(data, Outcome, f"outcome of run {run!r}")  # a delete is empty: skipped
+                    if outcome is not None and outcome.revision == revision and outcome != last:
+                        last = outcome
+                        yield outcome
+        finally:
+            with contextlib.suppress(ValueError):
+                ends.remove(end)
+            if not ends:
+                self._outcome_subscriptions.pop(subject.lower(), None)
+            if subscription is not None:
+                with anyio.move_on_after(CLOSE_TIMEOUT, shield=True), contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+
+    def _refused_subscription(self, subject: str) -> bool:
+        """Whether ``subject`` (lowercased, as the server's error says it) is an outcome subscription: then every
+        outcome wait of this transport uses a key-value watch from now on, and the waits on it switch at once."""
+        ends = self._outcome_subscriptions.pop(subject, None)
+        if ends is None:
+            return False
+        if not self._outcome_subscribe_refused:
+            self._outcome_subscribe_refused = True
+            log.info(
+                "NATS %s: this user may not subscribe to $KV.%s-outcomes.>; waits for outcomes use key-value watches "
+                "(grant that subscription to save a JetStream consumer per wait: docs/deploy.md)",
+                self.settings.display,
+                self.settings.prefix,
+            )
+        for end in ends:
+            end()
+        return True
+
+    async def _watch_outcome_key(self, run: str, revision: int, key: str, action: str) -> AsyncGenerator[Outcome, None]:
+        """A key-value watch of ``key``: the stored outcome, then each newer one as the server pushes it. While quiet
+        it reads the key every :data:`OUTCOME_RECHECK` seconds (a watch whose consumer a cluster lost delivers
+        nothing more); after a reconnect the watch is made again. Ends when the transport is closed."""
         last: Outcome | None = None
         delay = 0.05
         while not self._closed:
@@ -1201,6 +1305,9 @@ class NatsTransport(Transport):
             with contextlib.suppress(Exception):
                 watcher._updates.put_nowait(watcher.STOP_ITER)
         self._snapshots.clear()
+        for ends in list(self._outcome_subscriptions.values()):
+            for end in list(ends):
+                end()
         nc, self._nc = self._nc, None
         if nc is not None:
             await self._close_client(nc)
