@@ -308,7 +308,9 @@ async def test_delete_removes_every_key_of_the_run_and_its_index_entry(
         transport.keys.status_stream(run),
         transport.keys.outcomes(run),
         transport.keys.outcome_index(run),
+        transport.keys.outcome_stream(run),
     }
+    assert not [key for key in after if f"{{{run}}}".encode() in key], "a key of the deleted run is left"
     assert not await raw.sismember(transport.keys.runs(), run)
     assert await raw.sismember(transport.keys.runs(), kept)
 

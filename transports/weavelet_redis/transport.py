@@ -545,7 +545,12 @@ class RedisTransport(Transport):
         await self._call(
             f"delete run {run!r}",
             client.delete(
-                keys.run(run), keys.revisions(run), keys.status_stream(run), keys.outcomes(run), keys.outcome_index(run)
+                keys.run(run),
+                keys.revisions(run),
+                keys.status_stream(run),
+                keys.outcomes(run),
+                keys.outcome_index(run),
+                keys.outcome_stream(run),
             ),
         )
         await self._call(f"delete run {run!r} from {keys.runs()}", client.srem(keys.runs(), run))
