@@ -4,7 +4,10 @@ no write made while it starts."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +17,6 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 
-from weavelet_core.errors import TransportError
 from weavelet_core.plugins import open_transport
 from weavelet_core.protocol import Outcome, Revision
 from weavelet_file.transport import FileTransport
@@ -100,14 +102,51 @@ def test_an_unknown_watch_option_is_refused_with_the_choices(tmp_path: Path) -> 
         choose_mode("fast", tmp_path)
 
 
-@pytest.mark.skipif(sys.platform.startswith("linux"), reason="inotify exists here")
-def test_asking_for_inotify_where_there_is_none_says_so(tmp_path: Path) -> None:
-    async def go() -> None:
-        with pytest.raises(TransportError, match=r"watch=inotify: .*use watch=poll or auto"):
-            async with open_transport((tmp_path / "s").as_uri() + "?watch=inotify"):
-                pass
+_WITHOUT_INOTIFY = """
+import sys
 
-    _run(go)
+sys.modules["asyncinotify"] = None  # the library absent: importing it raises ImportError
+import anyio
+
+from weavelet_core.errors import TransportError
+from weavelet_core.plugins import open_transport
+from weavelet_file.watching import inotify_unavailable
+
+
+async def go(url: str) -> None:
+    print(inotify_unavailable())
+    try:
+        async with open_transport(url + "?watch=inotify"):
+            print("opened")
+    except TransportError as exc:
+        print(exc)
+    async with open_transport(url) as auto:
+        print(auto.watch_mode, auto.watch_reason, sep=": ")
+
+
+anyio.run(go, sys.argv[1])
+"""
+
+
+def test_asking_for_inotify_where_there_is_none_says_so(tmp_path: Path) -> None:
+    """In a process where inotify cannot be had (its library absent), ``watch=inotify`` is refused with the reason
+    and the fix, and ``auto`` polls, saying why."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_INOTIFY, (tmp_path / "s").as_uri()],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    reason, refused, auto = done.stdout.splitlines()
+    if sys.platform.startswith("linux"):
+        assert reason.startswith("the asyncinotify library cannot be imported"), reason
+        assert "pip install asyncinotify" in reason
+    assert re.fullmatch(r"file transport: watch=inotify: .+; use watch=poll or auto", refused), refused
+    assert reason in refused
+    assert auto == f"poll: {reason}"
 
 
 # -- the inotify watcher itself -----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """How the file transport learns that a file changed: Linux inotify, or polling where inotify cannot see writes.
 
-inotify is read straight from the C library (``inotify_init1``, ``inotify_add_watch``) and waited on as a file
-descriptor in the event loop: no thread, no timer, no wake-up while nothing changes, and an event reaches the
-waiting task within microseconds of the ``rename`` that caused it.
+inotify is read through the `asyncinotify <https://pypi.org/project/asyncinotify/>`_ library (a thin binding of
+``inotify_init1``, ``inotify_add_watch`` and ``inotify_rm_watch``, without dependencies) and its file descriptor is
+waited on in the event loop: no thread, no timer, no wake-up while nothing changes, and an event reaches the
+waiting task within microseconds of the ``rename`` that caused it. Where the library cannot be imported (not
+Linux, or not installed) :func:`inotify_unavailable` says so and ``auto`` polls.
 
 inotify reports what this host's kernel does. On a network or FUSE filesystem (NFS, CIFS/SMB, sshfs, 9p, Ceph,
 Lustre, ...) a write made on another host raises no event here, so there the transport polls: :func:`choose_mode`
@@ -13,19 +15,21 @@ reads the store's filesystem type from ``/proc/self/mountinfo`` and picks ``poll
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
 import functools
 import logging
 import os
 import re
-import struct
 import sys
 import threading
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
+
+if TYPE_CHECKING:
+    import asyncinotify
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,8 @@ REMOTE_FILESYSTEMS = frozenset(
 """Filesystem types (as ``/proc/self/mountinfo`` names them) where other hosts' writes raise no inotify event;
 every ``fuse.*`` type (sshfs, s3fs, gcsfuse, ...) counts too. ``fuseblk`` (a local disk through FUSE) does not."""
 
-# <sys/inotify.h>
+# <sys/inotify.h>, the values asyncinotify.Mask gives the same names (defined here too, so that this module and its
+# masks exist where the library does not)
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080
@@ -72,8 +77,6 @@ IN_MOVE_SELF = 0x00000800
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
-_IN_NONBLOCK = os.O_NONBLOCK
-_IN_CLOEXEC = os.O_CLOEXEC
 
 _SELF = IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 ENTRIES = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CLOSE_WRITE | _SELF
@@ -89,8 +92,8 @@ place, and the directory itself removed or moved."""
 GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED
 """Event bits saying the watched directory itself went away (its watch is dropped)."""
 
-_EVENT = struct.Struct("iIII")
-_READ_SIZE = 64 * 1024
+_READ_EVENTS = 240
+"""Events of the longest name one read has room for (about 64 KiB; shorter events fit more)."""
 _MOUNT_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
@@ -103,38 +106,18 @@ class Event(NamedTuple):
     mask: int
 
 
-class _Inotify:
-    """The three C functions, or why they are not there."""
-
-    def __init__(self) -> None:
-        self.reason = ""
-        self.init1: ctypes._NamedFuncPointer | None = None
-        self.add_watch: ctypes._NamedFuncPointer | None = None
-        self.rm_watch: ctypes._NamedFuncPointer | None = None
-        if not sys.platform.startswith("linux"):
-            self.reason = f"inotify is a Linux interface and this is {sys.platform}"
-            return
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, which include the C library's
-            self.init1 = libc.inotify_init1
-            self.add_watch = libc.inotify_add_watch
-            self.rm_watch = libc.inotify_rm_watch
-        except (OSError, AttributeError) as exc:
-            self.reason = f"the C library has no inotify functions ({exc})"
-            return
-        self.init1.argtypes, self.init1.restype = [ctypes.c_int], ctypes.c_int
-        self.add_watch.argtypes, self.add_watch.restype = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32], ctypes.c_int
-        self.rm_watch.argtypes, self.rm_watch.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-
-
 @functools.cache
-def _inotify() -> _Inotify:
-    return _Inotify()
-
-
 def inotify_unavailable() -> str | None:
     """Why inotify cannot be used in this process, or ``None`` when it can."""
-    return _inotify().reason or None
+    if not sys.platform.startswith("linux"):
+        return f"inotify is a Linux interface and this is {sys.platform}"
+    try:
+        import asyncinotify  # noqa: F401
+    except ImportError as exc:
+        return f"the asyncinotify library cannot be imported ({exc}); install it with pip install asyncinotify"
+    except (RuntimeError, OSError) as exc:  # raised on import when the C library has no inotify functions
+        return f"the C library has no inotify functions ({exc})"
+    return None
 
 
 def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
@@ -205,15 +188,18 @@ class DirectoryWatcher:
     """
 
     def __init__(self) -> None:
-        lib = _inotify()
-        if lib.init1 is None:
-            raise OSError(errno.ENOSYS, lib.reason)
-        fd = int(lib.init1(_IN_NONBLOCK | _IN_CLOEXEC))
-        if fd < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"inotify_init1: {os.strerror(code)}")
-        self._fd: int = fd
-        self._lib = lib
+        reason = inotify_unavailable()
+        if reason:
+            raise OSError(errno.ENOSYS, reason)
+        from asyncinotify import InitFlags, Inotify
+
+        # Non-blocking, so that read() stops when the queue is empty (asyncinotify's InitFlags.NONBLOCK is
+        # O_CLOEXEC's value, so O_NONBLOCK is given as itself).
+        try:
+            self._inotify = Inotify(InitFlags.CLOEXEC | os.O_NONBLOCK, cache_size=_READ_EVENTS)
+        except OSError as exc:
+            raise OSError(exc.errno, f"inotify_init1: {exc.strerror}") from None
+        self._fd: int = self._inotify.fd
         self._paths: dict[Path, int] = {}
         self._directories: dict[int, Path] = {}
 
@@ -234,19 +220,24 @@ class DirectoryWatcher:
         limit ``fs.inotify.max_user_watches`` is reached)."""
         if directory in self._paths:
             return True
-        assert self._lib.add_watch is not None
-        wd = int(self._lib.add_watch(self._fd, os.fsencode(directory), mask))
-        if wd < 0:
-            code = ctypes.get_errno()
-            if code in (errno.ENOENT, errno.ENOTDIR):
+        from asyncinotify import Mask
+
+        try:
+            wd = self._inotify.add_watch(directory, Mask(mask)).wd
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return False
-            raise OSError(code, f"inotify_add_watch {directory}: {os.strerror(code)}")
+            raise OSError(exc.errno, f"inotify_add_watch {directory}: {exc.strerror}") from None
         previous = self._directories.get(wd)
         if previous is not None and previous != directory:
             self._paths.pop(previous, None)  # the same directory under a new name
         self._paths[directory] = wd
         self._directories[wd] = directory
         return True
+
+    def _remove(self, watch: asyncinotify.Watch) -> None:
+        with contextlib.suppress(OSError):  # EINVAL: the kernel dropped it already (its IGNORED event is queued)
+            self._inotify.rm_watch(watch)
 
     def _forget(self, wd: int) -> None:
         directory = self._directories.pop(wd, None)
@@ -258,26 +249,25 @@ class DirectoryWatcher:
         events: list[Event] = []
         while self._fd >= 0:
             try:
-                data = os.read(self._fd, _READ_SIZE)
+                event = self._inotify.sync_get()
             except BlockingIOError:
                 break
-            offset = 0
-            while offset + _EVENT.size <= len(data):
-                wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-                raw = data[offset + _EVENT.size : offset + _EVENT.size + length].split(b"\0", 1)[0]
-                offset += _EVENT.size + length
-                if mask & IN_Q_OVERFLOW:
-                    events.append(Event(None, "", mask))
-                    continue
-                directory = self._directories.get(wd)
-                if directory is None:
-                    continue  # a watch dropped earlier; its last events trail behind
-                events.append(Event(directory, os.fsdecode(raw), mask))
-                if mask & IN_MOVE_SELF and self._lib.rm_watch is not None:
-                    # The directory lives on under another name; what is watched is the path, so let it go.
-                    self._lib.rm_watch(self._fd, wd)
-                if mask & GONE:
-                    self._forget(wd)
+            if event is None:
+                break
+            mask = int(event.mask)
+            if mask & IN_Q_OVERFLOW:
+                events.append(Event(None, "", mask))
+                continue
+            watch = event.watch
+            directory = self._directories.get(watch.wd) if watch is not None else None
+            if watch is None or directory is None:
+                continue  # a watch dropped earlier; its last events trail behind
+            events.append(Event(directory, str(event.name or ""), mask))
+            if mask & IN_MOVE_SELF:
+                # The directory lives on under another name; what is watched is the path, so let it go.
+                self._remove(watch)
+            if mask & GONE:
+                self._forget(watch.wd)
         return events
 
     async def wait(self, timeout: float) -> list[Event]:
@@ -293,9 +283,9 @@ class DirectoryWatcher:
     def reset(self) -> None:
         """Stop watching every directory and drop the events still queued, ready for reuse by another watch.
         Cheap, unlike :meth:`close`."""
-        if self._fd >= 0 and self._lib.rm_watch is not None:
-            for wd in list(self._directories):
-                self._lib.rm_watch(self._fd, wd)
+        if self._fd >= 0:
+            for watch in self._inotify.watches:
+                self._remove(watch)
         self._paths.clear()
         self._directories.clear()
         self.read()  # what was queued belongs to the directories just dropped
@@ -309,7 +299,7 @@ class DirectoryWatcher:
         self._paths.clear()
         self._directories.clear()
         if fd >= 0:
-            os.close(fd)
+            self._inotify.close()
 
 
 def close_in_background(watchers: list[DirectoryWatcher]) -> None:
