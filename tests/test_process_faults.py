@@ -238,7 +238,11 @@ def test_file_transport_outage_during_a_run(
     process.start(timeout=WAIT)
     clock = Clock()
     step = train_for(process, 0.3, clock)
-    assert wait_until(lambda: (s := weaver.status(run)) is not None and s.step > 0, WAIT)
+    deadline = time.monotonic() + WAIT
+    # The trainer writes a status snapshot at most every status_interval, at a report: keep training meanwhile.
+    while (s := weaver.status(run)) is None or s.step == 0:
+        assert time.monotonic() < deadline, f"no status with a step after {WAIT}s: {s}"
+        step = train_for(process, 0.1, clock, step)
 
     away = tmp_path / "store-away"
     store.rename(away)
