@@ -11,8 +11,10 @@ Standard library only: ``weavelet server`` imports this module, so it must not i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,14 +40,47 @@ class ServerFailed(WeaveletError, RuntimeError):
     """A managed server exited or did not become ready in time; the message ends with the end of its log."""
 
 
+BUS_OFFSET = 10000
+"""A Redis Cluster node's bus listens on its port + 10000."""
+FIRST_PICKED_PORT = 10000
+"""The lowest port :func:`free_port` picks at random."""
+_handed_out: collections.deque[int] = collections.deque(maxlen=1024)
+
+
+def ephemeral_port_low() -> int:
+    """The lowest port the kernel gives outgoing connections (``/proc/sys/net/ipv4/ip_local_port_range``; 32768
+    where that cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1", *, below: int = 65536) -> int:
     """A TCP port free on ``host`` now, below ``below`` (a Redis Cluster node needs its port + 10000 free too, so
-    at most 55535), never one of :data:`RESERVED_PORTS`."""
+    at most 55535), never one of :data:`RESERVED_PORTS`, and not one this process handed out lately.
+
+    Picked at random below the kernel's ephemeral range, with room for the port + 10000 below it too: an
+    outgoing connection (a client of another server in the same test run) is given ephemeral ports, so it never
+    takes the port between this pick and the server's bind. Where that range leaves no room, the kernel picks.
+    """
+    top = min(below, ephemeral_port_low() - BUS_OFFSET)
+    if top - FIRST_PICKED_PORT >= 1000:
+        for _attempt in range(200):
+            port = random.randrange(FIRST_PICKED_PORT, top)
+            if port in RESERVED_PORTS or port in _handed_out or not port_is_free(port, host):
+                continue
+            if below <= 65536 - BUS_OFFSET and not port_is_free(port + BUS_OFFSET, host):
+                continue
+            _handed_out.append(port)
+            return port
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
             port = int(sock.getsockname()[1])
-        if port not in RESERVED_PORTS and port < below:
+        if port not in RESERVED_PORTS and port < below and port not in _handed_out:
+            _handed_out.append(port)
             return port
 
 
