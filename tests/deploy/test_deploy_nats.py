@@ -64,7 +64,7 @@ def documented_cluster(snippet: dict[str, str]) -> Iterator[list[DocNode]]:
             config = config.replace("/var/lib/nats", f"{root}/node-{index}/jetstream")
             for other, (_, other_cluster, _) in enumerate(ports, start=1):
                 config = config.replace(f"nats-route://nats-{other}:6222", f"nats-route://127.0.0.1:{other_cluster}")
-            assert "nats-1" not in config.replace(f"nats-{index}", ""), config
+            assert "nats-1" not in config.replace(root, "").replace(f"nats-{index}", ""), config
             nodes.append(group.add(DocNode(Path(root) / f"node-{index}", config, monitor, port)))
         try:
             for node in nodes:
