@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -19,10 +18,12 @@ import pytest
 
 from weavelet_core import Revision, WeaveletProcess, Weaver, open_transport
 from weavelet_core.errors import PermissionDenied
-from weavelet_core.protocol import Outcome, Status
+from weavelet_core.protocol import Status
 from weavelet_core.testing.servers import ManagedServer, ServerGroup, free_port
 from weavelet_nats.embedded import find_nats_server
 from weavelet_nats.testing import NatsServer, NatsServerFactory
+
+from .conftest import AnswerLater
 
 
 class DocNode(ManagedServer):
@@ -104,21 +105,6 @@ def test_the_documented_cluster_keeps_three_replicas(
     assert anyio.run(replicas) == 3
 
 
-def _answer_later(url: str, revision: Revision) -> threading.Thread:
-    """Publish an ``applied`` outcome of ``revision`` through ``url`` in a thread, 0.3 s from now."""
-
-    async def answer() -> None:
-        await anyio.sleep(0.3)
-        async with open_transport(url) as transport:
-            await transport.publish_outcome(
-                Outcome(run=revision.run, revision=revision.revision, revision_id=revision.id, result="applied")
-            )
-
-    thread = threading.Thread(target=anyio.run, args=(answer,), daemon=True)
-    thread.start()
-    return thread
-
-
 def _scoped_urls(snippet: dict[str, str], address: str) -> tuple[str, str]:
     trainer, weaver = snippet["nats-scoped-urls"].split()
     hosts = "nats-1:4222,nats-2:4222,nats-3:4222"
@@ -127,7 +113,10 @@ def _scoped_urls(snippet: dict[str, str], address: str) -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_the_documented_permissions_scope_trainers_and_weavers(
-    snippet: dict[str, str], weavelet_nats_server_factory: NatsServerFactory, caplog: pytest.LogCaptureFixture
+    snippet: dict[str, str],
+    weavelet_nats_server_factory: NatsServerFactory,
+    caplog: pytest.LogCaptureFixture,
+    answer_later: AnswerLater,
 ) -> None:
     server: NatsServer = weavelet_nats_server_factory(config=snippet["nats-permissions"])
     admin = f"nats://admin:ADMIN-PASSWORD@{server.address}"
@@ -189,7 +178,7 @@ def test_the_documented_permissions_scope_trainers_and_weavers(
         assert written.revision == 1
         assert [r.revision for r in weaver.history("team-a-warmup")] == [1]
         # It waits for an outcome by watching the outcome's key, as its consumer rules allow.
-        answering = _answer_later(f"{admin}?prefix=team-a", written)
+        answering = answer_later(f"{admin}?prefix=team-a", written)
         assert weaver.wait("exp-7", 1, timeout=15, revision_id=written.id).result == "applied"
         answering.join(10)
         caplog.set_level(logging.DEBUG, logger="weavelet_nats.transport")

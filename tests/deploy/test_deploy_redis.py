@@ -7,7 +7,6 @@ import re
 import shlex
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,24 +17,11 @@ import pytest
 
 from weavelet_core import Revision, WeaveletProcess, Weaver, open_transport
 from weavelet_core.errors import PermissionDenied, TransportError
-from weavelet_core.protocol import Outcome, Status
+from weavelet_core.protocol import Status
 from weavelet_core.testing.servers import ManagedServer, ServerGroup, free_port
 from weavelet_redis.testing import RedisServer, RedisServerFactory, find_redis_server
 
-
-def _answer_later(url: str, revision: Revision) -> threading.Thread:
-    """Publish an ``applied`` outcome of ``revision`` through ``url`` in a thread, 0.3 s from now."""
-
-    async def answer() -> None:
-        await anyio.sleep(0.3)
-        async with open_transport(url) as transport:
-            await transport.publish_outcome(
-                Outcome(run=revision.run, revision=revision.revision, revision_id=revision.id, result="applied")
-            )
-
-    thread = threading.Thread(target=anyio.run, args=(answer,), daemon=True)
-    thread.start()
-    return thread
+from .conftest import AnswerLater
 
 
 def _url(text: str) -> str:
@@ -197,7 +183,7 @@ def test_the_documented_cluster_commands_make_a_working_cluster(snippet: dict[st
 
 @pytest.mark.slow
 def test_the_documented_acl_users_scope_trainers_and_weavers(
-    snippet: dict[str, str], weavelet_redis_server_factory: RedisServerFactory
+    snippet: dict[str, str], weavelet_redis_server_factory: RedisServerFactory, answer_later: AnswerLater
 ) -> None:
     server = weavelet_redis_server_factory()
     for line in snippet["redis-acl"].splitlines():
@@ -246,7 +232,7 @@ def test_the_documented_acl_users_scope_trainers_and_weavers(
         written = weaver.set("team-a-exp", {"lr": 0.3})
         assert written.revision == 1
         # It waits for an outcome by reading the run's outcome stream (XREAD BLOCK), as its ACL allows.
-        answering = _answer_later(admin, written)
+        answering = answer_later(admin, written)
         assert weaver.wait("team-a-exp", 1, timeout=15, revision_id=written.id).result == "applied"
         answering.join(10)
         assert weaver.latests(["team-a-exp"])["team-a-exp"] is not None
