@@ -49,6 +49,7 @@ class _Run:
     revisions: list[tuple[int, Entry]] = dataclasses.field(default_factory=list)
     status: Status | None = None
     unreadable_status: bool = False  # a status stored raw that does not decode (put_raw_status): read as none
+    schema: bytes | None = None  # stored apart from the status (publish_schema)
     outcomes: dict[tuple[int, str], Outcome] = dataclasses.field(default_factory=dict)
 
 
@@ -195,6 +196,20 @@ class MemoryTransport(Transport):
         with self._store.lock:
             state = self._store.runs.setdefault(run, _Run())
             state.status, state.unreadable_status = status, status is None
+
+    async def publish_schema(self, run: str, data: bytes) -> None:
+        """Store the run's schema apart from its status (see :meth:`Transport.publish_schema`)."""
+        self._check_open()
+        validate_run_id(run)
+        with self._store.lock:
+            self._store.runs.setdefault(run, _Run()).schema = bytes(data)
+
+    async def read_schema(self, run: str) -> bytes | None:
+        self._check_open()
+        validate_run_id(run)
+        with self._store.lock:
+            state = self._store.runs.get(run)
+            return state.schema if state else None
 
     async def status(self, run: str) -> Status | None:
         self._check_open()

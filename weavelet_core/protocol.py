@@ -12,6 +12,7 @@ Run ids
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,8 +28,8 @@ from weavelet_core.errors import InvalidRunId, ProtocolError
 PROTOCOL_VERSION = 2
 """The version written. Version 2 added the outcome's ``revision_id`` and ``incarnation`` and the status's
 ``incarnation``, ``started_at``, ``keepalive``, ``last_outcome``, ``labels`` and ``schema``, and the revision's
-``reverts``; its optional ``key_id`` and ``signature`` (left out when empty, ignored by older readers) came later
-without a version change."""
+``reverts``; its optional ``key_id`` and ``signature`` (left out when empty, ignored by older readers) and the
+status's ``schema_digest`` (left out when empty) came later without a version change."""
 READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 """Versions a reader accepts: fields a version-1 message lacks take their defaults."""
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -225,6 +226,12 @@ class Status:
     revision shows with its reason. ``labels`` are the ``key: value`` strings the trainer declared (for selecting
     runs: ``weavelet stop -l sweep=3``); ``schema`` is what the live run accepts (keys with kinds and ranges,
     optimizer names, handler keys, per optimizer), so a writer can check a change before writing it.
+
+    ``schema_digest`` says the schema is stored apart from the status (see :mod:`weavelet_core.statuses`): it is
+    the :func:`schema_digest` of the schema's bytes, and ``schema`` is then ``None`` in the stored status. A
+    trainer's schema is a few kilobytes, most of a status; kept apart, a status stays a few hundred bytes and
+    reading thousands of them (``weavelet runs``) reads no schema. :meth:`weavelet_core.AsyncWeaver.status` joins
+    the two again; batched reads (``statuses``) leave the schema out.
     """
 
     run: str
@@ -244,6 +251,7 @@ class Status:
     last_outcome: JsonObject | None = None
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     schema: JsonObject | None = None
+    schema_digest: str = ""
 
     kind = "status"
 
@@ -287,6 +295,12 @@ class Status:
             if not isinstance(self.schema, dict):
                 raise ProtocolError("status.schema: expected an object or null", field="status.schema")
             _check_json_value(self.schema, "status.schema")
+        _require_str(self.schema_digest, "status.schema_digest")
+        if self.schema_digest and not SCHEMA_DIGEST_PATTERN.fullmatch(self.schema_digest):
+            raise ProtocolError(
+                f"status.schema_digest: {self.schema_digest[:80]!r} is not {SCHEMA_DIGEST_CHARS} lowercase hex digits",
+                field="status.schema_digest",
+            )
 
     @property
     def live(self) -> bool:
@@ -434,6 +448,8 @@ def _layout(kind: type[Message]) -> tuple[dict[str, dataclasses.Field[Any]], tup
 
 UNSIGNED_OMITTED = ("key_id", "signature")
 """Revision fields left out of the JSON when empty: an unsigned revision is written as before they existed."""
+STATUS_OMITTED = ("schema_digest",)
+"""Status fields left out of the JSON when empty: a status with its schema inline is written as before."""
 
 
 def to_dict(message: Message) -> JsonObject:
@@ -441,10 +457,10 @@ def to_dict(message: Message) -> JsonObject:
     ``signature``). Its values are the message's own (every field is plain JSON, so nothing is converted or
     copied): do not modify them."""
     body = {name: getattr(message, name) for name in _layout(type(message))[0]}
-    if isinstance(message, Revision):
-        for name in UNSIGNED_OMITTED:
-            if not body[name]:
-                del body[name]
+    omitted = UNSIGNED_OMITTED if isinstance(message, Revision) else STATUS_OMITTED if message.kind == "status" else ()
+    for name in omitted:
+        if not body[name]:
+            del body[name]
     return {"v": PROTOCOL_VERSION, "kind": message.kind, **body}
 
 
@@ -467,6 +483,49 @@ def _reject_constant(name: str) -> Any:
 # Made once: ``json.dumps``/``json.loads`` with options build a new encoder or decoder on every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+SCHEMA_DIGEST_CHARS = 32
+SCHEMA_DIGEST_PATTERN = re.compile(f"[0-9a-f]{{{SCHEMA_DIGEST_CHARS}}}")
+_SCHEMA_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False, sort_keys=True)
+
+
+def encode_schema(schema: JsonObject, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """A run's schema (see :attr:`Status.schema`) as the bytes stored apart from its status: compact UTF-8 JSON
+    with sorted keys, so that the same schema always gives the same bytes and :func:`schema_digest`.
+
+    :raises ProtocolError: for a schema that is not a JSON object of plain JSON values, or over ``max_bytes``.
+    """
+    if not isinstance(schema, dict):
+        raise ProtocolError("schema: expected an object", field="schema")
+    _check_json_value(schema, "schema")
+    data = _SCHEMA_ENCODER.encode(schema).encode()
+    if len(data) > max_bytes:
+        raise ProtocolError(f"schema: encoded size {len(data)} bytes exceeds the {max_bytes}-byte cap", field="schema")
+    return data
+
+
+def schema_digest(data: bytes) -> str:
+    """The digest a status names its schema by: the first :data:`SCHEMA_DIGEST_CHARS` hex digits of the SHA-256
+    of the schema's bytes (:func:`encode_schema`)."""
+    return hashlib.sha256(data).hexdigest()[:SCHEMA_DIGEST_CHARS]
+
+
+def decode_schema(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> JsonObject:
+    """Decode a schema stored apart from its status (untrusted bytes).
+
+    :raises ProtocolError: for bytes over ``max_bytes``, that are not UTF-8 JSON, or not an object of plain JSON.
+    """
+    if len(data) > max_bytes:
+        raise ProtocolError(f"schema: payload of {len(data)} bytes exceeds the {max_bytes}-byte cap", field="schema")
+    try:
+        obj = _DECODER.decode(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"schema: not valid JSON ({exc})", field="schema") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"schema: expected a JSON object, got {_json_type(obj)}", field="schema")
+    _check_json_value(obj, "schema")
+    return obj
 
 
 def decode(data: bytes | str, expected: type[M], *, max_bytes: int = MAX_PAYLOAD_BYTES) -> M:

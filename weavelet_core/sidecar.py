@@ -64,6 +64,7 @@ from weavelet_core.errors import (
 from weavelet_core.plugins import mask_password, open_transport
 from weavelet_core.protocol import FUTURE_SLACK, Outcome, Revision, Status, encode, from_dict, to_dict, truncate
 from weavelet_core.recorder import outcome_summary
+from weavelet_core.statuses import StatusPublisher
 from weavelet_core.transport import Transport
 
 log = logging.getLogger("weavelet_core.sidecar")
@@ -136,6 +137,7 @@ class Sidecar:
         self.final_timeout = SIGNAL_FINAL_TIMEOUT
         self._kick = anyio.Event()
         self._last_status: dict[str, Any] = {}
+        self._statuses = StatusPublisher()  # the schema goes apart from the status where the transport can
         self._cancel: anyio.CancelScope | None = None
         self._original_ppid = os.getppid()
         self._outage_since: float | None = None
@@ -175,7 +177,7 @@ class Sidecar:
                 try:
                     await self._publish_outbox(transport)
                     if self.claimed:  # never overwrite the status of a run this incarnation does not own
-                        await transport.publish_status(self._status(self.final_state, self.final_message))
+                        await self._statuses.publish(transport, self._status(self.final_state, self.final_message))
                 except Exception as exc:
                     log.warning("weavelet: could not publish the final status of run %r: %s", self.run_id, exc)
         if self.transport is not None:
@@ -397,7 +399,7 @@ class Sidecar:
         except CorruptEntry as exc:
             latest, number, unreadable = None, exc.revision, exc
         line = await self._start_policy(transport, latest, number, unreadable, first_start=current is None)
-        await transport.publish_status(self._status("running"))
+        await self._statuses.publish(transport, self._status("running"))
         self.claimed = True  # only once the run's status is ours: a failed claim is tried again on reconnecting
         self.channel.send_event("claimed", line, after=self.last_forwarded, baseline=self.baseline)
         print(f"weavelet: run {self.run_id!r}, incarnation {config.incarnation}: {line}", file=sys.stderr, flush=True)
@@ -654,7 +656,7 @@ class Sidecar:
         while True:
             await self._publish_outbox(transport)
             await self._check_owner(transport)
-            await transport.publish_status(self._status("running"))
+            await self._statuses.publish(transport, self._status("running"))
             with anyio.move_on_after(self.config.heartbeat_interval):
                 await self._kick.wait()
             self._kick = anyio.Event()

@@ -62,6 +62,11 @@ class DeleteUnsupported(TransportError, NotImplementedError):
     """The transport cannot delete a run's records (its plugin does not implement :meth:`Transport.delete`)."""
 
 
+class SchemaApartUnsupported(TransportError, NotImplementedError):
+    """The transport cannot store a run's schema apart from its status (its plugin does not implement
+    :meth:`Transport.publish_schema`): the status carries the schema inline."""
+
+
 @contextlib.contextmanager
 def decoding_many() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while a batched read decodes many messages that it keeps.
@@ -233,9 +238,29 @@ class Transport(abc.ABC):
             await anyio.sleep(interval)
             interval = min(interval * 1.5, OUTCOME_POLL_MAX)
 
+    async def publish_schema(self, run: str, data: bytes) -> None:
+        """Store ``data``, the schema of ``run`` (:func:`~weavelet_core.protocol.encode_schema`), apart from its
+        status, replacing the one stored before.
+
+        A trainer's schema (what it accepts: a few kilobytes) rarely changes, while its status is republished at
+        every heartbeat and read for every run by ``weavelet runs``. Stored apart, the status names it by digest
+        (:attr:`~weavelet_core.protocol.Status.schema_digest`) and stays a few hundred bytes; see
+        :mod:`weavelet_core.statuses` for who writes and joins the two.
+
+        Optional. The default raises :class:`SchemaApartUnsupported`: the trainer's status then carries its
+        schema inline, as before. A transport that overrides it overrides :meth:`read_schema` too, and removes
+        the schema in :meth:`delete`.
+        """
+        raise SchemaApartUnsupported(f"the {type(self).__name__} transport stores a run's schema in its status")
+
+    async def read_schema(self, run: str) -> bytes | None:
+        """The bytes :meth:`publish_schema` stored for ``run``, or ``None`` when there are none. Optional; the
+        default returns ``None``. Raises ``TransportUnavailable`` like :meth:`status`."""
+        return None
+
     async def delete(self, run: str) -> None:
-        """Remove everything stored for ``run``: its revisions, status and outcomes. Deleting a run that has
-        nothing stored does nothing. Afterwards :meth:`runs` no longer lists it, and a new revision of it is
+        """Remove everything stored for ``run``: its revisions, status (and schema) and outcomes. Deleting a run that
+        has nothing stored does nothing. Afterwards :meth:`runs` no longer lists it, and a new revision of it is
         numbered 1 again.
 
         Optional. The default raises :class:`DeleteUnsupported`, naming the transport.

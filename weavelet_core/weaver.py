@@ -38,6 +38,7 @@ from weavelet_core.errors import CorruptEntry, RevisionConflict, RunEnded, Trans
 from weavelet_core.plugins import default_url, mask_password, open_transport
 from weavelet_core.protocol import JsonObject, Outcome, Revision, Status, validate_run_id
 from weavelet_core.schema import check_rollback_fields as schema_check_rollback
+from weavelet_core.statuses import read_status
 from weavelet_core.transport import Entry, Transport
 
 T = TypeVar("T")
@@ -553,9 +554,10 @@ class AsyncWeaver:
         return await self._read(lambda t: t.latest(run))
 
     async def status(self, run: str) -> Status | None:
-        """The run's latest status, or ``None``."""
+        """The run's latest status with its schema (joined from where the trainer stored it: see
+        :mod:`weavelet_core.statuses`), or ``None``."""
         validate_run_id(run)
-        return await self._read(lambda t: t.status(run))
+        return await self._read(lambda t: read_status(t, run))
 
     async def check(
         self, run: str, changes: Mapping[str, Any], *, replace: bool = False, status: Status | None = None
@@ -606,7 +608,8 @@ class AsyncWeaver:
 
     async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
         """The latest status of each of ``runs`` (``None`` for one without), in one batched or concurrent read
-        (see :meth:`~weavelet_core.Transport.statuses`)."""
+        (see :meth:`~weavelet_core.Transport.statuses`). A status whose trainer stores its schema apart comes without
+        it (``schema`` is ``None``, ``schema_digest`` set): read one run's with :meth:`status`."""
         for run in runs:
             validate_run_id(run)
         return await self._read(lambda t: t.statuses(list(runs)))

@@ -8,6 +8,7 @@ Layout, one directory per run::
                                              the outcome of one revision from one incarnation (an outcome
                                              without incarnation, as version 1 wrote: <20 digits>.json)
     DIR/runs/RUN/status.json                 the latest status
+    DIR/runs/RUN/schema.json                 what the run's trainer accepts, named by digest in its status
     DIR/runs/RUN/.lock                       serialises compare-and-set writers (flock)
 
 Every file is written to a temporary file in the same directory, flushed, fsynced and renamed over the
@@ -792,6 +793,21 @@ class FileTransport(Transport):
     async def status(self, run: str) -> Status | None:
         self._check_open()
         return self._read(self._run_dir(run) / "status.json", Status)
+
+    async def publish_schema(self, run: str, data: bytes) -> None:
+        """Write the run's schema to ``schema.json`` beside its status (atomically, like the status)."""
+        self._check_open()
+        self._write(self._run_dir(run) / "schema.json", bytes(data))
+
+    async def read_schema(self, run: str) -> bytes | None:
+        self._check_open()
+        path = self._run_dir(run) / "schema.json"
+        try:
+            return read_capped(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._fs_exception("cannot read", path, exc) from None
 
     async def publish_outcome(self, outcome: Outcome) -> None:
         self._check_open()

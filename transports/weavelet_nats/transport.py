@@ -6,6 +6,9 @@ Layout (``PREFIX`` is ``weavelet`` unless the URL says ``?prefix=``)::
     PREFIX-status     key RUNKEY            the run's latest status
     PREFIX-outcomes   key RUNKEY.REVISION   the newest outcome of one revision (greatest ``at``)
                       key RUNKEY.REVISION.INC   one incarnation's outcome of it (see :func:`incarnation_token`)
+                      key RUNKEY.schema     what the run's trainer accepts, named by digest in its status (kept
+                                            here, not in the status bucket, so listing statuses never reads it and
+                                            a trainer writes it with the permissions its outcomes need)
 
 ``RUNKEY`` is the run id with each ``.`` written as ``=`` (a ``.`` separates tokens in NATS subjects).
 Buckets use file storage and are created on first connect if missing.
@@ -143,6 +146,11 @@ class _Denial:
 def run_key(run: str) -> str:
     """The key-value key of a run (its id with ``.`` written as ``=``)."""
     return validate_run_id(run).replace(".", "=")
+
+
+def schema_key(run: str) -> str:
+    """The outcomes-bucket key of a run's schema (``RUNKEY.schema``: no revision number is a word)."""
+    return f"{run_key(run)}.schema"
 
 
 def key_run(key: str) -> str | None:
@@ -1062,6 +1070,21 @@ class NatsTransport(Transport):
             entry = await self._entry(bucket, key)
         return None if entry is None else self._decode(entry.value, Status, f"status of run {run!r}")
 
+    async def publish_schema(self, run: str, data: bytes) -> None:
+        """Store the run's schema under ``RUNKEY.schema`` in the outcomes bucket (see the module's layout)."""
+        key = schema_key(run)
+        outcomes = self._kv("outcomes")
+        subject = f"$KV.{self.settings.prefix}-outcomes.{key}"
+        with self._mapped(f"publish the schema of run {run!r}", "outcomes", subject=subject):
+            await outcomes.put(key, bytes(data))
+
+    async def read_schema(self, run: str) -> bytes | None:
+        key = schema_key(run)
+        outcomes = self._kv("outcomes")
+        with self._mapped(f"read the schema of run {run!r}", "outcomes"):
+            entry = await self._entry(outcomes, key)
+        return None if entry is None or not entry.value else bytes(entry.value)
+
     async def publish_outcome(self, outcome: Outcome) -> None:
         """Store the outcome under ``RUNKEY.REVISION.INCARNATION``, then make it the revision's newest under
         ``RUNKEY.REVISION`` unless a newer one (greater ``at``) is there (compare-and-set on that key).
@@ -1278,8 +1301,9 @@ class NatsTransport(Transport):
             entries = await self._read_all(outcomes, f"{key}.>")
         own: list[Outcome] = []
         newest: dict[int, Outcome] = {}
+        schema = schema_key(run)
         for entry in entries:
-            if entry.operation in (KV_DEL, KV_PURGE):
+            if entry.operation in (KV_DEL, KV_PURGE) or entry.key == schema:
                 continue
             outcome = self._decode(entry.value, Outcome, f"outcome of run {run!r}")
             if outcome is None or outcome.run != run:
@@ -1313,4 +1337,4 @@ class NatsTransport(Transport):
             await self._close_client(nc)
 
 
-__all__ = ["NatsTransport", "key_run", "run_key"]
+__all__ = ["NatsTransport", "key_run", "run_key", "schema_key"]

@@ -3,7 +3,8 @@
 Key layout (prefix ``weavelet:`` by default, see :class:`weavelet_redis.config.KeyLayout`)::
 
     weavelet:runs                    set     every run id with a revision or a status
-    weavelet:run:RUN                 hash    revision -> newest number, status -> latest status (JSON)
+    weavelet:run:RUN                 hash    revision -> newest number, status -> latest status (JSON),
+                                             schema -> what the trainer accepts (JSON; see publish_schema)
     weavelet:run:RUN:revisions       stream  one entry per revision: revision, data (JSON); MAXLEN ~ history
     weavelet:run:RUN:status          stream  every published status: data (JSON); MAXLEN ~ status_history
     weavelet:run:RUN:outcomes        hash    N -> newest outcome of revision N; N:INCARNATION -> that
@@ -506,6 +507,21 @@ class RedisTransport(Transport):
             f"read the status of run {run!r}", client.hget(self.keys.run(run), "status")
         )
         return self._decode(data, Status, run)
+
+    async def publish_schema(self, run: str, data: bytes) -> None:
+        """Store the run's schema in the ``schema`` field of the run's hash, beside its ``status`` field (so a
+        trainer's ACL needs nothing more than its status does)."""
+        validate_run_id(run)
+        client = self._redis()
+        await self._call(f"publish the schema of run {run!r}", client.hset(self.keys.run(run), "schema", bytes(data)))
+
+    async def read_schema(self, run: str) -> bytes | None:
+        validate_run_id(run)
+        client = self._redis()
+        data: bytes | None = await self._call(
+            f"read the schema of run {run!r}", client.hget(self.keys.run(run), "schema")
+        )
+        return data
 
     async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
         """The latest status of each of ``runs`` (``None`` for one without, or one that cannot be read: it is

@@ -283,6 +283,8 @@ async def check_before_writing(
             if not status.live
             else "a stale status"
             if is_stale(status, None, time.time())
+            else "a schema that could not be read"
+            if status.schema_digest
             else "a trainer that publishes no schema"
         )
         if note:

@@ -18,7 +18,9 @@ Tests of undecodable entries need to store raw bytes as a run's newest revision 
 transport's own test module knows how to do: override :meth:`TransportConformance.write_raw_revision` (and
 :meth:`TransportConformance.write_raw_status`). Without them those tests are skipped with a reason that says so
 (and only those). Tests of :meth:`~weavelet_core.Transport.delete` are skipped for a transport that does not
-implement it (it raises :class:`~weavelet_core.transport.DeleteUnsupported`).
+implement it (it raises :class:`~weavelet_core.transport.DeleteUnsupported`), and tests of a schema stored apart
+from its status (:meth:`~weavelet_core.Transport.publish_schema`) for one that keeps it inline (it raises
+:class:`~weavelet_core.transport.SchemaApartUnsupported`); a status with its schema inline is tested either way.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import pytest
 
 from weavelet_core.errors import CorruptEntry, InvalidRunId, RevisionConflict, TransportUnavailable
 from weavelet_core.plugins import open_transport
-from weavelet_core.protocol import Outcome, Revision, Status
-from weavelet_core.transport import DeleteUnsupported, Entry, Transport
+from weavelet_core.protocol import Outcome, Revision, Status, encode_schema, schema_digest
+from weavelet_core.statuses import StatusPublisher, read_status
+from weavelet_core.transport import DeleteUnsupported, Entry, SchemaApartUnsupported, Transport
 
 WATCH_TIMEOUT = 10.0
 
@@ -64,6 +67,15 @@ def _shown(entry: Entry | None) -> tuple[int, dict[str, Any]] | None:
         return None
     assert isinstance(entry, Revision), entry
     return entry.revision, entry.config
+
+
+SCHEMA: dict[str, Any] = {
+    "version": 1,
+    "optimizers": [{"name": None, "type": "adam", "keys": {"lr": {"kind": "float", "min": 0}}}],
+    "commands": ["stop", "checkpoint"],
+    "note": "caf\u00e9 \u6f22\u5b57",
+}
+"""A trainer's schema, as :class:`~weavelet_core.statuses.StatusPublisher` stores it (see Status.schema)."""
 
 
 def _undecodable(kind: str, run: str, number: int) -> bytes:
@@ -548,6 +560,86 @@ class TransportConformance:
         await self._delete(transport, run)
         assert run not in await other.runs()
         assert await other.status(run) is None
+
+    # -- a status's schema, stored apart ----------------------------------------------------------------
+    async def _publish_schema(self, transport: Transport, run: str, data: bytes) -> None:
+        try:
+            await transport.publish_schema(run, data)
+        except SchemaApartUnsupported as exc:
+            pytest.skip(f"{type(transport).__name__} keeps a run's schema in its status: {exc}")
+
+    @pytest.mark.anyio
+    async def test_a_status_and_its_schema_read_back_joined(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        publisher = StatusPublisher()
+        await publisher.publish(transport, Status(run=run, state="running", step=3, schema=SCHEMA))
+        joined = await read_status(other, run)
+        assert joined is not None
+        assert (joined.step, joined.schema) == (3, SCHEMA)
+        stored = await other.status(run)
+        listed = (await other.statuses([run]))[run]
+        assert stored is not None
+        assert listed is not None
+        if publisher.inline:  # a transport that keeps the schema in the status
+            assert (stored.schema, stored.schema_digest, listed.schema) == (SCHEMA, "", SCHEMA)
+        else:
+            data = encode_schema(SCHEMA)
+            assert (stored.schema, stored.schema_digest) == (None, schema_digest(data))
+            assert (listed.schema, listed.schema_digest) == (None, schema_digest(data))
+            assert await other.read_schema(run) == data
+        # The schema is no run, no revision and no outcome of its own.
+        assert [name for name in await other.runs() if name.startswith(run)] == [run]
+        assert await other.latest(run) is None
+        assert await other.outcomes(run) == []
+
+    @pytest.mark.anyio
+    async def test_a_changed_schema_replaces_the_one_stored(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        publisher = StatusPublisher()
+        await publisher.publish(transport, Status(run=run, state="running", step=1, schema=SCHEMA))
+        await publisher.publish(transport, Status(run=run, state="running", step=2, schema=SCHEMA))
+        changed = {**SCHEMA, "commands": ["stop"]}
+        await publisher.publish(transport, Status(run=run, state="running", step=3, schema=changed))
+        joined = await read_status(other, run)
+        assert joined is not None
+        assert (joined.step, joined.schema) == (3, changed)
+        await publisher.publish(transport, Status(run=run, state="stopped", step=4))
+        ended = await read_status(other, run)
+        assert ended is not None
+        assert (ended.state, ended.schema, ended.schema_digest) == ("stopped", None, "")
+
+    @pytest.mark.anyio
+    async def test_a_schema_other_than_the_status_names_is_not_joined(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        await self._publish_schema(transport, run, encode_schema(SCHEMA))
+        named = schema_digest(encode_schema({**SCHEMA, "commands": []}))
+        await transport.publish_status(Status(run=run, state="running", step=5, schema_digest=named))
+        found = await read_status(other, run)
+        assert found is not None
+        assert (found.step, found.schema, found.schema_digest) == (5, None, named)
+
+    @pytest.mark.anyio
+    async def test_an_unreadable_schema_is_left_out_of_its_status(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        for bad in (b"\x80 not json {", b"[1, 2]", b'{"lr": NaN}', b'{"a": "\\ud800"}'):
+            await self._publish_schema(transport, run, bad)
+            await transport.publish_status(Status(run=run, state="running", schema_digest=schema_digest(bad)))
+            found = await read_status(other, run)
+            assert found is not None
+            assert (found.state, found.schema, found.schema_digest) == ("running", None, schema_digest(bad))
+
+    @pytest.mark.anyio
+    async def test_delete_removes_the_schema(self, transport: Transport, other: Transport, run: str) -> None:
+        await self._publish_schema(transport, run, encode_schema(SCHEMA))
+        await StatusPublisher().publish(transport, Status(run=run, state="stopped", schema=SCHEMA))
+        await self._delete(other, run)
+        assert await transport.read_schema(run) is None
+        assert await read_status(transport, run) is None
+        assert run not in await other.runs()
 
     # -- watching an outcome -----------------------------------------------------------------------------
     @pytest.mark.anyio
