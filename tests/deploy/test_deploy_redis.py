@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -183,7 +183,10 @@ def test_the_documented_cluster_commands_make_a_working_cluster(snippet: dict[st
 
 @pytest.mark.slow
 def test_the_documented_acl_users_scope_trainers_and_weavers(
-    snippet: dict[str, str], weavelet_redis_server_factory: RedisServerFactory, answer_later: AnswerLater
+    snippet: dict[str, str],
+    weavelet_redis_server_factory: RedisServerFactory,
+    answer_later: AnswerLater,
+    run_cli: Callable[..., subprocess.CompletedProcess[str]],
 ) -> None:
     server = weavelet_redis_server_factory()
     for line in snippet["redis-acl"].splitlines():
@@ -207,6 +210,16 @@ def test_the_documented_acl_users_scope_trainers_and_weavers(
             assert got is not None, process.message
             process.report_outcome(got.revision, "applied", step=3)
             assert weaver.wait("resnet50", written.revision, timeout=15).result == "applied"
+            # Its schema goes apart from its status (the run's hash), with the trainer's documented ACL.
+            schema = {"version": 1, "commands": ["stop"], "optimizers": []}
+            process.report(step=4, schema=schema)
+            deadline = time.monotonic() + 15
+            while (status := weaver.status("resnet50")) is None or status.step != 4:
+                assert time.monotonic() < deadline, status
+                time.sleep(0.05)
+            assert status.schema == schema
+            assert status.schema_digest
+            assert weaver.statuses(["resnet50"])["resnet50"].schema is None  # type: ignore[union-attr]
     finally:
         process.stop(timeout=10)
 
@@ -243,6 +256,16 @@ def test_the_documented_acl_users_scope_trainers_and_weavers(
             weaver.set("resnet50", {"lr": 5.0})
         with pytest.raises(PermissionDenied):
             weaver.delete("resnet50")
+    # The run index lists every team's runs: a team's weaver may not read the others', and says how to list its own.
+    with Weaver(weaver_url) as weaver:
+        weaver.set("team-a-listed", {"lr": 0.2})
+    everything = run_cli("--url", weaver_url, "runs")
+    assert everything.returncode == 1
+    assert "permission denied" in everything.stderr
+    assert "weavelet runs 'team-a-*'" in everything.stderr
+    assert "WEAVER-PASSWORD" not in everything.stderr
+    own = run_cli("--url", weaver_url, "runs", "-q", "team-a-*")
+    assert (own.returncode, own.stdout) == (0, "team-a-listed\n"), own.stderr
     with Weaver(admin) as weaver:
         latest = weaver.get("resnet50")
         assert latest is not None

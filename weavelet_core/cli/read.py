@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import time
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from weavelet_core.cli.common import (
 )
 from weavelet_core.cli.selectors import add_selectors, label, matches, select, single
 from weavelet_core.cli.signed import author_text, signature_of, trusted_of
-from weavelet_core.errors import CorruptEntry
+from weavelet_core.errors import CorruptEntry, PermissionDenied
 from weavelet_core.protocol import LIFECYCLE_STATES, Outcome, Revision, Status, to_dict, validate_run_id
 from weavelet_core.signing import TrustedKeys
 from weavelet_core.weaver import AsyncWeaver
@@ -269,9 +270,21 @@ def _dash(value: object) -> str:
 
 
 async def cmd_runs(args: argparse.Namespace, out: TextIO) -> int:
+    patterns: list[str] = args.patterns
     async with weaver(args) as w:
         names = await w.runs()
-        rows = await overview(w, names, args.stale_after)
+        if patterns:
+            names = [run for run in names if any(fnmatch.fnmatchcase(run, p) for p in patterns)]
+        try:
+            rows = await overview(w, names, args.stale_after)
+        except PermissionDenied as exc:
+            if patterns:
+                raise
+            raise CliError(
+                f"{exc}; this user may not read every run the store lists: list only the runs it may read with a "
+                "pattern (weavelet runs 'team-a-*'), or give each team its own prefix (?prefix=team-a) so that its "
+                "listing holds only its runs (docs/deploy.md)"
+            ) from None
     states: list[str] = [s for group in args.state for s in group]
     if states:
         rows = [r for r in rows if (r["state"] or "none") in states or ("stale" in states and r["stale"])]
@@ -653,12 +666,16 @@ def add_parsers(subparsers: Any, formatter: type[argparse.HelpFormatter]) -> Non
         "runs",
         help="list the runs the transport knows",
         epilog="examples:\n  weavelet runs\n  weavelet runs --state running,stale -o wide\n"
-        "  weavelet runs -q -l sweep=3 | xargs -n1 weavelet stop\n",
+        "  weavelet runs 'sweep-3-*'\n  weavelet runs -q -l sweep=3 | xargs -n1 weavelet stop\n",
         formatter_class=formatter,
     )
     add_url(p)
     add_output(p, wide=True)
     add_stale(p)
+    p.add_argument(
+        "patterns", metavar="PATTERN", nargs="*",
+        help="only runs whose ids match one of these glob patterns ('sweep-3-*'; quote them); only those are read",
+    )  # fmt: skip
     p.add_argument(
         "--state",
         type=_states,
