@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,7 +76,9 @@ def test_swap_under_a_lightning_pytorch_trainer(tmp_path: Path) -> None:
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
         outcome = weaver.outcome(run, 1)
 
-    assert isinstance(wc, L.Callback)
+    # In a process that imported pytorch_lightning first (the whole test suite does), the callback derives from its
+    # Callback only, and lightning.pytorch's trainer still runs it: Lightning calls callback hooks by name.
+    assert wc in trainer.callbacks
     assert outcome is not None
     assert outcome.result == "applied", outcome.message
     assert outcome.step is not None
@@ -83,3 +88,32 @@ def test_swap_under_a_lightning_pytorch_trainer(tmp_path: Path) -> None:
     assert set(model.stepped[swap:]) == {"Adam"}
     assert isinstance(trainer.optimizers[0], torch.optim.Adam)
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.001
+
+
+@pytest.mark.parametrize(
+    ("imported", "loaded"),
+    [
+        ("lightning.pytorch", ["lightning.pytorch"]),
+        ("pytorch_lightning", ["pytorch_lightning"]),
+        (None, ["lightning.pytorch", "pytorch_lightning"]),
+    ],
+)
+def test_the_callback_loads_only_the_lightning_package_in_use(
+    imported: str | None, loaded: list[str], isolated_env: dict[str, str]
+) -> None:
+    """Imported after one Lightning package, the callback derives from that one's Callback and never imports the
+    other; imported first, it derives from both, so a trainer of either accepts it."""
+    script = (
+        "import sys\n"
+        + (f"import {imported}\n" if imported else "")
+        + "from weavelet_lightning import WeaveletCallback\n"
+        "import json\n"
+        "packages = [m for m in ('lightning.pytorch', 'pytorch_lightning') if m in sys.modules]\n"
+        "bases = [m for m in packages if issubclass(WeaveletCallback, sys.modules[m].Callback)]\n"
+        "print(json.dumps([packages, bases]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=isolated_env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [loaded, loaded]

@@ -1,13 +1,17 @@
 """Finding Lightning: the ``lightning`` package (``lightning.pytorch``) and/or ``pytorch_lightning``.
 
-The callback derives from the ``Callback`` class of every one of them that is installed, so a trainer from
-either accepts it.
+The callback derives from the ``Callback`` class of the Lightning package in use: the one (or both) the process
+has imported when the callback class is first loaded, which is when ``from weavelet_lightning import
+WeaveletCallback`` runs after ``import lightning`` (or ``import pytorch_lightning``). Only when neither is
+imported yet does it import, and derive from, every one that is installed, so a trainer from either accepts it.
+Importing one package costs about 0.3 s and 7 MB; the other is then never loaded for nothing.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from typing import Any
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
@@ -34,9 +38,16 @@ def lightning_modules() -> list[Any]:
     return found
 
 
+def modules_in_use() -> list[Any]:
+    """The Lightning modules already imported (``lightning.pytorch`` first), or, when none is, every installed one
+    (:func:`lightning_modules`, which raises ImportError saying how to install)."""
+    loaded = [sys.modules[name] for name in PACKAGES if name in sys.modules]
+    return loaded or lightning_modules()
+
+
 def callback_base() -> type:
-    """A ``Callback`` base class accepted by the trainer of every installed Lightning package."""
-    bases = tuple(module.Callback for module in lightning_modules())
+    """A ``Callback`` base class accepted by the trainer of every Lightning package in use (:func:`modules_in_use`)."""
+    bases = tuple(module.Callback for module in modules_in_use())
     if len(bases) == 1:
         return bases[0]  # type: ignore[no-any-return]
     return type("LightningCallback", bases, {})
