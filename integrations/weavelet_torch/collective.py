@@ -78,10 +78,17 @@ class Collective:
         else:
             buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
         dist.broadcast(buffer, src=self._src, group=self.group)
-        return json.loads(data if self.rank == 0 else bytes(buffer.cpu().tolist()))
+        return json.loads(data if self.rank == 0 else buffer.cpu().numpy().tobytes())
 
     def all_true(self, value: bool) -> bool:
         """Whether ``value`` is true on every rank (one all-reduce of a 1-element tensor)."""
         flag = torch.tensor([1 if value else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
+
+    def all_same(self, value: bool) -> bool:
+        """Whether ``value`` is the same on every rank (all true or all false): one all-reduce of a 2-element
+        tensor (the minimum of ``value`` and of its negation)."""
+        flag = torch.tensor([1 if value else 0, 0 if value else 1], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag[0].item()) or bool(flag[1].item())
