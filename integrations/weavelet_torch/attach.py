@@ -20,7 +20,8 @@ Under ``torch.distributed`` (``torchrun``, DDP, FSDP2): call ``attach()`` on eve
 ``init_process_group()``. Only global rank 0 starts the weavelet sidecar and talks to the transport; at each check
 (every ``check_every`` steps) rank 0 broadcasts what it polled (see :class:`~weavelet_torch.collective.Collective`)
 and every rank applies the same revision at the same step, so ``live.optimizer``, its hyperparameters and
-``live.should_stop`` change together everywhere.
+``live.should_stop`` change together everywhere. By default checks are spaced about 0.1 s apart (see
+``check_every``), which keeps the broadcast's cost on the other ranks near 1% of a step however short steps are.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -49,6 +51,12 @@ from weavelet_torch.schedulers import walk
 from weavelet_torch.watch import StepWatch
 
 log = logging.getLogger("weavelet_torch")
+
+AUTO_CHECK_SECONDS = 0.1
+"""With ``check_every=None`` under ``torch.distributed``: the time rank 0 aims to leave between two checks."""
+
+MAX_AUTO_INTERVAL = 1000
+"""With ``check_every=None`` under ``torch.distributed``: at most this many steps between two checks."""
 
 KEPT_VERDICTS = 64
 """How many verdicts :attr:`Attachment.verdicts` keeps (memory stays flat however many revisions arrive)."""
@@ -241,12 +249,18 @@ class Attachment:
         snapshot_every: int | None = None,
         snapshot_keep: int = 2,
         spike_guard: SpikeGuard | None = None,
-        check_every: int = 1,
+        check_every: int | None = None,
         group: Any = None,
     ) -> None:
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-            raise ValueError(f"check_every must be a whole number of steps >= 1, not {check_every!r}")
+        if check_every is not None and (
+            isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
+        ):
+            raise ValueError(
+                f"check_every must be None (automatic) or a whole number of steps >= 1, not {check_every!r}"
+            )
         self.check_every = check_every
+        self._next_check = 0  # automatic checks under torch.distributed: the step of the next one, on every rank
+        self._last_check: tuple[int, float] | None = None  # rank 0: (step, time) of the last check
         #: Rank 0's decisions shared with every rank, or ``None`` when not distributed (or a world of one).
         self.collective = Collective.current(group)
         if self.collective is not None and (snapshot_every is not None or spike_guard is not None):
@@ -407,8 +421,8 @@ class Attachment:
 
         ``step`` is the number of optimizer steps taken so far. Applies the newest waiting revision, reports
         its outcome and returns the :class:`~weavelet_torch.applier.Verdict` (``None`` when nothing waited, or
-        when ``step`` is not a multiple of ``check_every``). ``loss`` and ``metrics`` go into the status at most
-        once per ``report_interval``.
+        at a step that is not checked: see ``check_every`` of :func:`attach`). ``loss`` and ``metrics`` go into
+        the status at most once per ``report_interval``.
 
         Under ``torch.distributed`` every rank must call it with the same ``step`` (it is collective at the steps
         it checks): rank 0 broadcasts the revision it polled, every rank applies it, and when the verdicts differ
@@ -416,7 +430,7 @@ class Attachment:
         """
         self._step = step
         verdict = None
-        if step % self.check_every == 0:
+        if self._due(step):
             verdict = self._check(step)
         if self._watch is not None:  # snapshots, spike guard: off unless asked for
             self._watch(step, loss)
@@ -441,6 +455,24 @@ class Attachment:
 
     # ----------------------------------------------------------------- internals
 
+    def _due(self, step: int) -> bool:
+        """Whether ``step`` is checked; the same answer on every rank given the same steps."""
+        if self.check_every is not None:
+            return step % self.check_every == 0
+        return self.collective is None or step >= self._next_check
+
+    def _interval(self, step: int) -> int:
+        """Rank 0, automatic mode: how many steps until the next check, so that checks are about
+        :data:`AUTO_CHECK_SECONDS` apart at the pace of the steps since the last one."""
+        now = time.monotonic()
+        last, self._last_check = self._last_check, (step, now)
+        if last is None or step <= last[0]:
+            return 1
+        per_step = (now - last[1]) / (step - last[0])
+        if per_step <= 0:
+            return MAX_AUTO_INTERVAL
+        return max(1, min(MAX_AUTO_INTERVAL, int(AUTO_CHECK_SECONDS / per_step)))
+
     def _check(self, step: int) -> Verdict | None:
         collective = self.collective
         if collective is None:
@@ -454,11 +486,15 @@ class Attachment:
             self.link.settle(verdict, self.applier)
             return verdict
         payload: list[Any] | None = None
+        interval = 0
         if collective.is_leader:
             revision = self.link.poll()
             if revision is not None:
                 payload = [revision.revision, revision.config, self.link.is_baseline(revision)]
-        payload = collective.share(payload)
+            if self.check_every is None:
+                interval = self._interval(step)
+        payload, interval = collective.share_with(payload, interval)
+        self._next_check = step + max(1, interval)
         if payload is None:
             return None
         number, config, baseline = payload
@@ -600,9 +636,12 @@ def attach(
     :param spike_guard: a :class:`~weavelet_torch.SpikeGuard` that rolls back by itself on a loss spike (it reads
         the ``loss`` given to :meth:`Attachment.poll`); default ``None``: off.
 
-    :param check_every: look for a revision every this many steps (default 1: every step); :meth:`Attachment.poll`
-        checks when ``step % check_every == 0``. Under ``torch.distributed`` each check is a broadcast on every rank
-        (see docs/torch.md for its measured cost); a revision then waits at most ``check_every`` steps.
+    :param check_every: look for a revision every this many steps: :meth:`Attachment.poll` checks when
+        ``step % check_every == 0``. Default ``None``, automatic: every step in a single process (a check costs one
+        shared-integer read); under ``torch.distributed``, where each check is a broadcast on every rank (about
+        1 ms on gloo over loopback, see docs/torch.md), rank 0 spaces checks about :data:`AUTO_CHECK_SECONDS`
+        (0.1 s) apart at the pace of the recent steps (every step when steps are slower, at most
+        :data:`MAX_AUTO_INTERVAL` steps apart) and tells every rank the step of the next one with each check.
     :param group: the ``torch.distributed`` process group whose ranks decide together (default: the world group
         when one is initialised). With a group of more than one rank, call ``attach()``, ``start()`` (or enter the
         ``with`` block) and :meth:`Attachment.poll` on every rank with the same steps: only global rank 0 runs the

@@ -1,8 +1,9 @@
 """A plain training loop with ``attach()`` run by ``torchrun`` on every rank (gloo, CPU); not a test module.
 
-``python -m torch.distributed.run --nproc_per_node 2 loop_worker.py MODE URL RUN OUT [CHECK_EVERY]`` with MODE
-``ddp`` (a ``DistributedDataParallel`` model) or ``fsdp`` (``fully_shard``, FSDP2). Rank 0 steers its own run
-with a :class:`~weavelet_core.Weaver` as a person would: a swap to Adam, an lr change, a checkpoint, a rollback
+``python -m torch.distributed.run --nproc_per_node 2 loop_worker.py MODE URL RUN OUT CHECK_EVERY`` with MODE
+``ddp`` (a ``DistributedDataParallel`` model) or ``fsdp`` (``fully_shard``, FSDP2), and CHECK_EVERY a number of
+steps or ``auto`` (``check_every=None``). Rank 0 steers its own run with a :class:`~weavelet_core.Weaver` as a
+person would: a swap to Adam, an lr change, a checkpoint, a rollback
 (refused under ``torch.distributed``) and a stop, each sent once the previous one has a verdict. Every rank writes
 ``OUT/rank<N>.json``: its verdicts, the optimizer and lr of every step, where it stopped, its weights.
 """
@@ -10,7 +11,6 @@ with a :class:`~weavelet_core.Weaver` as a person would: a swap to Adam, an lr c
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +75,7 @@ def full_sums(model: torch.nn.Module) -> list[float]:
     return sums
 
 
-def main(mode: str, url: str, run: str, out: str, check_every: int) -> None:
+def main(mode: str, url: str, run: str, out: str, check_every: int | None) -> None:
     from weavelet_core import Weaver
     from weavelet_torch import attach
 
@@ -187,10 +187,4 @@ def load_checkpoint(verdicts: list[dict[str, Any]], mode: str) -> list[float] | 
 
 
 if __name__ == "__main__":
-    main(
-        sys.argv[1],
-        sys.argv[2],
-        sys.argv[3],
-        sys.argv[4],
-        int(sys.argv[5]) if len(sys.argv) > 5 else int(os.environ.get("CHECK_EVERY", "1")),
-    )
+    main(*sys.argv[1:5], None if sys.argv[5] == "auto" else int(sys.argv[5]))
