@@ -589,7 +589,7 @@ def attach(
     snapshot_every: int | None = None,
     snapshot_keep: int = 2,
     spike_guard: SpikeGuard | None = None,
-    check_every: int = 1,
+    check_every: int | None = None,
     group: Any = None,
 ) -> Attachment:
     """Make a plain training loop remotely reconfigurable; use the result as a context manager.
