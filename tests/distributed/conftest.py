@@ -140,16 +140,24 @@ def two_nodes() -> Iterator[TwoNodes]:
 
     Skips, with the reason, only where network namespaces cannot be created here (no ``ip`` command, or no
     ``CAP_NET_ADMIN``)."""
-    if shutil.which("ip") is None:
-        pytest.skip("the 'ip' command (iproute2) is not installed: two network namespaces cannot be made")
+    skip_without_namespaces()
     nodes = TwoNodes()
     try:
-        try:
-            nodes._ip("netns", "add", nodes.namespaces[0])
-        except RuntimeError as exc:
-            pytest.skip(f"network namespaces cannot be created here ({exc}); run as root or with CAP_NET_ADMIN")
-        nodes._ip("netns", "del", nodes.namespaces[0])
         nodes.create()
         yield nodes
     finally:
         nodes.remove()
+
+
+def skip_without_namespaces() -> None:
+    """Skip the test, saying why, where network namespaces cannot be created."""
+    if shutil.which("ip") is None:
+        pytest.skip("the 'ip' command (iproute2) is not installed: two network namespaces cannot be made")
+    name = f"wlt-{secrets.token_hex(3)}-probe"
+    done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=10, check=False)
+    if done.returncode != 0:
+        pytest.skip(
+            f"network namespaces cannot be created here (ip netns add: {done.stderr.strip()}); run as root or "
+            "with CAP_NET_ADMIN"
+        )
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10, check=False)

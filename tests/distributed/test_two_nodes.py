@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.distributed.conftest import HERE, TwoNodes, read_ranks, torchrun_env
+from tests.distributed.conftest import HERE, TwoNodes, read_ranks, skip_without_namespaces, torchrun_env
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.filterwarnings("ignore::UserWarning")]  # ~40 s
 
@@ -168,3 +168,20 @@ def test_four_ranks_on_two_nodes_apply_together_and_survive_a_broker_cut(
                 expected = 0.0002
             assert value == pytest.approx(expected), (record["rank"], step, value)
     assert all(r["weights"] == ranks[0]["weights"] for r in ranks), "the DDP replicas diverged"
+
+
+def test_namespaces_and_links_are_removed_even_after_a_failed_create() -> None:
+    skip_without_namespaces()
+    nodes = TwoNodes()
+    obstacle = ["ip", "link", "add", nodes.bridge, "type", "veth", "peer", "name", f"wl{nodes.tag}xx"]
+    subprocess.run(obstacle, check=True, timeout=10)  # a link of the bridge's name: create() fails there
+    try:
+        with pytest.raises(RuntimeError, match="File exists"):
+            nodes.create()  # the namespaces and the node link were made before the bridge failed
+        assert set(nodes.leftovers()) >= set(nodes.namespaces)
+        nodes.remove()
+        assert nodes.leftovers() == [nodes.bridge]  # only the obstacle this test made
+    finally:
+        nodes.remove()
+        subprocess.run(["ip", "link", "del", nodes.bridge], capture_output=True, timeout=10, check=False)
+    assert nodes.leftovers() == []
