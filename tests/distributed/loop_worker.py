@@ -4,7 +4,8 @@
 ``ddp`` (a ``DistributedDataParallel`` model) or ``fsdp`` (``fully_shard``, FSDP2), and CHECK_EVERY a number of
 steps or ``auto`` (``check_every=None``). Rank 0 steers its own run with a :class:`~weavelet_core.Weaver` as a
 person would: a swap to Adam, an lr change, a checkpoint, a rollback
-(refused under ``torch.distributed``) and a stop, each sent once the previous one has a verdict. Every rank writes
+(refused under ``torch.distributed``), a key of its own that rank 1 alone refuses, then one every rank accepts, and a
+stop, each sent once the previous one has a verdict. Every rank writes
 ``OUT/rank<N>.json``: its verdicts, the optimizer and lr of every step, where it stopped, its weights.
 """
 
@@ -27,6 +28,8 @@ ACTIONS: list[tuple[str, Any]] = [
     ("set", {"lr": 0.0005}),
     ("command", "checkpoint"),
     ("rollback", "latest"),
+    ("set", {"tag": 1}),  # rank 1's validator refuses 1: the ranks' verdicts differ
+    ("set", {"tag": 2}),  # accepted everywhere: the ranks agree again
     ("command", "stop"),
 ]
 
@@ -106,6 +109,14 @@ def main(mode: str, url: str, run: str, out: str, check_every: int | None) -> No
     ) as live:
         record["has_weavelet"] = live.process is not None
         record["run"] = live.run
+        tags: list[int] = []
+        record["tags"] = tags
+
+        def refuse_one_on_rank_one(value: Any) -> None:
+            if rank != 0 and value == 1:
+                raise ValueError(f"rank {rank} refuses tag 1")
+
+        live.on("tag", tags.append, validate=refuse_one_on_rank_one)
         for step in range(1, MAX_STEPS + 1):
             x = torch.randn(16, 8, generator=data)
             loss = torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True))

@@ -37,13 +37,18 @@ def check_same_steps(ranks: list[dict[str, Any]], check_every: int | None) -> di
     zero, one = ranks
     assert [r["has_weavelet"] for r in ranks] == [True, False]  # only rank 0 started a sidecar
     assert one["run"] == zero["run"]
-    verdicts = [[v["revision"], v["result"], v["step"], v["at"]] for v in zero["verdicts"]]
-    assert [[v["revision"], v["result"], v["step"], v["at"]] for v in one["verdicts"]] == verdicts
-    assert [v["result"] for v in zero["verdicts"]] == ["applied", "applied", "applied", "rejected", "applied"]
-    assert all(v["ranks_agree"] for r in ranks for v in r["verdicts"])
+    verdicts = [[v["revision"], v["at"]] for v in zero["verdicts"]]
+    assert [[v["revision"], v["at"]] for v in one["verdicts"]] == verdicts  # every revision at the same step
+    results = ["applied", "applied", "applied", "rejected", "applied", "applied", "applied"]
+    assert [v["result"] for v in zero["verdicts"]] == results
+    assert [v["result"] for v in one["verdicts"]] == [*results[:4], "rejected", *results[5:]]
+    assert [v["ranks_agree"] for v in zero["verdicts"]] == [True, True, True, True, False, True, True]
+    assert [v["ranks_agree"] for v in one["verdicts"]] == [True, True, True, True, False, True, True]
+    assert "rank 1 refuses tag 1" in one["verdicts"][4]["message"]
+    assert (zero["tags"], one["tags"]) == ([1, 2], [2])
     if check_every is not None:
         assert all(v["at"] % check_every == 0 for v in zero["verdicts"]), verdicts
-    swap, lr, checkpoint, rollback, stop = zero["verdicts"]
+    swap, lr, checkpoint, rollback, _differ, _agree, stop = zero["verdicts"]
     for record in ranks:
         for step, name, value in record["steps"]:  # step N ran before poll(N) applied what landed at N
             assert name == ("SGD" if step <= swap["step"] else "Adam"), (record["rank"], step, name)
@@ -69,6 +74,11 @@ def test_ddp_ranks_apply_every_revision_at_the_same_step(ddp: Any) -> None:
     assert outcome.step == zero["verdicts"][0]["step"]
     assert status is not None
     assert status.state == "stopped"
+    with Weaver(url) as weaver:
+        differ = weaver.outcome("ddp-run", zero["verdicts"][4]["revision"])
+    assert differ is not None
+    assert differ.result == "applied"  # rank 0's verdict, marked
+    assert differ.detail.get("ranks_agree") is False
 
 
 def test_fsdp2_swaps_over_sharded_parameters_and_checkpoints_with_dcp(fsdp: Any) -> None:
