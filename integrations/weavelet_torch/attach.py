@@ -21,7 +21,7 @@ Under ``torch.distributed`` (``torchrun``, DDP, FSDP2): call ``attach()`` on eve
 (every ``check_every`` steps) rank 0 broadcasts what it polled (see :class:`~weavelet_torch.collective.Collective`)
 and every rank applies the same revision at the same step, so ``live.optimizer``, its hyperparameters and
 ``live.should_stop`` change together everywhere. By default checks are spaced about 0.1 s apart (see
-``check_every``), which keeps the broadcast's cost on the other ranks near 1% of a step however short steps are.
+``check_every``), so that the broadcast's cost on the other ranks stays small however short the steps are.
 """
 
 from __future__ import annotations
@@ -260,6 +260,7 @@ class Attachment:
             )
         self.check_every = check_every
         self._next_check = 0  # automatic checks under torch.distributed: the step of the next one, on every rank
+        self._checked_at = 0  # ... and the step of the last one
         self._last_check: tuple[int, float] | None = None  # rank 0: (step, time) of the last check
         #: Rank 0's decisions shared with every rank, or ``None`` when not distributed (or a world of one).
         self.collective = Collective.current(group)
@@ -459,7 +460,8 @@ class Attachment:
         """Whether ``step`` is checked; the same answer on every rank given the same steps."""
         if self.check_every is not None:
             return step % self.check_every == 0
-        return self.collective is None or step >= self._next_check
+        # a step number below the last check's (a loop counting steps per epoch) starts the spacing over
+        return self.collective is None or step >= self._next_check or step < self._checked_at
 
     def _interval(self, step: int) -> int:
         """Rank 0, automatic mode: how many steps until the next check, so that checks are about
@@ -494,7 +496,7 @@ class Attachment:
             if self.check_every is None:
                 interval = self._interval(step)
         payload, interval = collective.share_with(payload, interval)
-        self._next_check = step + max(1, interval)
+        self._checked_at, self._next_check = step, step + max(1, interval)
         if payload is None:
             return None
         number, config, baseline = payload
