@@ -55,6 +55,25 @@ def collective_checks() -> dict[str, Any]:
     }
 
 
+def start_failures(url: str, run: str) -> dict[str, list[str]]:
+    """What each rank raises when rank 0 cannot start: a bad label (``ValueError`` on rank 0), and a run that another
+    live attachment owns (``RunOwned`` on rank 0)."""
+    from weavelet_torch import attach
+
+    model = torch.nn.Linear(2, 1)
+    found: dict[str, list[str]] = {}
+    try:
+        attach(torch.optim.SGD(model.parameters(), lr=0.1), run=f"{run}-label", url=url, labels={"": "x"}).start()
+    except Exception as exc:
+        found["labels"] = [type(exc).__name__, str(exc)]
+    with attach(torch.optim.SGD(model.parameters(), lr=0.1), run=f"{run}-owned", url=url):
+        try:
+            attach(torch.optim.SGD(model.parameters(), lr=0.1), run=f"{run}-owned", url=url).start()
+        except Exception as exc:
+            found["owned"] = [type(exc).__name__, str(exc)]
+    return found
+
+
 def build(mode: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
@@ -87,6 +106,7 @@ def main(mode: str, url: str, run: str, out: str, check_every: int | None) -> No
     record: dict[str, Any] = {"rank": rank, "world": dist.get_world_size()}
     if mode == "ddp":
         record["collective"] = collective_checks()
+        record["start_failures"] = start_failures(url, run)
     model = build(mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10_000)

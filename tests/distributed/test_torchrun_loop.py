@@ -102,3 +102,14 @@ def test_collective_shares_rank_zeros_json_and_reduces_booleans(ddp: Any) -> Non
         assert c["big_length"] == 200_000
         assert [c["all_true_true"], c["all_true_mixed"]] == [True, False]
         assert [c["all_same_true"], c["all_same_false"], c["all_same_mixed"]] == [True, True, False]
+
+
+def test_every_rank_raises_when_rank_zero_cannot_start(ddp: Any) -> None:
+    _out, _url, ranks = ddp
+    zero, one = (r["start_failures"] for r in ranks)
+    assert zero["labels"][0] == "ValueError"
+    assert one["labels"][0] == "RuntimeError"
+    assert "rank 0 could not start" in one["labels"][1]
+    assert zero["labels"][1] in one["labels"][1]  # rank 0's own message, for the person reading rank 1's log
+    assert [zero["owned"][0], one["owned"][0]] == ["RunOwned", "RunOwned"]
+    assert one["owned"][1] == zero["owned"][1]
