@@ -640,7 +640,7 @@ def attach(
 
     :param check_every: look for a revision every this many steps: :meth:`Attachment.poll` checks when
         ``step % check_every == 0``. Default ``None``, automatic: every step in a single process (a check costs one
-        shared-integer read); under ``torch.distributed``, where each check is a broadcast on every rank (0.6-1 ms
+        shared-integer read); under ``torch.distributed``, where each check is a broadcast on every rank (0.6-1.2 ms
         on gloo over loopback, see docs/benchmarks.md), rank 0 spaces checks about :data:`AUTO_CHECK_SECONDS`
         (0.1 s) apart at the pace of the recent steps (every step when steps are slower, at most
         :data:`MAX_AUTO_INTERVAL` steps apart) and tells every rank the step of the next one with each check.
