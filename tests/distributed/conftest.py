@@ -97,8 +97,8 @@ class TwoNodes:
             self._made.append(["netns", "del", ns])
             self._ip("-n", ns, "link", "set", "lo", "up")
         a, b = self.namespaces
-        self._ip("link", "add", self.node_ifaces[0], "netns", a, "type", "veth", "peer", "name", self.node_ifaces[1],
-                 "netns", b)  # fmt: skip
+        peer = ("peer", "name", self.node_ifaces[1], "netns", b)
+        self._ip("link", "add", self.node_ifaces[0], "netns", a, "type", "veth", *peer)
         for ns, iface, ip in zip(self.namespaces, self.node_ifaces, self.node_ips, strict=True):
             self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", iface)
             self._ip("-n", ns, "link", "set", iface, "up")
