@@ -15,12 +15,21 @@
 
 ``poll`` applies a waiting revision (hyperparameters, an optimizer swap, ``checkpoint``, ``stop``) and reports
 the outcome; with nothing waiting it costs one shared-integer read plus a clock read.
+
+Under ``torch.distributed`` (``torchrun``, DDP, FSDP2): call ``attach()`` on every rank after
+``init_process_group()``. Only global rank 0 starts the weavelet sidecar and talks to the transport; at each check
+(every ``check_every`` steps) rank 0 broadcasts what it polled (see :class:`~weavelet_torch.collective.Collective`)
+and every rank applies the same revision at the same step, so ``live.optimizer``, its hyperparameters and
+``live.should_stop`` change together everywhere. By default checks are spaced about 0.1 s apart (see
+``check_every``), so that the broadcast's cost on the other ranks stays small however short the steps are.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -28,15 +37,26 @@ from typing import Any, overload
 
 import torch
 
+from weavelet_core.errors import RunOwned
 from weavelet_core.schema import check_optimizer_names
 from weavelet_torch.applier import Applier, F, Validator, Verdict
+from weavelet_torch.collective import Collective
+from weavelet_torch.errors import Rejected
 from weavelet_torch.guard import SpikeGuard
 from weavelet_torch.host import OptimizerHost
 from weavelet_torch.link import Link
 from weavelet_torch.loop_restore import LoopRestorer
-from weavelet_torch.rollback import LoadFn, SnapshotRing
+from weavelet_torch.rollback import LoadFn, RestorePoint, Restorer, SnapshotRing
 from weavelet_torch.schedulers import walk
 from weavelet_torch.watch import StepWatch
+
+log = logging.getLogger("weavelet_torch")
+
+AUTO_CHECK_SECONDS = 0.1
+"""With ``check_every=None`` under ``torch.distributed``: the time rank 0 aims to leave between two checks."""
+
+MAX_AUTO_INTERVAL = 1000
+"""With ``check_every=None`` under ``torch.distributed``: at most this many steps between two checks."""
 
 KEPT_VERDICTS = 64
 """How many verdicts :attr:`Attachment.verdicts` keeps (memory stays flat however many revisions arrive)."""
@@ -170,6 +190,35 @@ def _drives(scheduler: Any, optimizer: torch.optim.Optimizer) -> bool:
     return any(getattr(s, "optimizer", None) is optimizer for s in walk([scheduler]))
 
 
+class _NoRollback(Restorer):
+    """The restorer of a multi-rank :class:`Attachment`: every ``rollback`` is refused (on every rank alike, before
+    anything changes), since restoring one rank's state in place is not supported under ``torch.distributed``."""
+
+    def __init__(self, world_size: int) -> None:
+        self.reason = (
+            f"rollback: not supported by attach() under torch.distributed ({world_size} ranks); to go back, stop the "
+            "run and restart every rank from a checkpoint (the checkpoint command saves one); nothing was changed"
+        )
+
+    def checkpoints(self) -> list[str]:
+        return []
+
+    def prepare(self, to: str | int) -> RestorePoint:
+        raise Rejected(self.reason)
+
+    def read(self, path: str) -> RestorePoint:
+        raise Rejected(self.reason)
+
+    def check(self, point: RestorePoint) -> None:
+        raise Rejected(self.reason)
+
+    def restore(self, point: RestorePoint, applier: Applier) -> None:
+        raise Rejected(self.reason)
+
+    def capture(self, step: int, applier: Applier) -> RestorePoint:
+        raise Rejected(self.reason)
+
+
 class Attachment:
     """A plain loop's live link to its weavelet; build it with :func:`attach`.
 
@@ -200,7 +249,26 @@ class Attachment:
         snapshot_every: int | None = None,
         snapshot_keep: int = 2,
         spike_guard: SpikeGuard | None = None,
+        check_every: int | None = None,
+        group: Any = None,
     ) -> None:
+        if check_every is not None and (
+            isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
+        ):
+            raise ValueError(
+                f"check_every must be None (automatic) or a whole number of steps >= 1, not {check_every!r}"
+            )
+        self.check_every = check_every
+        self._next_check = 0  # automatic checks under torch.distributed: the step of the next one, on every rank
+        self._checked_at = 0  # ... and the step of the last one
+        self._last_check: tuple[int, float] | None = None  # rank 0: (step, time) of the last check
+        #: Rank 0's decisions shared with every rank, or ``None`` when not distributed (or a world of one).
+        self.collective = Collective.current(group)
+        if self.collective is not None and (snapshot_every is not None or spike_guard is not None):
+            raise ValueError(
+                "snapshot_every and spike_guard roll back in place, which attach() does not support under "
+                "torch.distributed; leave them out (the checkpoint command still saves checkpoints)"
+            )
         self.link = Link(
             run,
             url,
@@ -215,7 +283,7 @@ class Attachment:
         self._checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         save = save_checkpoint
         if save is None and model is not None:
-            save = self._save_default
+            save = self._save_default if self.collective is None else self._save_distributed
         self.host = LoopHost(optimizer, schedulers, save_checkpoint=save)
         self.applier = Applier(self.host, allow=allow)
         self._scaler = scaler
@@ -234,6 +302,9 @@ class Attachment:
         elif snapshot_every is not None:
             raise ValueError("snapshot_every needs attach(model=...): a snapshot copies the model's state")
         self.applier.restorer = self.restorer
+        if self.collective is not None:  # refused the same way on every rank, before anything changes
+            self.restorer = None
+            self.applier.restorer = _NoRollback(self.collective.world_size)
         self._watch = (
             StepWatch(self.applier, lambda: self.link, spike_guard)
             if spike_guard is not None or snapshot_every is not None
@@ -287,13 +358,56 @@ class Attachment:
         """Register a handler for a key of your own; see :meth:`weavelet_torch.Applier.on`."""
         return self.applier.on(key, handler, validate=validate)
 
+    @property
+    def is_leader(self) -> bool:
+        """Whether this process runs the weavelet sidecar: true single-process and on global rank 0."""
+        return self.collective is None or self.collective.is_leader
+
     def start(self) -> Attachment:
         """Start this incarnation's weavelet sidecar (bounded by ``start_timeout``; an outage never blocks the
-        loop). Raises :class:`~weavelet_core.RunOwned` when another live trainer owns the run."""
+        loop). Raises :class:`~weavelet_core.RunOwned` when another live trainer owns the run.
+
+        Under ``torch.distributed`` every rank must call it (it is collective): rank 0 starts the sidecar, the
+        other ranks learn the run id and incarnation from it, and when rank 0 cannot start every rank raises
+        (``RunOwned`` where rank 0 got it, else ``RuntimeError`` naming rank 0's error).
+        """
+        collective = self.collective
+        if collective is None:
+            self._start_sidecar()
+            return self
+        failure: BaseException | None = None
+        shared: dict[str, Any] | None = None
+        if collective.is_leader:
+            try:
+                self._start_sidecar()
+            except Exception as exc:
+                failure = exc
+            shared = {
+                "run": self.link.run,
+                "incarnation": self.applier.incarnation,
+                "error": None if failure is None else f"{type(failure).__name__}: {failure}",
+                "owned": isinstance(failure, RunOwned),
+            }
+        shared = collective.share(shared)
+        assert shared is not None
+        if failure is not None:
+            raise failure
+        if not collective.is_leader:
+            self.link.run = str(shared["run"])
+            self.applier.incarnation = str(shared["incarnation"])
+            if shared["error"] is not None:
+                if shared["owned"]:
+                    raise RunOwned(str(shared["error"]).removeprefix("RunOwned: "))
+                raise RuntimeError(
+                    f"weavelet: rank 0 could not start the weavelet of run {self.link.run!r} ({shared['error']}); "
+                    "see rank 0's error and fix it there"
+                )
+        return self
+
+    def _start_sidecar(self) -> None:
         process = self.link.start(after=self.applier.applied_revision, resume=self._resume)
         self.applier.incarnation = process.incarnation
         self.link.report(step=self._step, optimizer=self.applier.describe(), schema=self.applier.schema(), force=True)
-        return self
 
     def close(self, error: BaseException | None = None) -> None:
         """Stop the sidecar; idempotent, bounded, never raises. With ``error`` (the exception that ended the
@@ -307,18 +421,18 @@ class Attachment:
         """Call at every optimizer-step boundary (after ``optimizer.step()`` and any scaler update).
 
         ``step`` is the number of optimizer steps taken so far. Applies the newest waiting revision, reports
-        its outcome and returns the :class:`~weavelet_torch.applier.Verdict` (``None`` when nothing waited).
-        ``loss`` and ``metrics`` go into the status at most once per ``report_interval``.
+        its outcome and returns the :class:`~weavelet_torch.applier.Verdict` (``None`` when nothing waited, or
+        at a step that is not checked: see ``check_every`` of :func:`attach`). ``loss`` and ``metrics`` go into
+        the status at most once per ``report_interval``.
+
+        Under ``torch.distributed`` every rank must call it with the same ``step`` (it is collective at the steps
+        it checks): rank 0 broadcasts the revision it polled, every rank applies it, and when the verdicts differ
+        between ranks rank 0's verdict says so (``detail["ranks_agree"] = False``, and an error is logged).
         """
         self._step = step
         verdict = None
-        revision = self.link.poll()
-        if revision is not None:
-            verdict = self.applier.apply(
-                revision.revision, revision.config, step=step, baseline=self.link.is_baseline(revision)
-            )
-            self.verdicts.append(verdict)
-            self.link.settle(verdict, self.applier)
+        if self._due(step):
+            verdict = self._check(step)
         if self._watch is not None:  # snapshots, spike guard: off unless asked for
             self._watch(step, loss)
         if self.link.report_due():
@@ -342,6 +456,65 @@ class Attachment:
 
     # ----------------------------------------------------------------- internals
 
+    def _due(self, step: int) -> bool:
+        """Whether ``step`` is checked; the same answer on every rank given the same steps."""
+        if self.check_every is not None:
+            return step % self.check_every == 0
+        # a step number below the last check's (a loop counting steps per epoch) starts the spacing over
+        return self.collective is None or step >= self._next_check or step < self._checked_at
+
+    def _interval(self, step: int) -> int:
+        """Rank 0, automatic mode: how many steps until the next check, so that checks are about
+        :data:`AUTO_CHECK_SECONDS` apart at the pace of the steps since the last one."""
+        now = time.monotonic()
+        last, self._last_check = self._last_check, (step, now)
+        if last is None or step <= last[0]:
+            return 1
+        per_step = (now - last[1]) / (step - last[0])
+        if per_step <= 0:
+            return MAX_AUTO_INTERVAL
+        return max(1, min(MAX_AUTO_INTERVAL, int(AUTO_CHECK_SECONDS / per_step)))
+
+    def _check(self, step: int) -> Verdict | None:
+        collective = self.collective
+        if collective is None:
+            revision = self.link.poll()
+            if revision is None:
+                return None
+            verdict = self.applier.apply(
+                revision.revision, revision.config, step=step, baseline=self.link.is_baseline(revision)
+            )
+            self.verdicts.append(verdict)
+            self.link.settle(verdict, self.applier)
+            return verdict
+        payload: list[Any] | None = None
+        interval = 0
+        if collective.is_leader:
+            revision = self.link.poll()
+            if revision is not None:
+                payload = [revision.revision, revision.config, self.link.is_baseline(revision)]
+            if self.check_every is None:
+                interval = self._interval(step)
+        payload, interval = collective.share_with(payload, interval)
+        self._checked_at, self._next_check = step, step + max(1, interval)
+        if payload is None:
+            return None
+        number, config, baseline = payload
+        verdict = self.applier.apply(int(number), config, step=step, baseline=bool(baseline))
+        if not collective.all_same(verdict.result == "applied"):
+            log.error(
+                "weavelet: run %r revision %d was %s on rank %d but not on every rank: the ranks may now differ",
+                self.link.run,
+                verdict.revision,
+                verdict.result,
+                collective.rank,
+            )
+            verdict.detail["ranks_agree"] = False
+        self.verdicts.append(verdict)
+        self.link.settle(verdict, self.applier)  # rank 0 only: the other ranks have no sidecar
+        self.applier.rewrite = None
+        return verdict
+
     def _directory(self) -> Path:
         return self._checkpoint_dir or Path.cwd() / "weavelet-checkpoints" / self.run
 
@@ -364,6 +537,27 @@ class Attachment:
         tmp = path.with_suffix(".pt.tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)
+        return str(path)
+
+    def _save_distributed(self, name: str) -> str:
+        """The ``checkpoint`` command under ``torch.distributed``: one ``torch.distributed.checkpoint`` (DCP)
+        directory, written by every rank together (DCP is collective; every rank runs this at the same step)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict_saver import save
+
+        assert self._model is not None
+        directory = self._directory()
+        path = directory / (name if name.startswith(self.run) else f"{self.run}-{name}")
+        model_state, optimizer_state = get_state_dict(self._model, list(self.host.optimizers.values()))
+        state = {
+            "step": self._step,
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "schedulers": [s.state_dict() for s in self.host.schedulers()],
+            "weavelet": self.state_dict(),
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
+        }
+        save(state, checkpoint_id=str(path))
         return str(path)
 
     def __enter__(self) -> Attachment:
@@ -397,6 +591,8 @@ def attach(
     snapshot_every: int | None = None,
     snapshot_keep: int = 2,
     spike_guard: SpikeGuard | None = None,
+    check_every: int | None = None,
+    group: Any = None,
 ) -> Attachment:
     """Make a plain training loop remotely reconfigurable; use the result as a context manager.
 
@@ -442,11 +638,25 @@ def attach(
     :param spike_guard: a :class:`~weavelet_torch.SpikeGuard` that rolls back by itself on a loss spike (it reads
         the ``loss`` given to :meth:`Attachment.poll`); default ``None``: off.
 
+    :param check_every: look for a revision every this many steps: :meth:`Attachment.poll` checks when
+        ``step % check_every == 0``. Default ``None``, automatic: every step in a single process (a check costs one
+        shared-integer read); under ``torch.distributed``, where each check is a broadcast on every rank (0.6-1.2 ms
+        on gloo over loopback, see docs/benchmarks.md), rank 0 spaces checks about :data:`AUTO_CHECK_SECONDS`
+        (0.1 s) apart at the pace of the recent steps (every step when steps are slower, at most
+        :data:`MAX_AUTO_INTERVAL` steps apart) and tells every rank the step of the next one with each check.
+    :param group: the ``torch.distributed`` process group whose ranks decide together (default: the world group
+        when one is initialised). With a group of more than one rank, call ``attach()``, ``start()`` (or enter the
+        ``with`` block) and :meth:`Attachment.poll` on every rank with the same steps: only global rank 0 runs the
+        sidecar, every rank applies rank 0's revision at the same step. The ``checkpoint`` command then saves
+        with ``torch.distributed.checkpoint`` on every rank (with ``model``), or calls your ``save_checkpoint`` on
+        every rank at the same step (it may be collective); ``rollback`` is refused.
+
     Leaving the ``with`` block by an exception ends the run ``failed``, with the exception in its status.
 
     :raises TypeError: for an optimizer that is not a ``torch.optim.Optimizer``.
     :raises ValueError: for bad optimizer names or schedulers that drive none of the optimizers (see
-        :class:`LoopHost`), or ``snapshot_every`` without ``model``.
+        :class:`LoopHost`), ``snapshot_every`` without ``model``, ``check_every`` below 1, or ``snapshot_every`` or
+        ``spike_guard`` under ``torch.distributed``.
     """
     return Attachment(
         optimizer,
@@ -469,4 +679,6 @@ def attach(
         snapshot_every=snapshot_every,
         snapshot_keep=snapshot_keep,
         spike_guard=spike_guard,
+        check_every=check_every,
+        group=group,
     )
