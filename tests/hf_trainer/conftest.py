@@ -71,10 +71,17 @@ class Driver(transformers.TrainerCallback):  # type: ignore[misc]
         self.lrs: dict[int, float] = {}
         self._since = 0.0
 
+    def _record(self, step: int, optimizer: Any) -> None:
+        self.types[step] = type(optimizer.optimizer).__name__
+        self.lrs[step] = float(optimizer.param_groups[0]["lr"])
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        # After the weavelet callback reconciled (a revision newer than a checkpoint may apply before step 1).
+        self._record(state.global_step, kwargs["optimizer"])
+        return control
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        optimizer = kwargs["optimizer"]
-        self.types[state.global_step] = type(optimizer.optimizer).__name__
-        self.lrs[state.global_step] = float(optimizer.param_groups[0]["lr"])
+        self._record(state.global_step, kwargs["optimizer"])
         decided = {v.revision for v in self.wc.verdicts}
         waiting = bool(self.sent) and self.sent[-1] not in decided
         if not waiting and self.plan and min(self.plan) <= state.global_step:
