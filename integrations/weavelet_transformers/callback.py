@@ -191,7 +191,7 @@ class WeaveletCallback(_CallbackBase):
         if getattr(trainer.train, "_weavelet", None) is not self:
             trainer.train = self._wrap_train(trainer.train)
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The state saved in checkpoints (see the class docstring): :meth:`weavelet_torch.Applier.state_dict`."""
         return self.applier.state_dict()
 

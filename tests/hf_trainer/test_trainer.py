@@ -182,3 +182,39 @@ def test_missing_transformers_says_how_to_install(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode != 0
     assert 'pip install "weavelet[transformers]"' in done.stderr
+
+
+class Windows(transformers.TrainerCallback):  # type: ignore[misc]
+    """Records, per accumulation window, the optimizer type at each micro-batch and the type that stepped."""
+
+    def __init__(self) -> None:
+        self.micro: dict[int, list[str]] = {}
+        self.stepped: dict[int, str] = {}
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.micro.setdefault(state.global_step + 1, []).append(type(kwargs["optimizer"].optimizer).__name__)
+        return control
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.stepped[state.global_step + 1] = type(kwargs["optimizer"].optimizer).__name__
+        return control
+
+
+def test_switch_waits_for_the_end_of_an_accumulation_window(
+    url: str, weaver: Weaver, make_trainer: Any, driver_class: Any
+) -> None:
+    run = "hf-accumulate"
+    wc, windows = WeaveletCallback(run, url), Windows()
+    driver = driver_class(weaver, run, {2: {"optimizer": "adam"}}, wc)
+    make_trainer(
+        [windows, wc, driver], max_steps=8, gradient_accumulation_steps=4, per_device_train_batch_size=2
+    ).train()
+    swap = outcomes(weaver, run)[1]
+    assert swap.result == "applied", swap.message
+    assert swap.step is not None
+    assert sorted(windows.stepped) == list(range(1, 9))  # on_step_end ran once per optimizer step, not per batch
+    for step, kinds in windows.micro.items():
+        assert len(kinds) == 3  # three micro-batches before the window's last one
+        assert set(kinds) == {windows.stepped[step]}, step  # the type never changed inside a window
+    assert windows.stepped[swap.step] == "AdamW"
+    assert windows.stepped[swap.step + 1] == "Adam"
