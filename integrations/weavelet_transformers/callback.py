@@ -280,7 +280,7 @@ class WeaveletCallback(_CallbackBase):
         saved = _saved_state(state)
         resumed = saved is not None
         if saved is not None and not self._loaded:
-            self._load_late(saved)
+            self._load_late(saved, args, state)
         self._loaded = False
         self._metrics = {}
         self._pending = []
@@ -353,9 +353,11 @@ class WeaveletCallback(_CallbackBase):
 
     # ----------------------------------------------------------------- internals
 
-    def _load_late(self, saved: Mapping[str, Any]) -> None:
+    def _load_late(self, saved: Mapping[str, Any], args: Any, state: Any) -> None:
         """The Trainer already loaded the checkpoint's optimizer state (the callback did not know its Trainer in
-        time): when the checkpoint's optimizer type differs, move that state into an optimizer of the saved type."""
+        time): when the checkpoint's optimizer type differs, recreate that type and load the checkpoint's
+        ``optimizer.pt`` into it again, from ``<output_dir>/checkpoint-<global_step>`` when that is the checkpoint,
+        else by moving what the Trainer loaded (whose param groups the wrong type may have changed)."""
         self.applier.load_state_dict(saved)
         if not self.applier.saved_differs():
             return
@@ -363,15 +365,20 @@ class WeaveletCallback(_CallbackBase):
         if refusal is not None:
             log.warning("weavelet: cannot recreate optimizer %r: %s", self.applier.saved_optimizers, refusal)
             return
+        wrong = type(self.host.optimizer).__name__
         loaded = self.host.optimizer.state_dict()
         self.applier.recreate_saved()
-        self.host.optimizer.load_state_dict(loaded)
+        found = _checkpoint_optimizer_state(args, state, saved)
+        self.host.optimizer.load_state_dict(found if found is not None else loaded)
         log.warning(
-            "weavelet: recreated optimizer %r from the checkpoint after the Trainer had loaded its state into a %s; "
-            "build the Trainer with callbacks=[WeaveletCallback(...)] (or call callback.bind(trainer)) so that it is "
-            "recreated before",
+            "weavelet: recreated optimizer %r from the checkpoint after the Trainer had loaded its state into a %s "
+            "(%s); build the Trainer with callbacks=[WeaveletCallback(...)], or call callback.bind(trainer), so that "
+            "it is recreated before",
             self.applier.saved_optimizers.get(""),
-            type(loaded).__name__,
+            wrong,
+            "reloaded optimizer.pt"
+            if found is not None
+            else "moved that state: hyperparameters a type sets by itself may differ from the checkpoint's",
         )
 
     def _publish(self, state: Any) -> None:
@@ -453,6 +460,31 @@ def _saved_state(state: Any) -> Mapping[str, Any] | None:
     callbacks = getattr(state, "stateful_callbacks", None)
     saved = callbacks.get(STATE_KEY) if isinstance(callbacks, dict) else None
     return saved if isinstance(saved, Mapping) else None
+
+
+def _checkpoint_optimizer_state(args: Any, state: Any, saved: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``optimizer.pt`` of ``<output_dir>/checkpoint-<global_step>`` when that checkpoint holds ``saved`` (the
+    callback state being resumed), else ``None``."""
+    import json
+
+    import torch
+
+    folder = os.path.join(str(getattr(args, "output_dir", "")), f"checkpoint-{getattr(state, 'global_step', -1)}")
+    try:
+        with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as file:
+            there = _saved_state(_Stateful(json.load(file).get("stateful_callbacks")))
+        if there is None or dict(there) != dict(saved):
+            return None
+        loaded = torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.debug("weavelet: no optimizer.pt to reload in %s: %s", folder, exc)
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+class _Stateful:
+    def __init__(self, callbacks: Any) -> None:
+        self.stateful_callbacks = callbacks
 
 
 def _saved_at(verdict: Verdict, path: str) -> Verdict:

@@ -81,6 +81,7 @@ def test_switch_to_adam_and_lr_scale_survive_resume(
         for name, tensor in saved_state.items():
             assert torch.equal(observe.state[index][name], tensor), (index, name)
     assert observe.groups[0]["initial_lr"] == pytest.approx(0.5e-3)  # the lr_scale is in the resumed schedule
+    assert observe.groups[0]["decoupled_weight_decay"] is False  # Adam's own, as saved
     newer = outcomes(weaver, run)[3]
     assert newer.result == "applied", newer.message
     assert newer.step is not None
@@ -218,3 +219,33 @@ def test_switch_waits_for_the_end_of_an_accumulation_window(
         assert set(kinds) == {windows.stepped[step]}, step  # the type never changed inside a window
     assert windows.stepped[swap.step] == "AdamW"
     assert windows.stepped[swap.step + 1] == "Adam"
+
+
+def test_a_callback_added_later_still_resumes_with_the_saved_type(
+    tmp_path: Path, url: str, weaver: Weaver, make_trainer: Any, driver_class: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = "hf-late"
+    wc = WeaveletCallback(run, url)
+    driver = driver_class(weaver, run, {2: {"optimizer": "adam"}, 3: {"checkpoint": 1}}, wc)
+    make_trainer([wc, driver], max_steps=6).train()
+    saved = outcomes(weaver, run)[2]
+    assert saved.result == "applied", saved.message
+    checkpoint = str(saved.detail["checkpoint"])
+    on_disk = torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True)
+
+    # Added after the Trainer was built: the callback never saw on_init_end, so the Trainer loads Adam's state
+    # into the AdamW its arguments name; the callback moves it into an Adam when training begins, and says so.
+    observe, late = Observe(), WeaveletCallback(run, url)
+    second = make_trainer([], max_steps=6)
+    second.add_callback(late)
+    second.add_callback(observe)
+    with caplog.at_level("WARNING", logger="weavelet_transformers"):
+        second.train(resume_from_checkpoint=checkpoint)
+    assert late.trainer is second  # found at on_train_begin
+    assert observe.type == "Adam"
+    for index, saved_state in on_disk["state"].items():
+        for name, tensor in saved_state.items():
+            assert torch.equal(observe.state[index][name], tensor), (index, name)
+    assert observe.groups[0]["decoupled_weight_decay"] is False
+    assert any("reloaded optimizer.pt" in r.getMessage() for r in caplog.records)
+    assert any("callback.bind(trainer)" in r.getMessage() for r in caplog.records)
