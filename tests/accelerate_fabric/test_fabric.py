@@ -49,8 +49,12 @@ def test_switch_then_stop_under_fabric(url: str, weaver: Weaver, arrived: Callab
                 weaver.set(run, plan[step])
                 arrived(live)
 
-    assert applied == {1: 4, 2: 9}  # each at the step after it was written (it was waiting there)
-    assert step == 9  # the loop ended at the stop
+    # Each applies at a step boundary after the one it was written at (usually the next; the sidecar's hand-over
+    # never blocks the loop, so a busy machine can make it a step or two later).
+    assert set(applied) == {1, 2}
+    assert applied[1] > 3
+    assert applied[2] > 8
+    assert step == applied[2]  # the loop ended at the stop's step
     # The switch put Adam inside Fabric's wrapper, which now imitates Adam, and the scheduler follows it.
     assert live.optimizer is wrapper
     assert isinstance(wrapper.optimizer, torch.optim.Adam)
