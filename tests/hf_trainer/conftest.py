@@ -87,6 +87,10 @@ class Driver(transformers.TrainerCallback):  # type: ignore[misc]
         if not waiting and self.plan and min(self.plan) <= state.global_step:
             self.sent.append(self.weaver.set(self.run, self.plan.pop(min(self.plan))).revision)
             self._since = time.monotonic()
+            while not self.wc.process.waiting:  # it reached the trainer: the next step end looks at it
+                if time.monotonic() - self._since > PACE_TIMEOUT:
+                    raise AssertionError(f"revision {self.sent[-1]} did not reach the trainer in {PACE_TIMEOUT}s")
+                time.sleep(0.005)
         if self.sent and self.sent[-1] not in decided:
             if time.monotonic() - self._since > PACE_TIMEOUT:
                 raise AssertionError(f"revision {self.sent[-1]} got no verdict in {PACE_TIMEOUT}s")

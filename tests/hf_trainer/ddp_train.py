@@ -43,6 +43,7 @@ class Record(transformers.TrainerCallback):  # type: ignore[misc]
         self.sent: list[int] = []
         self.types: dict[int, str] = {}
         self.lrs: dict[int, float] = {}
+        self.since = 0.0
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         optimizer = kwargs["optimizer"]
@@ -50,17 +51,19 @@ class Record(transformers.TrainerCallback):  # type: ignore[misc]
         self.lrs[state.global_step] = float(optimizer.param_groups[0]["lr"])
         if self.weaver is None:
             return control
-        deadline = time.monotonic() + 30
-        if self.sent:  # rank 0 waits (bounded) for the last revision's verdict before the next one
-            while self.sent[-1] not in {v.revision for v in self.wc.verdicts}:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"revision {self.sent[-1]} got no verdict in 30 s")
-                # the verdict comes at a later step: let training go on, slowly
-                time.sleep(0.01)
-                break
-        decided = not self.sent or self.sent[-1] in {v.revision for v in self.wc.verdicts}
-        if decided and self.plan and min(self.plan) <= state.global_step:
+        decided = {v.revision for v in self.wc.verdicts}
+        if self.sent and self.sent[-1] not in decided:  # pace training (bounded) until rank 0 decided it
+            if time.monotonic() - self.since > 30:
+                raise AssertionError(f"revision {self.sent[-1]} got no verdict in 30 s")
+            time.sleep(0.01)
+        elif self.plan and min(self.plan) <= state.global_step:
             self.sent.append(self.weaver.set(self.run, self.plan.pop(min(self.plan))).revision)
+            self.since = time.monotonic()
+            assert self.wc.process is not None
+            while not self.wc.process.waiting:  # it reached rank 0's trainer: the next step end shares it
+                if time.monotonic() - self.since > 30:
+                    raise AssertionError(f"revision {self.sent[-1]} did not reach the trainer in 30 s")
+                time.sleep(0.005)
         return control
 
 
