@@ -19,7 +19,9 @@ from weavelet_torch import wrappers
 from weavelet_torch.applier import Applier, F, Validator, Verdict
 from weavelet_torch.attach import KEPT_VERDICTS
 from weavelet_torch.collective import Collective
+from weavelet_torch.errors import Rejected
 from weavelet_torch.link import Link
+from weavelet_torch.rollback import RestorePoint, Restorer
 from weavelet_transformers._compat import callback_base
 from weavelet_transformers.host import TrainerHost
 
@@ -131,6 +133,7 @@ class WeaveletCallback(_CallbackBase):
         self.check_every_n_steps = check_every_n_steps
         self.host = TrainerHost()
         self.applier = Applier(self.host, allow=allow)
+        self.applier.restorer = _NoRollback()
         self.link: Link | None = None
         self.collective: Collective | None = None
         #: The newest verdicts, at most ``KEPT_VERDICTS`` (older ones are in the run's history).
@@ -453,6 +456,35 @@ class WeaveletCallback(_CallbackBase):
         except Exception as exc:
             log.debug("weavelet: final status report failed: %s", exc)
         link.stop(error=error)
+
+
+class _NoRollback(Restorer):
+    """Refuses every ``rollback`` (on every rank alike, before anything changes): the Trainer restores its
+    checkpoints only through ``train(resume_from_checkpoint=...)``."""
+
+    REASON = (
+        "rollback: not supported with the Hugging Face Trainer; stop the run and resume it with "
+        "trainer.train(resume_from_checkpoint=...) from a checkpoint (the checkpoint command saves one); "
+        "nothing was changed"
+    )
+
+    def checkpoints(self) -> list[str]:
+        return []
+
+    def prepare(self, to: str | int) -> RestorePoint:
+        raise Rejected(self.REASON)
+
+    def read(self, path: str) -> RestorePoint:
+        raise Rejected(self.REASON)
+
+    def check(self, point: RestorePoint) -> None:
+        raise Rejected(self.REASON)
+
+    def restore(self, point: RestorePoint, applier: Applier) -> None:
+        raise Rejected(self.REASON)
+
+    def capture(self, step: int, applier: Applier) -> RestorePoint:
+        raise Rejected(self.REASON)
 
 
 def _saved_state(state: Any) -> Mapping[str, Any] | None:

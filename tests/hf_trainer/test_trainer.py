@@ -135,14 +135,18 @@ def test_rejected_revision_leaves_the_trainer_alone(
 ) -> None:
     run = "hf-reject"
     wc = WeaveletCallback(run, url)
-    driver = driver_class(weaver, run, {2: {"optimizer": "adamx"}, 4: {"optimizer": "adamw", "weight_decay": 0.05}}, wc)
-    make_trainer([wc, driver], max_steps=8).train()
+    plan = {2: {"optimizer": "adamx"}, 4: {"optimizer": "adamw", "weight_decay": 0.05}, 6: {"rollback": True}}
+    driver = driver_class(weaver, run, plan, wc)
+    result = make_trainer([wc, driver], max_steps=12).train()
     found = outcomes(weaver, run)
     assert found[1].result == "rejected"
     assert "unknown optimizer 'adamx'" in found[1].message
     assert found[2].result == "applied", found[2].message
     assert set(driver.types.values()) == {"AdamW"}
     assert "weight_decay" in found[2].message
+    assert found[3].result == "rejected"
+    assert "not supported with the Hugging Face Trainer" in found[3].message
+    assert result.global_step == 12  # training went on
 
 
 def test_a_second_callback_is_refused(url: str, make_trainer: Any) -> None:
