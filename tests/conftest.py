@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +42,40 @@ def run_cli(isolated_env: dict[str, str]) -> CliRunner:
         )
 
     return run
+
+
+ExampleDriver = Callable[..., tuple[subprocess.CompletedProcess[str], Any]]
+
+
+@pytest.fixture
+def drive_example(tmp_path: Path) -> ExampleDriver:
+    """``drive_example(script, weaver, run, changes)``: start ``examples/<script>`` for run ``run`` on the weaver's
+    URL (``--steps 100000``), wait until it reports ``running``, write ``changes`` and wait for their outcome, then
+    send ``stop`` and wait for the script to end. Returns the finished process and the outcome of ``changes``.
+    Every wait is bounded; the script is killed if it outlives them."""
+
+    def drive(script: str, weaver: Any, run: str, changes: dict[str, Any]) -> tuple[Any, Any]:
+        path = Path(__file__).resolve().parents[1] / "examples" / script
+        command = [sys.executable, str(path), "--run", run, "--url", weaver.url, "--steps", "100000"]
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                status = weaver.status(run)
+                if status is not None and status.state == "running" and status.step > 0:
+                    break
+                if process.poll() is not None:
+                    out, err = process.communicate()
+                    raise AssertionError(f"{script} ended early ({process.returncode}): {err[-3000:]}")
+                assert time.monotonic() < deadline, f"{script} did not report running in 90 s"
+                time.sleep(0.1)
+            outcome = weaver.set(run, changes, wait=60)
+            weaver.set(run, {"stop": True}, wait=60)
+            out, err = process.communicate(timeout=60)
+            return subprocess.CompletedProcess(command, process.returncode, out, err), outcome
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+    return drive

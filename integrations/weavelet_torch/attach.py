@@ -39,6 +39,7 @@ import torch
 
 from weavelet_core.errors import RunOwned
 from weavelet_core.schema import check_optimizer_names
+from weavelet_torch import wrappers
 from weavelet_torch.applier import Applier, F, Validator, Verdict
 from weavelet_torch.collective import Collective
 from weavelet_torch.errors import Rejected
@@ -97,15 +98,42 @@ class LoopHost(OptimizerHost):
                 raise ValueError("attach() got an empty mapping of optimizers; give at least one")
             names = check_optimizer_names(optimizer)
             self._names: tuple[str, ...] = names
-            self._optimizers = {name: _optimizer(optimizer[name], f"optimizer {name!r}") for name in names}
-            if len({id(o) for o in self._optimizers.values()}) != len(names):
+            given = {name: _optimizer(optimizer[name], f"optimizer {name!r}") for name in names}
+            if len({id(wrappers.unwrap(o)) for o in given.values()}) != len(names):
                 raise ValueError("attach() got the same optimizer object under two names; give each one once")
         else:
             self._names = ()
-            self._optimizers = {"": _optimizer(optimizer, "optimizer")}
+            given = {"": _optimizer(optimizer, "optimizer")}
+        # accelerate's and Fabric's wrappers: the applier works on the optimizer inside, a switch puts the new one
+        # inside the same wrapper (see weavelet_torch.wrappers), and the loop keeps stepping the wrapper.
+        self._wrappers = {name: o for name, o in given.items() if wrappers.kind_of(o) is not None}
+        self._optimizers = {name: wrappers.unwrap(o) for name, o in given.items()}
+        schedulers = self._unwrap_schedulers(schedulers)
         self._schedulers = self._bind(schedulers)
         self._save = save_checkpoint
         self.stop_requested = False
+
+    def _unwrap_schedulers(self, schedulers: Schedulers) -> Schedulers:
+        """Schedulers with accelerate's ``AcceleratedScheduler`` unwrapped, bound to the optimizers inside the
+        wrappers (a scheduler built over a wrapper drives the same param groups)."""
+        if isinstance(schedulers, Mapping):
+            unwrapped: Schedulers = {k: [wrappers.unwrap_scheduler(s) for s in v] for k, v in schedulers.items()}
+            flat = [s for items in unwrapped.values() for s in items]  # type: ignore[union-attr]
+        else:
+            unwrapped = flat = [wrappers.unwrap_scheduler(s) for s in schedulers]
+        for wrapper in self._wrappers.values():
+            wrappers.bind_to_inner(flat, wrapper)
+        return unwrapped
+
+    def stepped(self, name: str = "") -> torch.optim.Optimizer:
+        """What the loop steps for the optimizer called ``name`` (``""``: the only one): the wrapper it was given
+        (accelerate, Fabric), which stays the same object across switches, else the optimizer itself."""
+        wrapper = self._wrappers.get(name)
+        return wrapper if wrapper is not None else self._optimizers[name]
+
+    def accumulating(self) -> bool:
+        """Whether an accelerate-wrapped optimizer is inside a gradient-accumulation window (not a step boundary)."""
+        return any(wrappers.accumulating(w) for w in self._wrappers.values())
 
     def _bind(self, schedulers: Schedulers) -> list[Any]:
         if isinstance(schedulers, Mapping):
@@ -166,9 +194,12 @@ class LoopHost(OptimizerHost):
         return [s for s in self._schedulers if _drives(s, optimizer)]
 
     def install(self, optimizer: torch.optim.Optimizer) -> None:
-        self._optimizers[""] = optimizer
+        self.install_of("", optimizer)
 
     def install_of(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        wrapper = self._wrappers.get(name)
+        if wrapper is not None:
+            wrappers.rewrap(wrapper, optimizer)
         self._optimizers[name] = optimizer
 
     def save_checkpoint(self, name: str) -> str:
@@ -326,17 +357,19 @@ class Attachment:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer to step now; a revision switching optimizer type replaces it.
+        """The optimizer to step now; a revision switching optimizer type replaces it. An accelerate or Fabric
+        wrapper given to :func:`attach` stays the same object (the new optimizer goes inside it).
 
         :raises RuntimeError: when the loop steers several optimizers (use :attr:`optimizers`).
         """
-        return self.host.optimizer
+        self.host.optimizer  # noqa: B018  (raises for several optimizers)
+        return self.host.stepped()
 
     @property
     def optimizers(self) -> Mapping[str, torch.optim.Optimizer]:
         """The optimizers to step now, by the names given to :func:`attach` (a read-only view; with one
-        optimizer, ``{"": optimizer}``); a revision switching one's type replaces that entry."""
-        return MappingProxyType(self.host.optimizers)
+        optimizer, ``{"": optimizer}``); a revision switching one's type replaces that entry (a wrapper stays)."""
+        return MappingProxyType({name: self.host.stepped(name) for name in self.host.optimizers})
 
     @property
     def should_stop(self) -> bool:
@@ -429,6 +462,8 @@ class Attachment:
         it checks): rank 0 broadcasts the revision it polled, every rank applies it, and when the verdicts differ
         between ranks rank 0's verdict says so (``detail["ranks_agree"] = False``, and an error is logged).
         """
+        if self.host.accumulating():  # accelerate inside a gradient-accumulation window: not a step boundary
+            return None
         self._step = step
         verdict = None
         if self._due(step):
@@ -597,7 +632,11 @@ def attach(
     """Make a plain training loop remotely reconfigurable; use the result as a context manager.
 
     :param optimizer: the optimizer the loop steps. After a revision switches its type, step
-        ``attachment.optimizer`` instead (the same parameters, a new object). Or several by name
+        ``attachment.optimizer`` instead (the same parameters, a new object). An optimizer prepared by accelerate
+        (``accelerator.prepare``) or set up by Lightning Fabric (``fabric.setup``) is steered through its wrapper:
+        a switch puts the new optimizer inside the same wrapper, so the loop can keep stepping the object it has;
+        with accelerate, :meth:`Attachment.poll` does nothing while ``accelerator.sync_gradients`` is false
+        (inside ``accelerator.accumulate`` before the window's last micro-batch). Or several by name
         (``{"generator": opt_g, "discriminator": opt_d}``): each one's keys are then nested under its name in a
         revision (``generator.lr``), a revision applies to all of them or to none, and the loop steps
         ``attachment.optimizers[name]``.
