@@ -207,6 +207,7 @@ class WeaveletProcess:
 
         self._ledger = OutcomeLedger()
         self._recorder = StatusRecorder(status_interval, applied=after)
+        self._handover = 0  # the recorder's snapshot count when held-back outcomes were last handed over
 
         # The fast path reads these without a lock.
         self._idle_version: Any = _Counter()
@@ -645,13 +646,16 @@ class WeaveletProcess:
         """
         try:
             urgent = self._recorder.record(step=step, epoch=epoch, metrics=metrics, optimizer=optimizer, schema=schema)
+            channel = self._supervisor.channel
             if urgent or force:
-                channel = self._supervisor.channel
                 self._write_status(channel)
-                if channel is not None and self._ledger.unsent:
-                    self._send_unsent(channel)  # outcomes held back while the sidecar was behind
             elif self._recorder.arm():
                 self._supervisor.wake()  # its thread writes this report when the interval ends, if none does
+            if channel is not None and self._ledger.unsent and self._recorder.written != self._handover:
+                # Outcomes held back while the sidecar was behind go at most once per snapshot (the supervisor
+                # thread's too), from this thread only, so they stay in order.
+                self._handover = self._recorder.written
+                self._send_unsent(channel)
         except Exception as exc:  # odd values must not reach the training loop
             self._recorder.errors += 1
             log.debug("weavelet: report failed: %s", exc)

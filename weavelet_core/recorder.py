@@ -99,6 +99,8 @@ class StatusRecorder:
         self._next = 0.0
         self._dirty = False
         self._armed = False
+        self.written = 0
+        """Snapshots written so far (by any thread)."""
         self._lock = threading.Lock()
 
     def due(self) -> bool:
@@ -171,6 +173,7 @@ class StatusRecorder:
         try:
             self._next = time.monotonic() + self.interval
             self._dirty = self._armed = False
+            self.written += 1
             fields: dict[str, Any] = {
                 "step": _non_negative_int(self.step),
                 "epoch": _non_negative_int(self.epoch),
