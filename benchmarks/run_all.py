@@ -1,5 +1,5 @@
 """Run every benchmark script in this directory (``bench_*.py``: process, training, transports' write path, file
-watching, set -> outcome, watchers at scale, runs listing), one after another.
+watching, set -> outcome, watchers at scale, runs listing, an idle sidecar), one after another.
 
 Usage: ``python benchmarks/run_all.py [NAME ...]`` where NAME filters by substring (``transports``).
 """
