@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -131,6 +131,7 @@ class RedisTransport(Transport):
         self._client: aioredis.Redis | None = None
         self._blocking_client: aioredis.Redis | None = None  # a pool for watch_outcome's blocking reads
         self._watch_clients: set[aioredis.Redis] = set()
+        self._blocking_scopes: set[anyio.CancelScope] = set()  # blocked XREADs: aclose() cancels them
         self._sentinels: list[Sentinel] = []
         self._closed = False
         self._outcome_stream_denied = False
@@ -193,6 +194,20 @@ class RedisTransport(Transport):
             self._blocking_client = self._new_client(retries=0, blocking=True)
         return self._blocking_client
 
+    async def _blocking_call(self, action: str, pending: Awaitable[Any]) -> Any:
+        """``_call`` of an ``XREAD BLOCK``, ended at once by :meth:`aclose` (then ``TransportUnavailable``)."""
+        with anyio.CancelScope() as scope:
+            self._blocking_scopes.add(scope)
+            try:
+                if self._closed:
+                    scope.cancel()
+                return await self._call(action, pending)
+            finally:
+                self._blocking_scopes.discard(scope)
+        if isinstance(pending, Coroutine):
+            pending.close()  # never awaited when closed before the read began
+        raise TransportUnavailable(f"redis transport {self.url} is closed")
+
     async def _index(self, client: aioredis.Redis, run: str) -> None:
         """Add ``run`` to the run index (its own key: never in a script with the run's keys, see scripts.py)."""
         await self._call(f"list run {run!r} in {self.keys.runs()}", client.sadd(self.keys.runs(), run))
@@ -235,6 +250,10 @@ class RedisTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        # A Redis Cluster client retries a read whose connection closed, blocking again for `block` seconds: blocked
+        # reads are cancelled here, whatever the client; their connections are closed below.
+        for scope in list(self._blocking_scopes):
+            scope.cancel()
         # Blocking reads first: closing their connections (in use ones too) ends a read blocked in XREAD at once.
         clients = [
             *self._watch_clients,
@@ -376,7 +395,7 @@ class RedisTransport(Transport):
                         resync = False
                     else:
                         assert cursor is not None
-                        reply = await self._call(
+                        reply = await self._blocking_call(
                             f"watch run {run!r}",
                             client.xread({key: cursor}, count=WATCH_BATCH, block=block_ms),
                         )
@@ -650,7 +669,9 @@ class RedisTransport(Transport):
                     cursor = newest[0][0] if newest else _STREAM_START
                     found.append(stored)
                 else:
-                    reply = await self._call(action, client.xread({stream: cursor}, count=WATCH_BATCH, block=block_ms))
+                    reply = await self._blocking_call(
+                        action, client.xread({stream: cursor}, count=WATCH_BATCH, block=block_ms)
+                    )
                     if not reply:
                         cursor = None  # quiet for a while: read the stored outcome again
                     for entry_id, fields in reply[0][1] if reply else []:
