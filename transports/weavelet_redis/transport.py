@@ -17,7 +17,8 @@ number), so two writers never both win. A watcher reads the newest entry (``XREV
 with ``XREAD BLOCK`` (``block`` seconds, 15 by default, then again) from the id of the last entry it read, on its
 own connection. A weaver waiting for an outcome does the same on the run's outcome stream (``watch_outcome``), on
 a pool of connections kept for blocking reads. Those connections wait ``block`` plus a second for a reply, and
-:meth:`RedisTransport.aclose` disconnects them, so a blocked read ends at once when the transport closes. After a
+:meth:`RedisTransport.aclose` cancels the reads and disconnects them, so a blocked read ends at once when the
+transport closes. After a
 lost connection it reconnects with backoff, re-reads the newest entry and resumes from its last id; revisions are
 delivered only when newer than the last one delivered, so nothing is delivered twice even if the server lost its
 data.
