@@ -1,6 +1,6 @@
 """Run every benchmark script in this directory (``bench_*.py``: process, training, transports' write path, file
-watching, set -> outcome, watchers at scale, runs listing, the per-step cost under ``torch.distributed``), one after
-another.
+watching, set -> outcome, watchers at scale, runs listing, an idle sidecar, the per-step cost under
+``torch.distributed``, instructions per step, imports), one after another.
 
 Usage: ``python benchmarks/run_all.py [NAME ...]`` where NAME filters by substring (``transports``).
 """

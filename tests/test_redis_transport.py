@@ -119,7 +119,9 @@ def test_keyword_options_override_the_query_and_defaults_apply() -> None:
     assert (settings.history, settings.block) == (7, 0.5)
     defaults = parse_url("redis://h")
     assert (defaults.prefix, defaults.history, defaults.status_history) == ("weavelet:", 1000, 100)
-    assert defaults.socket_timeout > defaults.block
+    assert (defaults.block, defaults.socket_timeout) == (15.0, 5.0)
+    assert defaults.blocking_timeout == 16.0  # XREAD BLOCK connections wait longer than the block itself
+    assert parse_url("redis://h?block=0.5&socket_timeout=3").blocking_timeout == 3.0
 
 
 @pytest.mark.parametrize(
@@ -128,7 +130,6 @@ def test_keyword_options_override_the_query_and_defaults_apply() -> None:
         ("redis://h/zero", {}, "must be a database number"),
         ("redis://h?histroy=5", {}, "unknown query parameter 'histroy'"),
         ("redis://h?history=0", {}, "history='0': expected a whole number >= 1"),
-        ("redis://h?block=4.5", {}, "socket_timeout (5s) must exceed block (4.5s)"),
         ("redis://:pw@h:99999", {}, "port is not a number"),
         ("redis:///0", {}, "names no host"),
         ("http://h", {}, "is not a redis URL"),
@@ -366,6 +367,61 @@ async def test_watch_ends_when_the_transport_is_closed(weavelet_redis_url: str) 
         await t.aclose()
         with anyio.fail_after(2.0):
             await ended.wait()
+
+
+async def test_close_ends_a_watch_and_an_outcome_wait_blocked_in_a_long_xread_within_a_second(
+    weavelet_redis_url: str,
+) -> None:
+    run = _run()
+    t = open_transport(weavelet_redis_url)  # the default block: 15 s
+    assert isinstance(t, RedisTransport)
+    assert t.settings.block >= 15.0
+    await t.connect()
+    await t.put(Revision(run=run, revision=1, config={}))
+    watcher = t.watch(run)
+    assert (await watcher.__anext__()).revision == 1
+    ended: dict[str, float] = {}
+
+    async def watch() -> None:
+        async for _ in watcher:
+            pass
+        ended["watch"] = time.monotonic()
+
+    async def wait_outcome() -> None:
+        async for _ in t.watch_outcome(run, 1):
+            pass
+        ended["watch_outcome"] = time.monotonic()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        tg.start_soon(wait_outcome)
+        await anyio.sleep(0.5)  # both are blocked in XREAD BLOCK now
+        assert ended == {}
+        closed = time.monotonic()
+        with anyio.fail_after(5.0):
+            await t.aclose()
+        with anyio.fail_after(5.0):
+            while len(ended) < 2:
+                await anyio.sleep(0.01)
+    assert {name: round(at - closed, 2) < 1.0 for name, at in ended.items()} == {
+        "watch": True,
+        "watch_outcome": True,
+    }, {name: at - closed for name, at in ended.items()}
+
+
+async def test_cancelling_a_watch_blocked_in_a_long_xread_ends_it_at_once(weavelet_redis_url: str) -> None:
+    run = _run()
+    async with open_transport(weavelet_redis_url) as t:
+        await t.put(Revision(run=run, revision=1, config={}))
+        with anyio.move_on_after(0.5):
+            async for _ in t.watch(run):
+                pass
+        started = time.monotonic()
+        with anyio.move_on_after(0.5):
+            async for _ in t.watch_outcome(run, 1):
+                pass
+        assert time.monotonic() - started < 1.5
+        assert (await t.latest(run)) is not None  # the transport still works after the cancelled reads
 
 
 async def test_weaver_round_trip_over_redis(weavelet_redis_url: str) -> None:

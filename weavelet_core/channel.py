@@ -12,7 +12,10 @@ Python 3.4) and degrades to keeping the ends open where they are missing.
   put the sidecar increments ``version`` (a lock-free shared ``RawValue``; the sidecar is its only writer).
   The trainer compares it with the number of messages it has taken out, so its per-step check is one shared
   integer read and it touches the queue only when the counter moved.
-- ``to_sidecar`` (trainer -> sidecar): outcomes (each with a sequence number) and the stop request. The
+- ``to_sidecar`` (trainer -> sidecar): outcomes (each with a sequence number), ``{"t": "status"}`` when the
+  trainer wrote a new status snapshot (so the sidecar publishes a change at once and otherwise sleeps until its
+  keepalive; at most :data:`MAX_STATUS_NOTES` of them wait unread, counted with ``status_taken``), and the stop
+  request. The
   sidecar stores the sequence number of the last outcome it published in ``outcome_ack``, so that a trainer
   whose sidecar died can send the unpublished ones again to the next sidecar: outcomes are never dropped by a
   restart. ``{"t": "final", "state": ..., "message": ...}`` sets the final status the stop publishes.
@@ -36,6 +39,10 @@ from typing import Any
 
 STATUS_SLOT_BYTES = 64 * 1024
 """Capacity of the status slot; a status that does not fit is sent without its metrics and optimizer."""
+MAX_STATUS_NOTES = 8
+"""Status notes (``{"t": "status"}``) that may wait unread in ``to_sidecar``: a stalled sidecar never makes the
+trainer's queue grow. The sidecar reads the newest snapshot when it handles a note, so one is enough."""
+STATUS_NOTE = b'{"t":"status"}'
 
 
 class StatusSlot:
@@ -97,6 +104,8 @@ class Channel:
         self.to_sidecar: Queue[bytes] = ctx.Queue()
         self.version: Any = RawValue(ctypes.c_uint64, 0)
         self.outcome_ack: Any = RawValue(ctypes.c_uint64, 0)
+        self.status_taken: Any = RawValue(ctypes.c_uint64, 0)  # status notes the sidecar has read
+        self._status_sent = 0  # status notes this trainer sent (trainer side only)
         for queue in (self.to_trainer, self.to_sidecar):
             # A feeder whose reader is gone ends quietly instead of printing a BrokenPipeError per message.
             queue._ignore_epipe = True  # type: ignore[attr-defined]
@@ -114,6 +123,16 @@ class Channel:
         feeder thread ends instead of blocking on a full pipe).
         """
         _close_quietly(_end(self.to_trainer, "_writer"), _end(self.to_sidecar, "_reader"), self.events_writer)
+
+    def status_written(self) -> None:
+        """In the trainer, after writing a snapshot into ``status``: tell the sidecar, unless
+        :data:`MAX_STATUS_NOTES` notes already wait unread (the sidecar reads the newest snapshot anyway).
+        Never blocks or raises."""
+        if self._status_sent - int(self.status_taken.value) >= MAX_STATUS_NOTES:
+            return
+        self._status_sent += 1
+        with contextlib.suppress(Exception):
+            self.to_sidecar.put(STATUS_NOTE)
 
     def close(self, feeder_timeout: float = 1.0) -> None:
         """Release the trainer's ends, once the sidecar has exited.
@@ -170,4 +189,4 @@ def reader_fileno(queue: Queue[bytes]) -> int:
     return reader.fileno()
 
 
-__all__ = ["STATUS_SLOT_BYTES", "Channel", "StatusSlot", "reader_fileno"]
+__all__ = ["MAX_STATUS_NOTES", "STATUS_NOTE", "STATUS_SLOT_BYTES", "Channel", "StatusSlot", "reader_fileno"]

@@ -70,12 +70,16 @@ FreshPolicy = Literal["reset", "adopt"]
 FRESH_POLICIES: tuple[str, ...] = ("reset", "adopt")
 STATUS_FLUSH_INTERVAL = DEFAULT_INTERVAL
 """Default shortest time between two status snapshots handed to the sidecar."""
+DEFAULT_KEEPALIVE = 5.0
+"""Default ``heartbeat_interval``: seconds between two publications of an unchanged status. A changed status is
+published at once; an idle sidecar wakes up for nothing else."""
 MAX_SIGNATURES = 64
 """Signature verdicts kept for revisions received but not yet answered."""
 
 
 def default_stale_after(heartbeat_interval: float) -> float:
-    """Seconds without a heartbeat after which an owner counts as stale: ``max(10, 5 * heartbeat_interval)``."""
+    """Seconds without a heartbeat after which an owner counts as stale: ``max(10, 5 * heartbeat_interval)``
+    (25 s with the default keepalive of 5 s)."""
     return max(10.0, 5.0 * heartbeat_interval)
 
 
@@ -95,14 +99,19 @@ class WeaveletProcess:
     :param takeover: take the run over from a live owner instead of being refused with ``RunOwned``.
     :param stale_after: seconds without a heartbeat after which an owner may be taken over without
         ``takeover`` (default :func:`default_stale_after`).
-    :param heartbeat_interval: seconds between status publications (the keepalive; default 1).
+    :param heartbeat_interval: the keepalive: longest time in seconds between two status publications (default
+        :data:`DEFAULT_KEEPALIVE`, 5 s). A changed status (state, step, epoch, metrics, optimizer, outcome) is
+        published as soon as its snapshot is written, at most every ``status_interval``; an unchanged one only
+        at the keepalive. It is published in the status as ``keepalive``, and readers count a run as stale after
+        three keepalives plus 2 s without a heartbeat.
     :param connect_timeout: deadline of each connection attempt of the sidecar, seconds.
     :param max_restarts: how many times a dead sidecar is restarted (``None``: without limit); when exceeded
         the state becomes ``failed`` and training goes on without remote control.
     :param restart_backoff: ``(first, longest)`` delay in seconds before a restart, doubling per death.
     :param transport_options: keyword arguments for the transport factory (plain, picklable values).
     :param status_interval: shortest time in seconds between two status snapshots (default 0.5); the epoch,
-        the optimizer and outcomes are passed on at once.
+        the optimizer and outcomes are passed on at once. A report that came too soon is written when the
+        interval ends, even if no report follows.
     :param log_level: the sidecar's log level (default: the effective level of the ``weavelet_core`` logger).
     :param incarnation: the incarnation id to use (default: a fresh one from
         :func:`~weavelet_core.protocol.new_incarnation`); the ranks of one job do not need one each.
@@ -129,7 +138,7 @@ class WeaveletProcess:
         fresh: FreshPolicy = "reset",
         takeover: bool = False,
         stale_after: float | None = None,
-        heartbeat_interval: float = 1.0,
+        heartbeat_interval: float = DEFAULT_KEEPALIVE,
         connect_timeout: float = 10.0,
         max_restarts: int | None = 10,
         restart_backoff: tuple[float, float] = (0.5, 30.0),
@@ -198,6 +207,7 @@ class WeaveletProcess:
 
         self._ledger = OutcomeLedger()
         self._recorder = StatusRecorder(status_interval, applied=after)
+        self._handover = 0  # the recorder's snapshot count when held-back outcomes were last handed over
 
         # The fast path reads these without a lock.
         self._idle_version: Any = _Counter()
@@ -342,7 +352,7 @@ class WeaveletProcess:
         self._seen = 0
         self._version = channel.version
         self._connected = False
-        self._recorder.flush(channel.status)
+        self._write_status(channel)
 
     def detach_channel(self, channel: Channel) -> None:
         self._ledger.ack(int(channel.outcome_ack.value))
@@ -424,7 +434,7 @@ class WeaveletProcess:
             channel = self._supervisor.channel
             if channel is None:
                 return
-            self._recorder.flush(channel.status)
+            self._recorder.flush(channel.status)  # the stop request that follows publishes it
             self._send_unsent(channel, everything=True)
             if reason is not None:
                 with contextlib.suppress(Exception):
@@ -568,7 +578,7 @@ class WeaveletProcess:
                 outcome = Outcome(**fields, message=truncate(f"{text or ''} (detail dropped: {exc})".strip()))
             self._recorder.record_outcome(outcome)
             self._send(outcome)
-            self._recorder.flush(self._supervisor.channel.status if self._supervisor.channel else None)
+            self._write_status(self._supervisor.channel)
         except Exception as exc:
             self._recorder.errors += 1
             log.error("weavelet: run %r: cannot report outcome of revision %r: %s", self.run, revision, exc)
@@ -586,6 +596,29 @@ class WeaveletProcess:
         for data in self._ledger.take_unsent(everything=everything):
             with contextlib.suppress(Exception):
                 channel.to_sidecar.put(data)
+
+    def _write_status(self, channel: Channel | None) -> None:
+        """Write a status snapshot into the channel's slot and tell the sidecar, which publishes it at once."""
+        if channel is not None and self._recorder.flush(channel.status):
+            channel.status_written()
+
+    def status_deadline(self) -> float | None:
+        """(supervisor.Owner) When a pending report must be written, as ``time.monotonic()``; ``None``: none."""
+        return self._recorder.pending_deadline()
+
+    def write_pending_status(self) -> None:
+        """(supervisor.Owner) Write the pending report if no report wrote it since; from the supervisor thread."""
+        try:
+            if self._recorder.pending_deadline() is None:
+                return
+            channel = self._supervisor.channel
+            if channel is None or not self._recorder.flush(channel.status):
+                self._recorder.disarm()  # the next report arms it again: never a busy wait on a past deadline
+                return
+            channel.status_written()
+        except Exception as exc:
+            self._recorder.errors += 1
+            log.debug("weavelet: pending status snapshot failed: %s", exc)
 
     def report_due(self) -> bool:
         """Whether a status snapshot is due: lets callers skip gathering metrics until it is."""
@@ -608,15 +641,21 @@ class WeaveletProcess:
 
         ``None`` leaves a field as it was. Metrics may be numbers or one-element tensors; others are left out.
         A snapshot goes to the sidecar when one is due (every ``status_interval``), at once when the epoch or
-        the optimizer changed, or with ``force``.
+        the optimizer changed, or with ``force``; one that came too soon is written when the interval ends
+        (by the supervisor thread), so the last report before a pause is published too.
         """
         try:
             urgent = self._recorder.record(step=step, epoch=epoch, metrics=metrics, optimizer=optimizer, schema=schema)
+            channel = self._supervisor.channel
             if urgent or force:
-                channel = self._supervisor.channel
-                self._recorder.flush(channel.status if channel is not None else None)
-                if channel is not None and self._ledger.unsent:
-                    self._send_unsent(channel)  # outcomes held back while the sidecar was behind
+                self._write_status(channel)
+            elif self._recorder.arm():
+                self._supervisor.wake()  # its thread writes this report when the interval ends, if none does
+            if channel is not None and self._ledger.unsent and self._recorder.written != self._handover:
+                # Outcomes held back while the sidecar was behind go at most once per snapshot (the supervisor
+                # thread's too), from this thread only, so they stay in order.
+                self._handover = self._recorder.written
+                self._send_unsent(channel)
         except Exception as exc:  # odd values must not reach the training loop
             self._recorder.errors += 1
             log.debug("weavelet: report failed: %s", exc)
@@ -675,4 +714,11 @@ def _check_positive(value: object, name: str) -> None:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
-__all__ = ["FRESH_POLICIES", "FreshPolicy", "WeaveletProcess", "default_stale_after", "describe_error"]
+__all__ = [
+    "DEFAULT_KEEPALIVE",
+    "FRESH_POLICIES",
+    "FreshPolicy",
+    "WeaveletProcess",
+    "default_stale_after",
+    "describe_error",
+]

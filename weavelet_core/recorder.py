@@ -4,8 +4,12 @@ The rule (the only throttle on the trainer's side): a snapshot is written when i
 after the previous one) or *urgent* (the epoch, the optimizer or the newest outcome changed, or the caller forces
 it: start, stop, an outcome). Between snapshots :meth:`StatusRecorder.record` only stores references, so a report
 costs a few attribute writes. Metrics are cleaned once, when a snapshot is written (:func:`clean_metrics`).
+A report that was not written because it came too soon is *pending*: :meth:`StatusRecorder.arm` says once per
+pending period that someone must write it at :meth:`StatusRecorder.pending_deadline` if no report does first
+(the trainer's supervisor thread does, so a loop that pauses right after a report still publishes it).
 
-The sidecar publishes the newest snapshot with its heartbeat; see :mod:`weavelet_core.sidecar`.
+The sidecar publishes each new snapshot at once and the newest one with its keepalive; see
+:mod:`weavelet_core.sidecar`.
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ class StatusRecorder:
         self.errors = 0
         self._next = 0.0
         self._dirty = False
+        self._armed = False
+        self.written = 0
+        """Snapshots written so far (by any thread)."""
         self._lock = threading.Lock()
 
     def due(self) -> bool:
@@ -130,6 +137,23 @@ class StatusRecorder:
         self._dirty = True
         return urgent or time.monotonic() >= self._next
 
+    def arm(self) -> bool:
+        """Whether a pending report now needs a later write by someone else: ``True`` once per pending period
+        (the first report that was not written since the last snapshot), ``False`` otherwise."""
+        if not self._dirty or self._armed:
+            return False
+        self._armed = True
+        return True
+
+    def disarm(self) -> None:
+        """Forget that a pending report needs a later write (it could not be written; the next report arms
+        again)."""
+        self._armed = False
+
+    def pending_deadline(self) -> float | None:
+        """``time.monotonic()`` time at which an armed pending report is due, or ``None`` if none is."""
+        return self._next if self._dirty and self._armed else None
+
     def record_outcome(self, outcome: Outcome) -> None:
         """Store the newest outcome (and the applied revision and step it implies)."""
         if outcome.result == "applied" and outcome.revision > self.applied:
@@ -148,7 +172,8 @@ class StatusRecorder:
             return False
         try:
             self._next = time.monotonic() + self.interval
-            self._dirty = False
+            self._dirty = self._armed = False
+            self.written += 1
             fields: dict[str, Any] = {
                 "step": _non_negative_int(self.step),
                 "epoch": _non_negative_int(self.epoch),

@@ -16,11 +16,18 @@ It runs :func:`main` in a ``spawn``-started process and never imports torch or L
   that does not verify is answered ``rejected`` saying why, and never reaches the trainer;
 - publishes every outcome the trainer reports, in order, retrying outages until it is stored; an outcome the
   store refuses for good (it cannot be encoded) is dropped with a log line and never blocks those behind it;
-- publishes the trainer's status as a heartbeat (every ``heartbeat_interval`` seconds, the status's
-  ``keepalive``) and, before each, checks that the run is still its own: a newer live incarnation (one that
-  took over) ends this one's remote control without overwriting the new owner's status;
-- exits by itself within a second when the trainer dies (parent-process sentinel plus a ``getppid`` check),
-  publishing a ``failed`` status that says so when the transport allows;
+- publishes the trainer's status when it changed (the trainer writes a snapshot at most every
+  ``status_interval`` and says so on the channel) and, unchanged, as a keepalive every ``heartbeat_interval``
+  seconds (the status's ``keepalive``, default 5 s); before each, checks that the run is still its own: a
+  newer live incarnation (one that took over) ends this one's remote control without overwriting the new
+  owner's status;
+- exits by itself within a second when the trainer dies, publishing a ``failed`` status that says so when the
+  transport allows. It waits, without any timer, on a pidfd of the trainer (``os.pidfd_open``: readable when
+  the trainer exits, even if a process it forked keeps the parent sentinel's pipe open) and on the
+  parent-process sentinel; where pidfds are missing (not Linux, or a kernel before 5.3) it falls back to the
+  sentinel plus a ``getppid`` check every :data:`PARENT_CHECK_INTERVAL` seconds.
+
+An idle sidecar has no timed wake-up but the keepalive (and whatever its transport's client needs: pings).
 - on the trainer's stop request, SIGTERM or SIGINT publishes what is pending and a final ``stopped`` status
   (bounded), then exits.
 
@@ -74,6 +81,7 @@ EXIT_FATAL = 3
 EXIT_ORPHANED = 4
 
 PARENT_CHECK_INTERVAL = 0.25
+"""Seconds between two ``getppid`` checks where no pidfd of the trainer can be opened (the fallback only)."""
 RECONNECT_DELAY = (0.1, 5.0)
 ORPHAN_FINAL_TIMEOUT = 0.5
 SIGNAL_FINAL_TIMEOUT = 2.0
@@ -204,21 +212,37 @@ class Sidecar:
     async def _watch_parent(self) -> None:
         parent = multiprocessing.parent_process()
         sentinel = parent.sentinel if parent is not None else None
-        while True:
-            if sentinel is not None:
-                with anyio.move_on_after(PARENT_CHECK_INTERVAL):
-                    await anyio.wait_readable(sentinel)
-                    break
+        pidfd = _open_pidfd(self._original_ppid)
+        try:
+            if pidfd is not None and os.getppid() == self._original_ppid:  # not a recycled pid: still our parent
+                async with anyio.create_task_group() as tg:
+                    for fd in (pidfd, sentinel):
+                        if fd is not None:
+                            tg.start_soon(_readable_then_cancel, fd, tg.cancel_scope)
             else:
-                await anyio.sleep(PARENT_CHECK_INTERVAL)
-            if os.getppid() != self._original_ppid:
-                break
+                await self._poll_parent(sentinel)
+        finally:
+            if pidfd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(pidfd)
         message = (
             f"the trainer process (pid {self.config.trainer_pid}) ended without stopping its weavelet; "
             "the run is no longer controlled"
         )
         log.warning("weavelet: %s", message)
         self._shutdown("failed", EXIT_ORPHANED, ORPHAN_FINAL_TIMEOUT, message)
+
+    async def _poll_parent(self, sentinel: int | None) -> None:
+        """The fallback without a pidfd: the sentinel, and ``getppid`` every :data:`PARENT_CHECK_INTERVAL`."""
+        while True:
+            if sentinel is not None:
+                with anyio.move_on_after(PARENT_CHECK_INTERVAL):
+                    await anyio.wait_readable(sentinel)
+                    return
+            else:
+                await anyio.sleep(PARENT_CHECK_INTERVAL)
+            if os.getppid() != self._original_ppid:
+                return
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -252,6 +276,9 @@ class Sidecar:
                 assert isinstance(message, dict)
                 outcome = from_dict(message["outcome"], Outcome)
                 self.outbox.append((int(message["seq"]), outcome))
+                self._kick.set()
+            elif kind == "status":  # a new snapshot in the status slot: publish it if it changed
+                self.channel.status_taken.value += 1
                 self._kick.set()
             elif kind == "final":
                 assert isinstance(message, dict)
@@ -653,13 +680,24 @@ class Sidecar:
         )
 
     async def _publish_loop(self, transport: Transport) -> None:
+        """Publish outcomes as they come, the status when it changed and, unchanged, every keepalive.
+
+        The only timed wake-up is the keepalive: everything else (an outcome, a new status snapshot, a
+        trainer-authored write, a refused revision) sets ``_kick``."""
+        keepalive = self.config.heartbeat_interval
+        published: dict[str, Any] | None = None  # the last status published on this connection, less heartbeat
+        next_keepalive = 0.0
         while True:
+            self._kick = anyio.Event()  # before the work: a kick that comes during it is not lost
             await self._publish_outbox(transport)
-            await self._check_owner(transport)
-            await self._statuses.publish(transport, self._status("running"))
-            with anyio.move_on_after(self.config.heartbeat_interval):
+            status = self._status("running")
+            content = {**to_dict(status), "heartbeat": None}
+            if content != published or time.monotonic() >= next_keepalive:
+                await self._check_owner(transport)
+                await self._statuses.publish(transport, status)
+                published, next_keepalive = content, time.monotonic() + keepalive
+            with anyio.move_on_after(max(0.0, next_keepalive - time.monotonic())):
                 await self._kick.wait()
-            self._kick = anyio.Event()
 
     async def _check_owner(self, transport: Transport) -> None:
         """Raise ``RunOwned`` if a newer live incarnation publishes this run's status (it took the run over)."""
@@ -763,6 +801,25 @@ class Sidecar:
                 heartbeat=time.time(),
                 **identity,
             )
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd of ``pid`` (readable once it exits), or ``None`` where the OS has none (then the caller polls)."""
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None or pid <= 1:
+        return None
+    try:
+        fd: int = opener(pid)
+    except OSError as exc:  # ENOSYS (kernel < 5.3), ESRCH (already gone), EPERM (seccomp)
+        log.debug("weavelet: no pidfd of the trainer (pid %d): %s; polling getppid instead", pid, exc)
+        return None
+    return fd
+
+
+async def _readable_then_cancel(fd: int, scope: anyio.CancelScope) -> None:
+    """Wait until ``fd`` is readable (a pidfd: the process exited; the sentinel: end of file), then end ``scope``."""
+    await anyio.wait_readable(fd)
+    scope.cancel()
 
 
 def _older(number: object, than: int) -> bool:

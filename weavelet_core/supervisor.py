@@ -57,6 +57,12 @@ class Owner(Protocol):
     def on_fail(self, message: str) -> None:
         """Remote control ended for good (fatal error, restart limit)."""
 
+    def status_deadline(self) -> float | None:
+        """``time.monotonic()`` time at which a pending status report must be written; ``None``: none pending."""
+
+    def write_pending_status(self) -> None:
+        """Write the pending status report now (called from the supervisor thread when its deadline passed)."""
+
 
 def exit_code(process: multiprocessing.process.BaseProcess, timeout: float) -> int | None:
     """The exit code of a process whose sentinel fired. The sentinel can fire a moment before the process
@@ -103,6 +109,8 @@ class SidecarSupervisor:
         """Spawn the first sidecar and the supervising thread; raise what spawning raised."""
         spawning.install()
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)  # wake() from the training loop never blocks, even if unread
         try:
             self._spawn()
         except BaseException:
@@ -126,6 +134,17 @@ class SidecarSupervisor:
         self.channel = channel
         self.process = process
         self.owner.attach_channel(channel)
+
+    def wake(self) -> None:
+        """Make the supervisor thread look at the owner's :meth:`Owner.status_deadline` again. Never blocks."""
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"w")
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 4096):
+                pass
 
     @property
     def pid(self) -> int | None:
@@ -178,8 +197,13 @@ class SidecarSupervisor:
                 self.max_restarts if self.max_restarts is not None else "unlimited",
             )
             self.owner.on_restarting()
-            with contextlib.suppress(OSError):
-                multiprocessing.connection.wait([self._wake_r], timeout=delay)
+            until = time.monotonic() + delay
+            while not self.stopping and (left := until - time.monotonic()) > 0:
+                try:
+                    if multiprocessing.connection.wait([self._wake_r], timeout=left):
+                        self._drain_wake()  # a report's wake-up: no sidecar to hand a status to now
+                except (OSError, ValueError):
+                    break
             with self.lock:
                 if self.stopping:
                     return
@@ -192,18 +216,25 @@ class SidecarSupervisor:
                 self.restarts += 1
 
     def _wait_for_death(self, process: multiprocessing.process.BaseProcess, channel: Channel) -> bool:
-        """Handle events until the sidecar dies (``True``) or a stop begins (``False``)."""
+        """Handle events until the sidecar dies (``True``) or a stop begins (``False``); write a pending status
+        report when its deadline passes (the only timed wake-up, armed only while a report is pending)."""
         events_open = True
         while True:
             waitables: list[Any] = [process.sentinel, self._wake_r]
             if events_open:
                 waitables.append(channel.events_reader)
+            deadline = self.owner.status_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                ready = multiprocessing.connection.wait(waitables)
+                ready = multiprocessing.connection.wait(waitables, timeout)
             except (OSError, ValueError):  # closed under us: only stop() does that
                 return False
             if self.stopping:
                 return False
+            if self._wake_r in ready:
+                self._drain_wake()
+            if deadline is not None and time.monotonic() >= deadline:
+                self.owner.write_pending_status()
             if events_open and channel.events_reader in ready:
                 events_open = self._read_events(channel)
             if process.sentinel in ready:

@@ -73,12 +73,14 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", Revision, Status, Outcome)
 
-WATCH_POLL = 0.25
-"""Seconds a watch waits for an update before checking for a reconnect or a close."""
-WATCH_CHECK = 0.5
-"""Seconds between a quiet watch's reads of the run's newest revision. A newer one that the watcher has not
-delivered by the next read means its consumer is gone (a JetStream cluster lost the node it lived on, which
-nats-py notices only after missed heartbeats, ~10 s): the watch is recreated."""
+WATCH_CHECK = 15.0
+"""Seconds between a quiet watch's reads of the run's newest revision, its only timed wake-up. A newer one that the
+watcher has not delivered by the next read means its consumer is gone: the watch is recreated. This is the safety
+net; a watch wakes up for events only: an update, a close, a reconnect, and the leader election of the bucket's
+stream in a cluster (the JetStream advisory), each of which stops its watcher so that it is made again."""
+ADVISORY = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{stream}"
+"""The subject on which a JetStream cluster announces a new leader of a stream: the consumer of a watch lived on the
+old one, so every watch of the bucket is recreated (and reconciled with a read) at once."""
 OUTCOME_RECHECK = 1.0
 """Seconds a quiet outcome watch waits for the server before it reads the key itself and checks for a reconnect or
 a close."""
@@ -195,6 +197,29 @@ async def _named_watch(kv: KeyValue, keys: str, **kwargs: Any) -> KeyValue.KeyWa
     return await named.watch(keys, **kwargs)
 
 
+def _quiet(watcher: KeyValue.KeyWatcher) -> None:
+    """Take the timer out of a key-value watcher: nats-py polls every 0.25 s (a task per watcher) whether a flow
+    control request of the server can be answered; answer each one as it comes instead. A watch of one key has at
+    most a few messages in flight, so it is always caught up. Where nats-py's internals differ, nothing is changed."""
+    jsi = getattr(getattr(getattr(watcher, "_sub", None), "_sub", None), "_jsi", None)
+    task = getattr(jsi, "_fctask", None)
+    conn = getattr(jsi, "_conn", None)
+    if jsi is None or task is None or conn is None or not hasattr(jsi, "schedule_flow_control_response"):
+        return
+    task.cancel()
+    jsi._fctask = None
+    pending: set[asyncio.Task[None]] = set()
+
+    def answer(reply: str) -> None:
+        jsi._active = True
+        if reply:
+            reply_task = asyncio.ensure_future(conn.publish(reply))
+            pending.add(reply_task)
+            reply_task.add_done_callback(pending.discard)
+
+    jsi.schedule_flow_control_response = answer
+
+
 async def _next_update(watcher: KeyValue.KeyWatcher, timeout: float) -> object:
     """The watcher's next item: an entry, ``None`` (end of initial values) or its stop sentinel."""
     return await watcher.updates(timeout=timeout)  # type: ignore[no-untyped-call]
@@ -252,6 +277,7 @@ class NatsTransport(Transport):
         # Outcome subscriptions (see watch_outcome): lowercased subject -> callbacks that end them (refused, closed).
         self._outcome_subscriptions: dict[str, list[Callable[[], None]]] = {}
         self._outcome_subscribe_refused = False
+        self._advisories: Any = None  # the subscription to the desired bucket's leader elections (see ADVISORY)
 
     # -- connection --------------------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -266,6 +292,12 @@ class NatsTransport(Transport):
 
         async def error_cb(exc: Exception) -> None:
             denied = _DENIED.search(str(exc).lower())
+            if denied is not None and denied.group(2).startswith("$js.event.advisory."):
+                # Optional: without it a watch notices a cluster's leader change at its next check.
+                log.debug(
+                    "NATS %s: no leader advisories (%s); watches rely on their checks", self.settings.display, exc
+                )
+                return
             if denied is not None:
                 if denied.group(1) == "subscription" and self._refused_subscription(denied.group(2)):
                     return
@@ -289,6 +321,7 @@ class NatsTransport(Transport):
 
         async def reconnected_cb() -> None:
             self._generation += 1
+            self._restart_watches()
             log.info("NATS %s: reconnected", self.settings.display)
 
         async def closed_cb() -> None:
@@ -743,8 +776,10 @@ class NatsTransport(Transport):
             try:
                 desired = self._kv("desired")
                 with self._mapped(f"watch run {run!r}", "desired"):
-                    reconciled = await self._newest(run, key)
+                    await self._follow_leaders(desired)
                     watcher = await _named_watch(desired, key)
+                    _quiet(watcher)
+                    reconciled = await self._newest(run, key)  # after the watch is armed: nothing falls between
             except TransportUnavailable as exc:
                 if self._closed:
                     return
@@ -767,7 +802,7 @@ class NatsTransport(Transport):
                 suspect = 0  # a newer revision the last check found that the watcher had not delivered yet
                 while not self._closed and generation == self._generation:
                     try:
-                        update = await _next_update(watcher, WATCH_POLL)
+                        update = await _next_update(watcher, max(0.05, WATCH_CHECK - (time.monotonic() - checked)))
                     except nats.errors.TimeoutError:
                         if time.monotonic() - checked < WATCH_CHECK:
                             continue
@@ -800,6 +835,28 @@ class NatsTransport(Transport):
             finally:
                 self._watchers.discard(watcher)
                 await _stop(watcher)
+
+    def _restart_watches(self) -> None:
+        """Stop every key-value watcher of this transport: each watch makes its own again and reconciles."""
+        for watcher in list(self._watchers):
+            with contextlib.suppress(Exception):
+                watcher._updates.put_nowait(watcher.STOP_ITER)
+
+    async def _follow_leaders(self, kv: KeyValue) -> None:
+        """Subscribe (once per transport) to the leader elections of ``kv``'s stream: each restarts the watches.
+        Best effort: a server that is not clustered never sends one; a user without the permission is told so in
+        the debug log, and the watches rely on :data:`WATCH_CHECK`."""
+        if self._advisories is not None or self._nc is None:
+            return
+
+        async def elected(msg: Any) -> None:
+            log.info("NATS %s: new leader of %s; recreating watches", self.settings.display, kv._stream)
+            self._restart_watches()
+
+        try:
+            self._advisories = await self._nc.subscribe(ADVISORY.format(stream=kv._stream), cb=elected)
+        except Exception as exc:  # never fatal: the watch works without it
+            log.debug("NATS %s: cannot follow leader elections: %s", self.settings.display, exc)
 
     async def _check_newest(self, run: str, key: str) -> int:
         """The number of the run's newest revision, or 0 when it has none or the server cannot say now."""

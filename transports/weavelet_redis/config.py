@@ -20,8 +20,10 @@ weavelet's own options, as query parameters or keyword arguments of ``open_trans
 ``history``         revisions kept per run (``XADD MAXLEN ~``; default 1000) and outcomes kept per run
 ``status_history``  entries kept in each run's status stream (default 100)
 ``connect_timeout`` seconds allowed for the first connection and each reconnect attempt (default 5)
-``block``           seconds one ``XREAD BLOCK`` of a watcher waits before asking again (default 2)
-``socket_timeout``  seconds to wait for any reply (default 5); must exceed ``block`` by at least 1 s
+``block``           seconds one ``XREAD BLOCK`` of a watcher waits before asking again (default 15); a watcher
+                    that waits sleeps in between, and closing the transport ends its read at once
+``socket_timeout``  seconds to wait for any reply (default 5); blocking reads run on their own connections,
+                    which wait ``block`` plus 1 s instead when that is longer
 ``wait_replicas``   a revision write counts once this many replicas have it (``WAIT``; default 0: the master's
                     acknowledgement is enough); not with ``redis+cluster://``
 ``wait_timeout``    seconds a write waits for those replicas (default 1) before it fails as unavailable
@@ -45,7 +47,7 @@ DEFAULT_PREFIX = "weavelet:"
 DEFAULT_HISTORY = 1000
 DEFAULT_STATUS_HISTORY = 100
 DEFAULT_CONNECT_TIMEOUT = 5.0
-DEFAULT_BLOCK = 2.0
+DEFAULT_BLOCK = 15.0
 DEFAULT_SOCKET_TIMEOUT = 5.0
 MIN_TIMEOUT_MARGIN = 1.0
 
@@ -186,6 +188,12 @@ class RedisSettings:
     def keys(self) -> KeyLayout:
         return KeyLayout(self.prefix)
 
+    @property
+    def blocking_timeout(self) -> float:
+        """Seconds a connection that runs ``XREAD BLOCK`` waits for a reply: ``block`` plus
+        :data:`MIN_TIMEOUT_MARGIN`, or ``socket_timeout`` when that is longer."""
+        return max(self.socket_timeout, self.block + MIN_TIMEOUT_MARGIN)
+
 
 _TLS_PARAMETERS = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 
@@ -311,12 +319,6 @@ def parse_url(url: str, **options: Any) -> RedisSettings:
         parts = urlsplit(url)
         driver_url = urlunsplit((scheme, parts.netloc, parts.path, urlencode(driver_query), ""))
     settings = RedisSettings(driver_url=driver_url, display_url=display, **resolved, **multi)
-    if settings.socket_timeout < settings.block + MIN_TIMEOUT_MARGIN:
-        raise ValueError(
-            f"redis options: socket_timeout ({settings.socket_timeout:g}s) must exceed block "
-            f"({settings.block:g}s) by at least {MIN_TIMEOUT_MARGIN:g}s, or a watcher's XREAD BLOCK times out "
-            "on the client side; raise socket_timeout or lower block"
-        )
     return settings
 
 

@@ -15,10 +15,14 @@ Key layout (prefix ``weavelet:`` by default, see :class:`weavelet_redis.config.K
 
 A write is a Lua script (compare-and-set on the stream's newest ``revision`` field, ``XADD``, record the
 number), so two writers never both win. A watcher reads the newest entry (``XREVRANGE COUNT 1``), then waits
-with ``XREAD BLOCK`` from the id of the last entry it read, on its own connection. A weaver waiting for an
-outcome does the same on the run's outcome stream (``watch_outcome``). After a lost connection it
-reconnects with backoff, re-reads the newest entry and resumes from its last id; revisions are delivered only
-when newer than the last one delivered, so nothing is delivered twice even if the server lost its data.
+with ``XREAD BLOCK`` (``block`` seconds, 15 by default, then again) from the id of the last entry it read, on its
+own connection. A weaver waiting for an outcome does the same on the run's outcome stream (``watch_outcome``), on
+a pool of connections kept for blocking reads. Those connections wait ``block`` plus a second for a reply, and
+:meth:`RedisTransport.aclose` cancels the reads and disconnects them, so a blocked read ends at once when the
+transport closes. After a
+lost connection it reconnects with backoff, re-reads the newest entry and resumes from its last id; revisions are
+delivered only when newer than the last one delivered, so nothing is delivered twice even if the server lost its
+data.
 
 Batched reads (``statuses()``, ``latests()`` of many runs) take one request per thousand runs: on one server a
 script reading every run's field or newest entry, on a Redis Cluster (where runs sit in different slots) a
@@ -35,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar, cast
 
 import anyio
@@ -127,7 +131,9 @@ class RedisTransport(Transport):
         self.url = self.settings.display_url
         self.keys = self.settings.keys
         self._client: aioredis.Redis | None = None
+        self._blocking_client: aioredis.Redis | None = None  # a pool for watch_outcome's blocking reads
         self._watch_clients: set[aioredis.Redis] = set()
+        self._blocking_scopes: set[anyio.CancelScope] = set()  # blocked XREADs: aclose() cancels them
         self._sentinels: list[Sentinel] = []
         self._closed = False
         self._outcome_stream_denied = False
@@ -136,12 +142,13 @@ class RedisTransport(Transport):
         self._indexed: set[str] = set()
 
     # -- connections -------------------------------------------------------------------------------------
-    def _new_client(self, *, retries: int) -> aioredis.Redis:
-        """A client of the URL's kind: one server, the master Sentinel names, or a Redis Cluster."""
+    def _new_client(self, *, retries: int, blocking: bool = False) -> aioredis.Redis:
+        """A client of the URL's kind: one server, the master Sentinel names, or a Redis Cluster; ``blocking``:
+        for ``XREAD BLOCK``, waiting :attr:`~weavelet_redis.config.RedisSettings.blocking_timeout` for replies."""
         s = self.settings
         backoff = ExponentialBackoff(cap=0.1, base=0.01) if retries else NoBackoff()
         common: dict[str, Any] = {
-            "socket_timeout": s.socket_timeout,
+            "socket_timeout": s.blocking_timeout if blocking else s.socket_timeout,
             "socket_connect_timeout": s.connect_timeout,
             "decode_responses": False,
         }
@@ -180,6 +187,28 @@ class RedisTransport(Transport):
             self._statuses_script = client.register_script(scripts.STATUSES)
             self._client = client
         return self._client
+
+    def _blocking_redis(self) -> aioredis.Redis:
+        """The client (its own pool) whose connections run ``watch_outcome``'s ``XREAD BLOCK``."""
+        if self._closed:
+            raise TransportUnavailable(f"redis transport {self.url} is closed")
+        if self._blocking_client is None:
+            self._blocking_client = self._new_client(retries=0, blocking=True)
+        return self._blocking_client
+
+    async def _blocking_call(self, action: str, pending: Awaitable[Any]) -> Any:
+        """``_call`` of an ``XREAD BLOCK``, ended at once by :meth:`aclose` (then ``TransportUnavailable``)."""
+        with anyio.CancelScope() as scope:
+            self._blocking_scopes.add(scope)
+            try:
+                if self._closed:
+                    scope.cancel()
+                return await self._call(action, pending)
+            finally:
+                self._blocking_scopes.discard(scope)
+        if isinstance(pending, Coroutine):
+            pending.close()  # never awaited when closed before the read began
+        raise TransportUnavailable(f"redis transport {self.url} is closed")
 
     async def _index(self, client: aioredis.Redis, run: str) -> None:
         """Add ``run`` to the run index (its own key: never in a script with the run's keys, see scripts.py)."""
@@ -223,9 +252,17 @@ class RedisTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        clients = [*self._watch_clients, *([self._client] if self._client is not None else [])]
+        # A Redis Cluster client retries a read whose connection closed, blocking again for `block` seconds: blocked
+        # reads are cancelled here, whatever the client; their connections are closed below.
+        for scope in list(self._blocking_scopes):
+            scope.cancel()
+        # Blocking reads first: closing their connections (in use ones too) ends a read blocked in XREAD at once.
+        clients = [
+            *self._watch_clients,
+            *(c for c in (self._blocking_client, self._client) if c is not None),
+        ]
         self._watch_clients.clear()
-        self._client = None
+        self._client = self._blocking_client = None
         sentinels, self._sentinels = self._sentinels, []
         with anyio.move_on_after(5.0, shield=True):
             for client in clients:
@@ -339,7 +376,7 @@ class RedisTransport(Transport):
             raise TransportUnavailable(f"redis transport {self.url} is closed")
         # Its own connection, without redis-py's retries: a blocked XREAD is interrupted by aclose() and
         # reconnects are paced here, where the read position is known.
-        client = self._new_client(retries=0)
+        client = self._new_client(retries=0, blocking=True)
         self._watch_clients.add(client)
         key = self.keys.revisions(run)
         block_ms = max(1, round(self.settings.block * 1000))
@@ -360,7 +397,7 @@ class RedisTransport(Transport):
                         resync = False
                     else:
                         assert cursor is not None
-                        reply = await self._call(
+                        reply = await self._blocking_call(
                             f"watch run {run!r}",
                             client.xread({key: cursor}, count=WATCH_BATCH, block=block_ms),
                         )
@@ -622,7 +659,8 @@ class RedisTransport(Transport):
 
         Armed before it reads: one pipeline reads the stream's newest id, then the stored outcome, so an outcome
         stored after that id is read from the stream and one stored before it is in the hash. The blocking read
-        runs on a connection of the transport's pool (a connection is made only when none is free). A read that
+        runs on a connection of the transport's pool for blocking reads (a connection is made only when none is
+        free), which :meth:`aclose` disconnects, ending the read at once. A read that
         found nothing for ``block`` seconds, and an outage (after a reconnect with backoff), read both again: an
         outcome stored by a trainer that may not write the stream is seen that way. Ends when the transport is
         closed.
@@ -638,7 +676,7 @@ class RedisTransport(Transport):
         failures = 0
         while not self._closed:
             try:
-                client = self._redis()
+                client = self._blocking_redis()
                 found: list[bytes | None] = []
                 if cursor is None:
                     pipe = client.pipeline(transaction=False)
@@ -648,7 +686,9 @@ class RedisTransport(Transport):
                     cursor = newest[0][0] if newest else _STREAM_START
                     found.append(stored)
                 else:
-                    reply = await self._call(action, client.xread({stream: cursor}, count=WATCH_BATCH, block=block_ms))
+                    reply = await self._blocking_call(
+                        action, client.xread({stream: cursor}, count=WATCH_BATCH, block=block_ms)
+                    )
                     if not reply:
                         cursor = None  # quiet for a while: read the stored outcome again
                     for entry_id, fields in reply[0][1] if reply else []:
