@@ -5,12 +5,17 @@ callgrind counts the same instructions for the same binary and inputs whatever e
 is the difference of two runs, of ``N`` and ``2N`` measured steps, divided by ``N``, so everything outside the
 steps (start-up, imports, the fit's set-up and tear-down) cancels out. Counting starts and stops at a step
 boundary: the training process pauses there while ``callgrind_control`` switches instrumentation on (``-i on``)
-and off, so imports are never instrumented.
+and off, so imports are never instrumented. Only the training thread is counted: the process's other threads (a
+weavelet trainer's supervisor thread waiting on its sidecar, torch's) wake on wall-clock events, which callgrind
+slows about 50 times, so they would count what the slowdown makes happen.
 
-Measured, a 16-64-1 MLP, batch 32, one torch thread, on the CPU:
+Measured, a 16-64-1 MLP, batch 32, one torch thread, on the CPU, in one epoch (no epoch boundary is counted), with
+the cyclic garbage collector off while counting (when it runs depends on every allocation before):
 
 - Lightning fit, ``N`` = ``--lightning-steps``: no callback; an empty ``Callback`` (what Lightning's dispatch of
-  any callback costs); ``WeaveletCallback`` on ``file://`` with a live sidecar and nothing waiting;
+  any callback costs); ``WeaveletCallback`` on ``file://`` with a live sidecar and nothing waiting; and the same
+  callback with its step hook (``on_train_batch_end``) replaced by an empty function, so that the difference is
+  the hook's own cost, apart from how Lightning dispatches to a callback of that class;
 - plain loop, ``N`` = ``--loop-steps``: an empty function called like ``live.poll(step, loss=loss)``, and
   ``live.poll(step, loss=loss)`` of :func:`weavelet_torch.attach` with a live sidecar and nothing waiting.
 
@@ -26,6 +31,7 @@ valgrind (``callgrind_control`` comes with it).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import shutil
@@ -38,17 +44,24 @@ WARMUP = 20
 """Steps before counting starts (the first steps allocate the optimizer's state and fill caches)."""
 LIGHTNING_TARGET = 3_000
 POLL_TARGET = 1_500
-KINDS = ("lightning-none", "lightning-empty", "lightning-weavelet", "loop-empty", "loop-poll")
+KINDS = ("lightning-none", "lightning-empty", "lightning-hookless", "lightning-weavelet", "loop-empty", "loop-poll")
 
 
 # -- the measured process ---------------------------------------------------------------------------------------
 
 
 def _pause(word: str) -> None:
-    """Tell the driver we are at a boundary, and wait until it has switched instrumentation."""
+    """Tell the driver we are at a boundary, and wait until it has switched instrumentation. While counting, the
+    cyclic garbage collector is off: when it runs depends on every allocation before, so one run of N steps may
+    count a full collection that the other does not."""
+    if word == "off":
+        gc.enable()
     sys.stdout.write(f"{word}\n")
     sys.stdout.flush()
     sys.stdin.readline()
+    if word == "on":
+        gc.collect()
+        gc.disable()
 
 
 def child(kind: str, steps: int, store: str) -> None:
@@ -56,7 +69,7 @@ def child(kind: str, steps: int, store: str) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    x = torch.randn(32 * 64, 16)
+    x = torch.randn(32 * (WARMUP + 2 * steps + 2), 16)  # one epoch holds every step: no epoch boundary counted
     y = x.sum(dim=1, keepdim=True)
     total = WARMUP + steps
     if kind.startswith("lightning"):
@@ -92,10 +105,13 @@ def _lightning(kind: str, steps: int, total: int, x: object, y: object, store: s
     callbacks: list[object] = []
     if kind == "lightning-empty":
         callbacks.append(L.Callback())
-    elif kind == "lightning-weavelet":
+    elif kind in ("lightning-weavelet", "lightning-hookless"):
         from weavelet_lightning import WeaveletCallback
 
-        callbacks.append(WeaveletCallback("bench-steps", store, report_interval=3600.0))
+        callback = WeaveletCallback("bench-steps", store, report_interval=3600.0)
+        if kind == "lightning-hookless":  # the same callback without its step hook: what Lightning's dispatch costs
+            callback.on_train_batch_end = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        callbacks.append(callback)
     data = torch.utils.data.TensorDataset(x, y)  # type: ignore[arg-type]
     trainer = L.Trainer(
         max_steps=total + 1,
@@ -153,7 +169,8 @@ def count(kind: str, steps: int) -> int:
         out = Path(directory) / "callgrind.out"
         store = (Path(directory) / "store").as_uri()
         command = [
-            "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+            "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+            f"--callgrind-out-file={out}",
             sys.executable, __file__, "--child", kind, str(steps), store,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
@@ -179,7 +196,9 @@ def count(kind: str, steps: int) -> int:
         finally:
             if process.poll() is None:
                 process.kill()
-        text = out.read_text()
+        # The training thread's own count (thread 1): the process's other threads (torch's, the weavelet's
+        # supervisor waiting on the sidecar's pipes) run on wall-clock events, which callgrind slows 50 times.
+        text = out.with_name(out.name + "-01").read_text()
         match = re.search(r"^totals: (\d+)", text, re.MULTILINE)  # "summary:" counts what ran before the switch
         if match is None:
             raise RuntimeError(f"{kind}: no total in {out}")
@@ -193,8 +212,8 @@ def per_step(kind: str, steps: int) -> float:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--child", nargs=3, metavar=("KIND", "STEPS", "STORE"), help=argparse.SUPPRESS)
-    parser.add_argument("--lightning-steps", type=int, default=100, help="N for the Lightning fits (default 100)")
-    parser.add_argument("--loop-steps", type=int, default=200, help="N for the plain loops (default 200)")
+    parser.add_argument("--lightning-steps", type=int, default=200, help="N for the Lightning fits (default 200)")
+    parser.add_argument("--loop-steps", type=int, default=400, help="N for the plain loops (default 400)")
     args = parser.parse_args(argv)
     if args.child:
         kind, steps, store = args.child
@@ -209,6 +228,7 @@ def main(argv: list[str]) -> int:
         figures[kind] = per_step(kind, steps)
         print(f"  {kind:<19} {figures[kind]:>12,.0f} instructions/step", flush=True)
     none, empty, ours = figures["lightning-none"], figures["lightning-empty"], figures["lightning-weavelet"]
+    hookless = figures["lightning-hookless"]
     loop_empty, loop_poll = figures["loop-empty"], figures["loop-poll"]
     over_callback = ours - empty
     over_call = loop_poll - loop_empty
@@ -221,6 +241,8 @@ def main(argv: list[str]) -> int:
     label = "  WeaveletCallback over the empty Callback"
     target = f"<= {LIGHTNING_TARGET:,}: {verdict}"
     print(f"{label:<44} {over_callback:>+12,.0f} {ours / empty:>13.4f}x  {target}")
+    print(f"{'Lightning fit, WeaveletCallback, empty step hook':<44} {hookless:>12,.0f} {hookless / none:>13.4f}x")
+    print(f"{'  the step hook itself':<44} {ours - hookless:>+12,.0f}")
     print(f"{'plain loop, empty function':<44} {loop_empty:>12,.0f}")
     print(f"{'plain loop, live.poll()':<44} {loop_poll:>12,.0f} {loop_poll / loop_empty:>13.4f}x")
     verdict = "met" if over_call <= POLL_TARGET else "MISSED"

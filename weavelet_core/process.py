@@ -206,13 +206,14 @@ class WeaveletProcess:
         self._claimed_baseline = 0
 
         self._ledger = OutcomeLedger()
-        self._recorder = StatusRecorder(status_interval, applied=after)
+        #: What a training loop reads at every step boundary, without a call (see :class:`StepGate`).
+        self.gate = StepGate()
+        self._recorder = StatusRecorder(status_interval, applied=after, gate=self.gate)
         self._handover = 0  # the recorder's snapshot count when held-back outcomes were last handed over
 
         # The fast path reads these without a lock.
         self._idle_version: Any = _Counter()
-        self._version: Any = self._idle_version
-        self._seen = 0
+        self.gate.version = self._idle_version
         self._handed_out = after
         self._handed_id = ""
         self._handed_revision: Revision | None = None
@@ -239,7 +240,7 @@ class WeaveletProcess:
     @property
     def waiting(self) -> bool:
         """Whether a revision has reached the trainer's side and the next :meth:`poll` will look at it."""
-        return bool(self._version.value != self._seen)
+        return bool(self.gate.version.value != self.gate.seen)
 
     @property
     def handed_out_revision(self) -> Revision | None:
@@ -349,15 +350,15 @@ class WeaveletProcess:
     def attach_channel(self, channel: Channel) -> None:
         self._ledger.restart_sending()
         self._send_unsent(channel)
-        self._seen = 0
-        self._version = channel.version
+        self.gate.seen = 0
+        self.gate.version = channel.version
         self._connected = False
         self._write_status(channel)
 
     def detach_channel(self, channel: Channel) -> None:
         self._ledger.ack(int(channel.outcome_ack.value))
-        self._version = self._idle_version
-        self._seen = 0
+        self.gate.version = self._idle_version
+        self.gate.seen = 0
         self._held = []
 
     def on_event(self, event: str, payload: dict[str, Any]) -> None:
@@ -452,7 +453,7 @@ class WeaveletProcess:
         When nothing changed this is one shared-integer read. Revisions that arrived together with a newer
         one are reported ``superseded`` (they are never handed out).
         """
-        if self._version.value == self._seen:
+        if self.gate.version.value == self.gate.seen:
             return None
         try:
             return self._drain()
@@ -483,7 +484,7 @@ class WeaveletProcess:
                 data = channel.to_trainer.get_nowait()
             except queue.Empty:
                 break
-            self._seen += 1
+            self.gate.seen += 1
             try:
                 message = json.loads(data)
                 if not isinstance(message, dict) or message.get("t") != "revision":
@@ -506,7 +507,7 @@ class WeaveletProcess:
         cut = next((i for i, (_, baseline) in enumerate(received) if baseline), None)
         if cut is not None and cut < len(received) - 1:
             self._held = received[cut + 1 :]
-            self._seen -= len(self._held)  # makes the next poll's one-integer check look again
+            self.gate.seen -= len(self._held)  # makes the next poll's one-integer check look again
             received = received[: cut + 1]
         newest, baseline = received[-1]
         for older, _ in received[:-1]:
@@ -681,6 +682,29 @@ class _Counter:
     """The version counter read while no sidecar runs: always 0."""
 
     value = 0
+
+
+class StepGate:
+    """What a training loop reads at every optimizer-step boundary to learn, in a few hundred instructions and
+    without a call, that there is nothing to do: no revision arrived (``version.value == seen``) and no status
+    report is due (``time.monotonic() < report_at``). Then it may skip :meth:`WeaveletProcess.poll` and
+    :meth:`WeaveletProcess.report_due`, which would answer ``None`` and ``False``.
+
+    Kept current by its :class:`WeaveletProcess` (``version`` is the shared counter of the running sidecar's
+    channel, swapped when the sidecar restarts; ``seen`` the revisions the trainer has taken; ``report_at`` the
+    :func:`time.monotonic` time of the next report) and read by the integrations' step hooks. Read only.
+    """
+
+    __slots__ = ("report_at", "seen", "version")
+
+    def __init__(self) -> None:
+        self.version: Any = _Counter()
+        self.seen = 0
+        self.report_at = 0.0
+
+    def idle(self) -> bool:
+        """Whether nothing is to be done at this step (the integrations inline this check)."""
+        return bool(self.version.value == self.seen and time.monotonic() < self.report_at)
 
 
 def describe_error(error: BaseException | str) -> str:

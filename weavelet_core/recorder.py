@@ -84,9 +84,11 @@ class StatusRecorder:
 
     :param interval: seconds between two snapshots when nothing urgent happens (>= 0).
     :param applied: the revision applied when the trainer started (a resume).
+    :param gate: a :class:`~weavelet_core.process.StepGate` whose ``report_at`` is kept equal to the time of the next
+        snapshot (``None``: none).
     """
 
-    def __init__(self, interval: float = DEFAULT_INTERVAL, applied: int = 0) -> None:
+    def __init__(self, interval: float = DEFAULT_INTERVAL, applied: int = 0, gate: Any = None) -> None:
         self.interval = max(0.0, float(interval))
         self.step = 0
         self.epoch = 0
@@ -96,6 +98,7 @@ class StatusRecorder:
         self.last_outcome: dict[str, Any] | None = None
         self.schema: dict[str, Any] | None = None
         self.errors = 0
+        self._gate = gate  # a StepGate whose report_at follows _next (see weavelet_core.process.StepGate)
         self._next = 0.0
         self._dirty = False
         self._armed = False
@@ -172,6 +175,8 @@ class StatusRecorder:
             return False
         try:
             self._next = time.monotonic() + self.interval
+            if self._gate is not None:
+                self._gate.report_at = self._next
             self._dirty = self._armed = False
             self.written += 1
             fields: dict[str, Any] = {

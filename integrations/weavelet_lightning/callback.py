@@ -5,11 +5,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, overload
 
 from weavelet_core.errors import RunOwned
 from weavelet_core.plugins import get_registry
+from weavelet_core.process import StepGate
 from weavelet_core.protocol import validate_run_id
 from weavelet_core.schema import check_optimizer_names
 from weavelet_lightning import _compat
@@ -28,6 +30,7 @@ else:
     _CallbackBase = _compat.callback_base()
 
 log = logging.getLogger("weavelet_lightning")
+_monotonic = time.monotonic
 
 
 class WeaveletCallback(_CallbackBase):
@@ -148,6 +151,7 @@ class WeaveletCallback(_CallbackBase):
         self.verdicts: collections.deque[Verdict] = collections.deque(maxlen=KEPT_VERDICTS)
         self._restore_pending = False
         self._last_step = -1
+        self._gate: StepGate | None = None  # set once the sidecar runs, where the step hook may take the fast path
         self._active = False
 
     # ----------------------------------------------------------------- public API
@@ -275,6 +279,8 @@ class WeaveletCallback(_CallbackBase):
             else:
                 self.applier.incarnation = process.incarnation
                 self._report(trainer, force=True)
+                # One process, nothing to run at every step: the step hook may return while the gate says idle.
+                self._gate = process.gate if trainer.world_size == 1 and self._watch is None else None
         if trainer.world_size > 1:  # every rank learns the incarnation, and fails together if refused
             self.applier.incarnation, refusal = trainer.strategy.broadcast((self.applier.incarnation, refusal), src=0)
         if refusal is not None:
@@ -296,6 +302,9 @@ class WeaveletCallback(_CallbackBase):
         if step == self._last_step:
             return
         self._last_step = step
+        gate = self._gate
+        if gate is not None and gate.version.value == gate.seen and _monotonic() < gate.report_at:
+            return  # no revision arrived, no report due: all the full path below would find (see StepGate)
         if step % self.check_every_n_steps == 0:
             self._check(trainer)
         if self._watch is not None:  # snapshots, spike guard: off unless asked for

@@ -38,6 +38,7 @@ from typing import Any, overload
 import torch
 
 from weavelet_core.errors import RunOwned
+from weavelet_core.process import StepGate
 from weavelet_core.schema import check_optimizer_names
 from weavelet_torch import wrappers
 from weavelet_torch.applier import Applier, F, Validator, Verdict
@@ -58,6 +59,8 @@ AUTO_CHECK_SECONDS = 0.1
 
 MAX_AUTO_INTERVAL = 1000
 """With ``check_every=None`` under ``torch.distributed``: at most this many steps between two checks."""
+
+_monotonic = time.monotonic
 
 KEPT_VERDICTS = 64
 """How many verdicts :attr:`Attachment.verdicts` keeps (memory stays flat however many revisions arrive)."""
@@ -342,6 +345,7 @@ class Attachment:
             else None
         )
         self._step = 0
+        self._gate: StepGate | None = None  # set once the sidecar runs, where poll() may take the fast path
         self._resume = state is not None
         #: The newest verdicts, at most :data:`KEPT_VERDICTS` (older ones are in the run's history).
         self.verdicts: collections.deque[Verdict] = collections.deque(maxlen=KEPT_VERDICTS)
@@ -440,6 +444,9 @@ class Attachment:
     def _start_sidecar(self) -> None:
         process = self.link.start(after=self.applier.applied_revision, resume=self._resume)
         self.applier.incarnation = process.incarnation
+        # One process, nothing to run at every step: poll() may skip everything while the gate says idle.
+        if self.collective is None and self._watch is None:
+            self._gate = process.gate
         self.link.report(step=self._step, optimizer=self.applier.describe(), schema=self.applier.schema(), force=True)
 
     def close(self, error: BaseException | None = None) -> None:
@@ -462,6 +469,10 @@ class Attachment:
         it checks): rank 0 broadcasts the revision it polled, every rank applies it, and when the verdicts differ
         between ranks rank 0's verdict says so (``detail["ranks_agree"] = False``, and an error is logged).
         """
+        gate = self._gate
+        if gate is not None and gate.version.value == gate.seen and _monotonic() < gate.report_at:
+            self._step = step
+            return None  # no revision arrived, no report due: all the full path below would find (see StepGate)
         if self.host.accumulating():  # accelerate inside a gradient-accumulation window: not a step boundary
             return None
         self._step = step
