@@ -1,31 +1,27 @@
 """weavelet's own cost per optimizer step, in instructions counted by valgrind's callgrind.
 
-Time per step is too noisy on a shared machine to show a cost of a few microseconds; instruction counts are not:
-callgrind counts the same instructions for the same binary and inputs whatever else the machine does. Each figure
-is the difference of two runs, of ``N`` and ``2N`` measured steps, divided by ``N``, so everything outside the
-steps (start-up, imports, the fit's set-up and tear-down) cancels out. Counting starts and stops at a step
-boundary: the training process pauses there while ``callgrind_control`` switches instrumentation on (``-i on``)
-and off, so imports are never instrumented. Only the training thread is counted: the process's other threads (a
-weavelet trainer's supervisor thread waiting on its sidecar, torch's) wake on wall-clock events, which callgrind
-slows about 50 times, so they would count what the slowdown makes happen.
+Time per step is too noisy on a shared machine to show a cost of a few microseconds; instruction counts are less
+so. Each figure is the difference of two runs, of ``N`` and ``2N`` calls or steps, divided by ``N``, so everything
+outside them (start-up, imports, set-up, tear-down) cancels out. Counting is switched on and off at those points:
+the process pauses there while ``callgrind_control`` switches instrumentation (``-i on``/``-i off``). Only the
+training thread is counted (the process's other threads wake on wall-clock events, which callgrind slows about 50
+times), with the cyclic garbage collector off while counting (when it runs depends on every allocation before).
 
-Measured, a 16-64-1 MLP, batch 32, one torch thread, on the CPU, in one epoch (no epoch boundary is counted), with
-the cyclic garbage collector off while counting (when it runs depends on every allocation before):
+Measured (a 16-64-1 MLP, batch 32, one torch thread, on the CPU, ``file://`` store, a live sidecar, nothing
+waiting, status reports an hour apart so that none falls in the count):
 
-- Lightning fit, ``N`` = ``--lightning-steps``: no callback; an empty ``Callback`` (what Lightning's dispatch of
-  any callback costs); ``WeaveletCallback`` on ``file://`` with a live sidecar and nothing waiting; and the same
-  callback with its step hook (``on_train_batch_end``) replaced by an empty function, so that the difference is
-  the hook's own cost, apart from how Lightning dispatches to a callback of that class;
-- plain loop, ``N`` = ``--loop-steps``: an empty function called like ``live.poll(step, loss=loss)``, and
-  ``live.poll(step, loss=loss)`` of :func:`weavelet_torch.attach` with a live sidecar and nothing waiting.
+- **the step hook**: inside a Lightning fit, at step 20, ``N`` calls of ``WeaveletCallback.on_train_batch_end``
+  with the fit's real trainer (its boundary check reset before each call, so that each is a new step), beside
+  ``N`` calls of an empty function with the same arguments;
+- **poll**: inside a plain loop under :func:`weavelet_torch.attach`, ``N`` calls of ``live.poll(step, loss=loss)``
+  (a new step each), beside ``N`` calls of an empty function of the same signature;
+- **whole fits** (``--fits``, slower): a Lightning fit of ``N`` steps with no callback and with an empty
+  ``Callback``: what Lightning's dispatch of any callback costs per step. Whole fits vary by tens of thousands of
+  instructions per step from run to run (hashing by address, allocation), so they cannot resolve a few thousand.
 
-The status reports (at most one per ``report_interval``) are left out: the interval is set to an hour, because
-under callgrind a step is about 50 times slower, so a wall-clock interval would put 50 times as many reports in
-the count. What one report costs is the sidecar's business, measured by ``bench_training.py``'s time per step.
-
-Targets: the callback <= 3,000 instructions per step over the empty callback; ``live.poll()`` <= 1,500 over the
-empty function. Usage: ``python benchmarks/bench_steps.py [--lightning-steps N] [--loop-steps N]``. Needs
-valgrind (``callgrind_control`` comes with it).
+Targets: the step hook <= 3,000 instructions per step over the empty function (the callback's own cost over an
+empty callback), ``live.poll()`` <= 1,500. Usage: ``python benchmarks/bench_steps.py [--calls N] [--fits]
+[--steps N]``. Needs valgrind (``callgrind_control`` comes with it).
 """
 
 from __future__ import annotations
@@ -39,21 +35,22 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 WARMUP = 20
 """Steps before counting starts (the first steps allocate the optimizer's state and fill caches)."""
-LIGHTNING_TARGET = 3_000
+HOOK_TARGET = 3_000
 POLL_TARGET = 1_500
-KINDS = ("lightning-none", "lightning-empty", "lightning-hookless", "lightning-weavelet", "loop-empty", "loop-poll")
+KINDS = ("hook-empty", "hook-weavelet", "poll-empty", "poll-weavelet")
+FIT_KINDS = ("fit-none", "fit-empty")
 
 
 # -- the measured process ---------------------------------------------------------------------------------------
 
 
 def _pause(word: str) -> None:
-    """Tell the driver we are at a boundary, and wait until it has switched instrumentation. While counting, the
-    cyclic garbage collector is off: when it runs depends on every allocation before, so one run of N steps may
-    count a full collection that the other does not."""
+    """Tell the driver we are at a boundary, and wait until it has switched instrumentation (the collector is off
+    in between)."""
     if word == "off":
         gc.enable()
     sys.stdout.write(f"{word}\n")
@@ -64,100 +61,100 @@ def _pause(word: str) -> None:
         gc.disable()
 
 
-def child(kind: str, steps: int, store: str) -> None:
+def _empty(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def child(kind: str, count: int, root: str) -> None:
     import torch
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    x = torch.randn(32 * (WARMUP + 2 * steps + 2), 16)  # one epoch holds every step: no epoch boundary counted
+    store = (Path(root) / "store").as_uri()
+    steps = count if kind.startswith("fit") else 4
+    x = torch.randn(32 * (WARMUP + steps + 2), 16)  # one epoch holds every step: no epoch boundary counted
     y = x.sum(dim=1, keepdim=True)
-    total = WARMUP + steps
-    if kind.startswith("lightning"):
-        _lightning(kind, steps, total, x, y, store)
+    if kind.startswith("poll"):
+        _loop(kind, count, x, y, store)
     else:
-        _loop(kind, total, x, y, store)
+        _lightning(kind, count, steps, x, y, store, root)
 
 
-def _lightning(kind: str, steps: int, total: int, x: object, y: object, store: str) -> None:
+def _lightning(kind: str, count: int, steps: int, x: Any, y: Any, store: str, root: str) -> None:
     import lightning.pytorch as L
     import torch
+
+    callbacks: list[Any] = []
+    if kind == "fit-empty":
+        callbacks.append(L.Callback())
+    elif kind.startswith("hook"):
+        from weavelet_lightning import WeaveletCallback
+
+        callbacks.append(WeaveletCallback("bench-steps", store, report_interval=3600.0))
 
     class Model(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
 
-        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
-            a, b = batch  # type: ignore[misc]
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            a, b = batch
             return torch.nn.functional.mse_loss(self.net(a), b)
 
-        def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
-            # The module's own hook runs in every kind alike: it marks where counting starts and stops.
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
             step = self.trainer.global_step
-            if step == WARMUP:
+            if kind.startswith("fit"):  # the module's own hook marks where counting starts and stops
+                if step == WARMUP:
+                    _pause("on")
+                elif step == WARMUP + steps:
+                    _pause("off")
+            elif step == WARMUP:
+                callback = callbacks[0]
+                hook = callback.on_train_batch_end if kind == "hook-weavelet" else _empty
+                trainer = self.trainer
                 _pause("on")
-            elif step == WARMUP + steps:
+                for _ in range(count):
+                    callback._last_step = -1  # a new step for the hook each time
+                    hook(trainer, self, outputs, batch, batch_idx)
                 _pause("off")
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    callbacks: list[object] = []
-    if kind == "lightning-empty":
-        callbacks.append(L.Callback())
-    elif kind in ("lightning-weavelet", "lightning-hookless"):
-        from weavelet_lightning import WeaveletCallback
-
-        callback = WeaveletCallback("bench-steps", store, report_interval=3600.0)
-        if kind == "lightning-hookless":  # the same callback without its step hook: what Lightning's dispatch costs
-            callback.on_train_batch_end = lambda *args, **kwargs: None  # type: ignore[method-assign]
-        callbacks.append(callback)
-    data = torch.utils.data.TensorDataset(x, y)  # type: ignore[arg-type]
     trainer = L.Trainer(
-        max_steps=total + 1,
-        callbacks=callbacks,  # type: ignore[arg-type]
+        max_steps=WARMUP + steps + 1,
+        callbacks=callbacks,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=tempfile.mkdtemp(prefix="bench-steps-"),
+        default_root_dir=root,
     )
-    trainer.fit(Model(), torch.utils.data.DataLoader(data, batch_size=32))
+    trainer.fit(Model(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32))
 
 
-def _loop(kind: str, total: int, x: object, y: object, store: str) -> None:
+def _loop(kind: str, count: int, x: Any, y: Any, store: str) -> None:
     import torch
+
+    from weavelet_torch import attach
 
     net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-    batches = list(zip(torch.split(x, 32), torch.split(y, 32), strict=True))  # type: ignore[arg-type]
-
-    def empty(step: int, *, loss: object = None) -> None:
-        return None
-
-    def train(poll: object, live: object = None) -> None:
-        for step in range(1, total + 1):
-            a, b = batches[step % len(batches)]
-            loss = torch.nn.functional.mse_loss(net(a), b)
-            loss.backward()
-            opt = live.optimizer if live is not None else optimizer  # type: ignore[attr-defined]
-            opt.step()
-            opt.zero_grad()
-            poll(step, loss=loss)  # type: ignore[operator]
-            if step == WARMUP:
-                _pause("on")
-            elif step == total:
-                _pause("off")
-
-    if kind == "loop-empty":
-        train(empty)
-        return
-    from weavelet_torch import attach
-
     with attach(optimizer, run="bench-steps", url=store, report_interval=3600.0) as live:
-        train(live.poll, live)
+        loss = None
+        for step in range(1, WARMUP + 1):
+            loss = torch.nn.functional.mse_loss(net(x[:32]), y[:32])
+            loss.backward()
+            live.optimizer.step()
+            live.optimizer.zero_grad()
+            live.poll(step, loss=loss)
+        poll = live.poll if kind == "poll-weavelet" else _empty
+        _pause("on")
+        for step in range(WARMUP + 1, WARMUP + 1 + count):
+            poll(step, loss=loss)
+        _pause("off")
 
 
 # -- the driver -------------------------------------------------------------------------------------------------
@@ -167,11 +164,10 @@ def count(kind: str, steps: int) -> int:
     """Instructions callgrind counted between the two pauses of one run of ``kind`` over ``steps`` steps."""
     with tempfile.TemporaryDirectory(prefix="bench-steps-") as directory:
         out = Path(directory) / "callgrind.out"
-        store = (Path(directory) / "store").as_uri()
         command = [
             "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
             f"--callgrind-out-file={out}",
-            sys.executable, __file__, "--child", kind, str(steps), store,
+            sys.executable, __file__, "--child", kind, str(steps), directory,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
         process = subprocess.Popen(
@@ -211,42 +207,39 @@ def per_step(kind: str, steps: int) -> float:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--child", nargs=3, metavar=("KIND", "STEPS", "STORE"), help=argparse.SUPPRESS)
-    parser.add_argument("--lightning-steps", type=int, default=200, help="N for the Lightning fits (default 200)")
-    parser.add_argument("--loop-steps", type=int, default=400, help="N for the plain loops (default 400)")
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "COUNT", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--calls", type=int, default=2000, help="N calls of the hook and of poll (default 2000)")
+    parser.add_argument("--fits", action="store_true", help="also whole fits, no callback vs an empty Callback")
+    parser.add_argument("--steps", type=int, default=200, help="N steps of the whole fits (default 200)")
     args = parser.parse_args(argv)
     if args.child:
-        kind, steps, store = args.child
-        child(kind, int(steps), store)
+        kind, count, directory = args.child
+        child(kind, int(count), directory)
         return 0
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("bench_steps: valgrind is not installed (apt-get install valgrind); nothing measured")
         return 1
-    figures = {}
-    for kind in KINDS:
-        steps = args.lightning_steps if kind.startswith("lightning") else args.loop_steps
-        figures[kind] = per_step(kind, steps)
-        print(f"  {kind:<19} {figures[kind]:>12,.0f} instructions/step", flush=True)
-    none, empty, ours = figures["lightning-none"], figures["lightning-empty"], figures["lightning-weavelet"]
-    hookless = figures["lightning-hookless"]
-    loop_empty, loop_poll = figures["loop-empty"], figures["loop-poll"]
-    over_callback = ours - empty
-    over_call = loop_poll - loop_empty
-    print(f"\ninstructions per optimizer step (callgrind, N vs 2N steps, {args.lightning_steps}/{args.loop_steps})")
-    print(f"{'WHAT':<44} {'PER STEP':>12} {'VS BASELINE':>14}  TARGET")
-    print(f"{'Lightning fit, no callback':<44} {none:>12,.0f}")
-    print(f"{'Lightning fit, empty Callback':<44} {empty:>12,.0f} {empty / none:>13.4f}x")
-    print(f"{'Lightning fit, WeaveletCallback':<44} {ours:>12,.0f} {ours / none:>13.4f}x")
-    verdict = "met" if over_callback <= LIGHTNING_TARGET else "MISSED"
-    label = "  WeaveletCallback over the empty Callback"
-    target = f"<= {LIGHTNING_TARGET:,}: {verdict}"
-    print(f"{label:<44} {over_callback:>+12,.0f} {ours / empty:>13.4f}x  {target}")
-    print(f"{'Lightning fit, WeaveletCallback, empty step hook':<44} {hookless:>12,.0f} {hookless / none:>13.4f}x")
-    print(f"{'  the step hook itself':<44} {ours - hookless:>+12,.0f}")
-    print(f"{'plain loop, empty function':<44} {loop_empty:>12,.0f}")
-    print(f"{'plain loop, live.poll()':<44} {loop_poll:>12,.0f} {loop_poll / loop_empty:>13.4f}x")
-    verdict = "met" if over_call <= POLL_TARGET else "MISSED"
-    print(f"{'  live.poll() over the empty function':<44} {over_call:>+12,.0f} {'':>14}  <= {POLL_TARGET:,}: {verdict}")
+    figures = {kind: per_step(kind, args.calls) for kind in KINDS}
+    hook = figures["hook-weavelet"] - figures["hook-empty"]
+    poll = figures["poll-weavelet"] - figures["poll-empty"]
+    print(f"instructions per call (callgrind, {args.calls:,} vs {2 * args.calls:,} calls, training thread)")
+    print(f"{'WHAT':<52} {'PER CALL':>10}  TARGET")
+    print(f"{'baseline: an empty function, Lightning hook arguments':<52} {figures['hook-empty']:>10,.0f}")
+    print(f"{'WeaveletCallback.on_train_batch_end, nothing waiting':<52} {figures['hook-weavelet']:>10,.0f}")
+    verdict = "met" if hook <= HOOK_TARGET else "MISSED"
+    print(f"{'  the step hook over the empty function':<52} {hook:>+10,.0f}  <= {HOOK_TARGET:,}: {verdict}")
+    print(f"{'baseline: an empty function, poll(step, loss=loss)':<52} {figures['poll-empty']:>10,.0f}")
+    print(f"{'live.poll(step, loss=loss), nothing waiting':<52} {figures['poll-weavelet']:>10,.0f}")
+    verdict = "met" if poll <= POLL_TARGET else "MISSED"
+    print(f"{'  live.poll() over the empty function':<52} {poll:>+10,.0f}  <= {POLL_TARGET:,}: {verdict}")
+    if args.fits:
+        none, empty = per_step("fit-none", args.steps), per_step("fit-empty", args.steps)
+        print(f"\nwhole Lightning fits, instructions per optimizer step ({args.steps} vs {2 * args.steps} steps)")
+        print(f"{'no callback (baseline)':<52} {none:>10,.0f}")
+        print(f"{'an empty Callback':<52} {empty:>10,.0f}  {empty / none:.4f}x")
+        print(f"{'no callback + the step hook (computed)':<52} {none + hook:>10,.0f}  {(none + hook) / none:.4f}x")
+        label = "an empty Callback + the step hook (computed)"
+        print(f"{label:<52} {empty + hook:>10,.0f}  {(empty + hook) / empty:.4f}x")
     return 0
 
 

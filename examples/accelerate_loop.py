@@ -26,7 +26,11 @@ import weavelet_torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", default=None, help="run id (default: $WEAVELET_RUN, else generated and printed)")
+    parser.add_argument(
+        "--run", "--run-id", dest="run", default=None,
+        help="run id (default: $WEAVELET_RUN, else generated and printed); under torchrun write --run-id, since "
+        "torchrun takes --run for its own --run-path",
+    )  # fmt: skip
     parser.add_argument("--url", default=None, help="transport URL (default: $WEAVELET_URL, else a per-user directory)")
     parser.add_argument("--steps", type=int, default=20_000, help="optimizer steps (default 20000)")
     parser.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step (default 4)")

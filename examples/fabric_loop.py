@@ -5,8 +5,8 @@
 
 Then, in another terminal (same user, same machine; or set WEAVELET_URL on both sides):
 
+    weavelet set fab-1 momentum=0.8                # edit a hyperparameter in place (SGD's)
     weavelet set fab-1 optimizer=adam lr=0.001     # switch optimizer type inside Fabric's wrapper
-    weavelet set fab-1 momentum=0.8                # edit a hyperparameter in place
     weavelet stop fab-1 --wait 30                  # end the loop cleanly
     weavelet status fab-1
 """
@@ -23,9 +23,13 @@ import weavelet_torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", default=None, help="run id (default: $WEAVELET_RUN, else generated and printed)")
+    parser.add_argument(
+        "--run", "--run-id", dest="run", default=None,
+        help="run id (default: $WEAVELET_RUN, else generated and printed); under torchrun write --run-id, since "
+        "torchrun takes --run for its own --run-path",
+    )  # fmt: skip
     parser.add_argument("--url", default=None, help="transport URL (default: $WEAVELET_URL, else a per-user directory)")
-    parser.add_argument("--steps", type=int, default=20_000, help="optimizer steps (default 20000)")
+    parser.add_argument("--steps", type=int, default=300_000, help="optimizer steps (default 300000, a few minutes)")
     args = parser.parse_args()
 
     fabric = Fabric(accelerator="auto", devices=1)

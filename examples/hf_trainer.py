@@ -7,7 +7,7 @@ Then, in another terminal (same user, same machine; or set WEAVELET_URL on both 
 
     weavelet set gpt-1 optimizer=adam              # switch AdamW -> Adam inside the Trainer
     weavelet set gpt-1 lr_scale=0.5                # halve the whole learning-rate schedule
-    weavelet set gpt-1 weight_decay=0.01           # edit a hyperparameter in place
+    weavelet set gpt-1 param_groups.0.weight_decay=0.01   # edit a hyperparameter of one param group in place
     weavelet checkpoint gpt-1                      # the Trainer saves output_dir/checkpoint-<step> now
     weavelet stop gpt-1 --wait 30                  # end training cleanly after this step
     weavelet status gpt-1                          # step, logged loss, active optimizer
@@ -41,7 +41,11 @@ class RandomTokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", default=None, help="run id (default: $WEAVELET_RUN, else generated and printed)")
+    parser.add_argument(
+        "--run", "--run-id", dest="run", default=None,
+        help="run id (default: $WEAVELET_RUN, else generated and printed); under torchrun write --run-id, since "
+        "torchrun takes --run for its own --run-path",
+    )  # fmt: skip
     parser.add_argument("--url", default=None, help="transport URL (default: $WEAVELET_URL, else a per-user directory)")
     parser.add_argument("--steps", type=int, default=20_000, help="optimizer steps (default 20000)")
     parser.add_argument("--output-dir", default="output", help="where the Trainer saves checkpoints")

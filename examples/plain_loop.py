@@ -38,7 +38,11 @@ def make_data(samples: int = 4096, features: int = 16) -> tuple[torch.Tensor, to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", default=None, help="run id (default: $WEAVELET_RUN, else generated and printed)")
+    parser.add_argument(
+        "--run", "--run-id", dest="run", default=None,
+        help="run id (default: $WEAVELET_RUN, else generated and printed); under torchrun write --run-id, since "
+        "torchrun takes --run for its own --run-path",
+    )  # fmt: skip
     parser.add_argument("--url", default=None, help="transport URL (default: $WEAVELET_URL, else a per-user directory)")
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--resume", default=None, help="a checkpoint written by the checkpoint command")

@@ -65,6 +65,10 @@ SINGLE = [
     {"optimizer": "adadelta", "rho": 2},
     {"dampening": "x"},
     {"optimizer": {"lr": 1}},
+    {"lr": 10**400},  # no float holds it
+    {"lr_scale": -(10**400)},
+    {"eps": 10**400},
+    {"lr": "9" * 5000},  # shown cut, not echoed whole
 ]
 
 

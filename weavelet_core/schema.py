@@ -337,7 +337,8 @@ def check_rollback_fields(value: Mapping[str, Any]) -> None:
 
 def _show(value: object) -> str:
     if isinstance(value, str):
-        return f"the string {value!r}"
+        shown = repr(value)
+        return f"the string {shown if len(shown) <= 80 else shown[:60] + f'... ({len(value)} characters)'}"
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -346,6 +347,8 @@ def _show(value: object) -> str:
         return "a list"
     if isinstance(value, dict):
         return "an object"
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
     return repr(value)
 
 
@@ -372,12 +375,20 @@ def spec_for(name: str, kind: str, *, length: int | None = None, items: Sequence
     return {"kind": "any"}
 
 
+def _to_float(value: int | float) -> float:
+    """``float(value)``, or an infinity of its sign for an integer too large for any float (hundreds of digits)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _number(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigProblem(f"{key}: expected a number, got {_show(value)}", key)
-    number = float(value)
+    number = _to_float(value)
     if not math.isfinite(number):
-        raise ConfigProblem(f"{key}: {value!r} is not a finite number; send a finite number", key)
+        raise ConfigProblem(f"{key}: {_show(value)} is not a finite number; send a finite number", key)
     return number
 
 
@@ -449,10 +460,10 @@ def check_scale(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         shown = f"the string {value!r}" if isinstance(value, str) else type(value).__name__
         raise ConfigProblem(f"{key}: expected a number > 0 (1 = the schedule as built), got {shown}", key)
-    number = float(value)
+    number = _to_float(value)
     if not math.isfinite(number) or number <= 0:
         raise ConfigProblem(
-            f"{key}: {value!r} is not a finite number > 0; send for example {key}=0.5 (1 = as built)", key
+            f"{key}: {_show(value)} is not a finite number > 0; send for example {key}=0.5 (1 = as built)", key
         )
     return number
 

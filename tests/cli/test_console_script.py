@@ -344,3 +344,19 @@ def test_top_without_textual_says_what_to_install(weavelet: Weavelet, tmp_path: 
     assert done.returncode == 1
     assert 'pip install "weavelet[tui]"' in done.stderr
     assert weavelet("top", "--once", env=blocker_env(tmp_path, "textual")).returncode == 0
+
+
+def test_wait_into_a_reader_that_goes_away_is_no_error(store: str, cli_env: dict[str, str]) -> None:
+    """``weavelet set RUN ... --wait S | head -1``: the reader leaves after the first line, the outcome lines that
+    follow meet a closed pipe inside the wait's task group, and the command still ends quietly with 0."""
+    _answer(store, "p", result="applied", step=7, message="applied lr", detail={"optimizer": {"name": "sgd"}})
+    process = subprocess.Popen(
+        [console_script(), "set", "p", "lr=0.1", "--wait", "30"],
+        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.readline() == "p: revision 1 stored (lr=0.1)\n"
+    process.stdout.close()  # like head -1
+    _, error = process.communicate(timeout=60)
+    assert process.returncode == 0, error
+    assert error == ""

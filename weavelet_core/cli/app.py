@@ -12,6 +12,9 @@ from typing import Any, TextIO
 
 import anyio
 
+if sys.version_info < (3, 11):  # pragma: no cover - a builtin from 3.11 on; anyio brings the backport
+    from exceptiongroup import BaseExceptionGroup
+
 from weavelet_core.cli import housekeeping, keys, meta, read, top, write
 from weavelet_core.cli.common import (
     DEBUG_ENV,
@@ -173,7 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
 
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        except BaseExceptionGroup as group:  # a task group's: its one error, when it had only one
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], (BrokenPipeError, KeyboardInterrupt)):
+                raise group.exceptions[0] from None
+            raise
     except KeyboardInterrupt:
         return fail("interrupted", "KeyboardInterrupt", EXIT_INTERRUPTED)
     except BrokenPipeError:

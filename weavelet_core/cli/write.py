@@ -283,7 +283,7 @@ async def check_before_writing(
             if not status.live
             else "a stale status"
             if is_stale(status, None, time.time())
-            else "a schema that could not be read"
+            else "a schema that is not stored or not readable"
             if status.schema_digest
             else "a trainer that publishes no schema"
         )
