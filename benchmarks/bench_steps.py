@@ -12,7 +12,8 @@ waiting, status reports an hour apart so that none falls in the count):
 
 - **the step hook**: inside a Lightning fit, at step 20, ``N`` calls of ``WeaveletCallback.on_train_batch_end``
   with the fit's real trainer (its boundary check reset before each call, so that each is a new step), beside
-  ``N`` calls of an empty function with the same arguments;
+  ``N`` calls of an empty function with the same arguments, and of one that only reads ``trainer.global_step``
+  (which the hook must read to find step boundaries: a chain of Lightning properties);
 - **poll**: inside a plain loop under :func:`weavelet_torch.attach`, ``N`` calls of ``live.poll(step, loss=loss)``
   (a new step each), beside ``N`` calls of an empty function of the same signature;
 - **whole fits** (``--fits``, slower): a Lightning fit of ``N`` steps with no callback and with an empty
@@ -41,7 +42,7 @@ WARMUP = 20
 """Steps before counting starts (the first steps allocate the optimizer's state and fill caches)."""
 HOOK_TARGET = 3_000
 POLL_TARGET = 1_500
-KINDS = ("hook-empty", "hook-weavelet", "poll-empty", "poll-weavelet")
+KINDS = ("hook-empty", "hook-global-step", "hook-weavelet", "poll-empty", "poll-weavelet")
 FIT_KINDS = ("fit-none", "fit-empty")
 
 
@@ -63,6 +64,11 @@ def _pause(word: str) -> None:
 
 def _empty(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _global_step(trainer: Any, *args: Any) -> None:
+    """What the step hook must read first, whatever else it does: Lightning's ``trainer.global_step``."""
+    trainer.global_step  # noqa: B018
 
 
 def child(kind: str, count: int, root: str) -> None:
@@ -110,7 +116,8 @@ def _lightning(kind: str, count: int, steps: int, x: Any, y: Any, store: str, ro
                     _pause("off")
             elif step == WARMUP:
                 callback = callbacks[0]
-                hook = callback.on_train_batch_end if kind == "hook-weavelet" else _empty
+                hooks = {"hook-weavelet": callback.on_train_batch_end, "hook-global-step": _global_step}
+                hook = hooks.get(kind, _empty)
                 trainer = self.trainer
                 _pause("on")
                 for _ in range(count):
@@ -225,9 +232,13 @@ def main(argv: list[str]) -> int:
     print(f"instructions per call (callgrind, {args.calls:,} vs {2 * args.calls:,} calls, training thread)")
     print(f"{'WHAT':<52} {'PER CALL':>10}  TARGET")
     print(f"{'baseline: an empty function, Lightning hook arguments':<52} {figures['hook-empty']:>10,.0f}")
+    print(f"{'a function reading trainer.global_step':<52} {figures['hook-global-step']:>10,.0f}")
     print(f"{'WeaveletCallback.on_train_batch_end, nothing waiting':<52} {figures['hook-weavelet']:>10,.0f}")
     verdict = "met" if hook <= HOOK_TARGET else "MISSED"
     print(f"{'  the step hook over the empty function':<52} {hook:>+10,.0f}  <= {HOOK_TARGET:,}: {verdict}")
+    lightning = figures["hook-global-step"] - figures["hook-empty"]
+    print(f"{'    of which Lightning computing global_step':<52} {lightning:>+10,.0f}")
+    print(f"{'    the rest: weavelet own work':<52} {hook - lightning:>+10,.0f}")
     print(f"{'baseline: an empty function, poll(step, loss=loss)':<52} {figures['poll-empty']:>10,.0f}")
     print(f"{'live.poll(step, loss=loss), nothing waiting':<52} {figures['poll-weavelet']:>10,.0f}")
     verdict = "met" if poll <= POLL_TARGET else "MISSED"
