@@ -175,3 +175,20 @@ def test_trainer_death_ends_the_sidecar_within_a_second_even_when_a_forked_child
             popen.stdout.close()
         if child:
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_removed_run_gets_its_schema_stored_again_at_the_next_keepalive(
+    make: Callable[..., WeaveletProcess], weaver: Weaver, run: str
+) -> None:
+    """The schema is stored apart from the status only when it changes; after ``weavelet rm --force`` of the live
+    run the sidecar finds its status gone and stores the schema again, so ``weavelet set`` can check changes."""
+    schema = {"version": 1, "commands": ["stop"], "optimizers": []}
+    process = make(heartbeat_interval=0.3, status_interval=0.05)
+    process.start(timeout=WAIT)
+    process.report(step=3, schema=schema)
+    assert status_with(weaver, run, lambda s: s.schema == schema, WAIT) is not None
+    weaver.delete(run)
+    status = status_with(weaver, run, lambda s: s.schema is not None, WAIT)
+    assert status is not None, "the schema was not stored again after the run was removed"
+    assert status.schema == schema
+    assert status.schema_digest

@@ -702,6 +702,10 @@ class Sidecar:
     async def _check_owner(self, transport: Transport) -> None:
         """Raise ``RunOwned`` if a newer live incarnation publishes this run's status (it took the run over)."""
         current = await transport.status(self.run_id)
+        if current is None or (
+            current.incarnation == self.config.incarnation and current.schema_digest != self._statuses.stored_digest
+        ):
+            self._statuses.stored_digest = None  # the run was removed (weavelet rm): store the schema again
         if (
             current is None
             or not current.incarnation
