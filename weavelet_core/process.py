@@ -703,7 +703,7 @@ class StepGate:
         self.report_at = 0.0
 
     def idle(self) -> bool:
-        """Whether nothing is to be done at this step (the integrations inline this check)."""
+        """Whether nothing is to be done at this step."""
         return bool(self.version.value == self.seen and time.monotonic() < self.report_at)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, overload
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from weavelet_core.errors import RunOwned
 from weavelet_core.plugins import get_registry
@@ -17,7 +16,7 @@ from weavelet_core.schema import check_optimizer_names
 from weavelet_lightning import _compat
 from weavelet_lightning.host import LightningHost
 from weavelet_lightning.restore import LightningRestorer
-from weavelet_torch.applier import Applier, F, Validator, Verdict
+from weavelet_torch.applier import Applier, OwnKeys, Verdict
 from weavelet_torch.attach import KEPT_VERDICTS
 from weavelet_torch.guard import SpikeGuard
 from weavelet_torch.link import RUN_ENV, Link
@@ -30,10 +29,9 @@ else:
     _CallbackBase = _compat.callback_base()
 
 log = logging.getLogger("weavelet_lightning")
-_monotonic = time.monotonic
 
 
-class WeaveletCallback(_CallbackBase):
+class WeaveletCallback(_CallbackBase, OwnKeys):
     """Makes a Lightning fit remotely reconfigurable through its weavelet.
 
     ::
@@ -166,20 +164,6 @@ class WeaveletCallback(_CallbackBase):
         """The :class:`~weavelet_core.WeaveletProcess` of the current fit (rank 0 only), or ``None``."""
         return self.link.process if self.link is not None else None
 
-    @overload
-    def on(self, key: str, handler: None = None, *, validate: Validator | None = None) -> Callable[[F], F]: ...
-
-    @overload
-    def on(self, key: str, handler: F, *, validate: Validator | None = None) -> F: ...
-
-    def on(self, key: str, handler: F | None = None, *, validate: Validator | None = None) -> Any:
-        """Register ``handler(value)`` for a key of your own, e.g. ``@callback.on("grad_clip_val")``.
-
-        It runs (on every rank) when a revision changes the key; raising rejects the revision. ``validate``
-        runs before anything is applied. See :meth:`weavelet_torch.Applier.on`.
-        """
-        return self.applier.on(key, handler, validate=validate)
-
     @property
     def state_key(self) -> str:
         # The usual callback keeps the key its checkpoints have always had; others are named by what they steer,
@@ -303,7 +287,7 @@ class WeaveletCallback(_CallbackBase):
             return
         self._last_step = step
         gate = self._gate
-        if gate is not None and gate.version.value == gate.seen and _monotonic() < gate.report_at:
+        if gate is not None and gate.idle():
             return  # no revision arrived, no report due: all the full path below would find (see StepGate)
         if step % self.check_every_n_steps == 0:
             self._check(trainer)

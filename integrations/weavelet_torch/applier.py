@@ -1409,3 +1409,24 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return "unset" if value is None else str(value)
+
+
+class OwnKeys:
+    """``on()`` for the integrations (:class:`~weavelet_torch.Attachment`, the Lightning and Trainer callbacks):
+    keys of your own, registered on their :class:`Applier` (``self.applier``)."""
+
+    applier: Applier
+
+    @overload
+    def on(self, key: str, handler: None = None, *, validate: Validator | None = None) -> Callable[[F], F]: ...
+
+    @overload
+    def on(self, key: str, handler: F, *, validate: Validator | None = None) -> F: ...
+
+    def on(self, key: str, handler: F | None = None, *, validate: Validator | None = None) -> Any:
+        """Register ``handler(value)`` for a key of your own, e.g. ``@live.on("grad_clip_val")``.
+
+        It runs (on every rank) when a revision changes the key; raising rejects the revision. ``validate`` runs
+        before anything is applied. See :meth:`Applier.on`.
+        """
+        return self.applier.on(key, handler, validate=validate)

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any, overload
+from typing import Any
 
 import torch
 
@@ -41,7 +41,7 @@ from weavelet_core.errors import RunOwned
 from weavelet_core.process import StepGate
 from weavelet_core.schema import check_optimizer_names
 from weavelet_torch import wrappers
-from weavelet_torch.applier import Applier, F, Validator, Verdict
+from weavelet_torch.applier import Applier, OwnKeys, Verdict
 from weavelet_torch.collective import Collective
 from weavelet_torch.errors import Rejected
 from weavelet_torch.guard import SpikeGuard
@@ -59,8 +59,6 @@ AUTO_CHECK_SECONDS = 0.1
 
 MAX_AUTO_INTERVAL = 1000
 """With ``check_every=None`` under ``torch.distributed``: at most this many steps between two checks."""
-
-_monotonic = time.monotonic
 
 KEPT_VERDICTS = 64
 """How many verdicts :attr:`Attachment.verdicts` keeps (memory stays flat however many revisions arrive)."""
@@ -253,7 +251,7 @@ class _NoRollback(Restorer):
         raise Rejected(self.reason)
 
 
-class Attachment:
+class Attachment(OwnKeys):
     """A plain loop's live link to its weavelet; build it with :func:`attach`.
 
     Use it as a context manager (or call :meth:`start` and :meth:`close`): the weavelet sidecar runs while
@@ -385,16 +383,6 @@ class Attachment:
         """The :class:`~weavelet_core.WeaveletProcess`, once started."""
         return self.link.process
 
-    @overload
-    def on(self, key: str, handler: None = None, *, validate: Validator | None = None) -> Callable[[F], F]: ...
-
-    @overload
-    def on(self, key: str, handler: F, *, validate: Validator | None = None) -> F: ...
-
-    def on(self, key: str, handler: F | None = None, *, validate: Validator | None = None) -> Any:
-        """Register a handler for a key of your own; see :meth:`weavelet_torch.Applier.on`."""
-        return self.applier.on(key, handler, validate=validate)
-
     @property
     def is_leader(self) -> bool:
         """Whether this process runs the weavelet sidecar: true single-process and on global rank 0."""
@@ -470,7 +458,7 @@ class Attachment:
         between ranks rank 0's verdict says so (``detail["ranks_agree"] = False``, and an error is logged).
         """
         gate = self._gate
-        if gate is not None and gate.version.value == gate.seen and _monotonic() < gate.report_at:
+        if gate is not None and gate.idle():
             self._step = step
             return None  # no revision arrived, no report due: all the full path below would find (see StepGate)
         if self.host.accumulating():  # accelerate inside a gradient-accumulation window: not a step boundary

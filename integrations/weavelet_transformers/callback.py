@@ -10,13 +10,13 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any
 
 from weavelet_core.errors import RunOwned
 from weavelet_core.plugins import get_registry
 from weavelet_core.protocol import validate_run_id
 from weavelet_torch import wrappers
-from weavelet_torch.applier import Applier, F, Validator, Verdict
+from weavelet_torch.applier import Applier, OwnKeys, Verdict
 from weavelet_torch.attach import KEPT_VERDICTS
 from weavelet_torch.collective import Collective
 from weavelet_torch.errors import Rejected
@@ -40,7 +40,7 @@ _FRAMES = 12
 """How many calling frames the callback looks through for the Trainer that calls it."""
 
 
-class WeaveletCallback(_CallbackBase):
+class WeaveletCallback(_CallbackBase, OwnKeys):
     """Makes a Hugging Face ``Trainer`` remotely reconfigurable through its weavelet.
 
     ::
@@ -159,20 +159,6 @@ class WeaveletCallback(_CallbackBase):
     def trainer(self) -> Any:
         """The Trainer this callback is bound to (see :meth:`bind`), or ``None``."""
         return self.host.trainer
-
-    @overload
-    def on(self, key: str, handler: None = None, *, validate: Validator | None = None) -> Callable[[F], F]: ...
-
-    @overload
-    def on(self, key: str, handler: F, *, validate: Validator | None = None) -> F: ...
-
-    def on(self, key: str, handler: F | None = None, *, validate: Validator | None = None) -> Any:
-        """Register ``handler(value)`` for a key of your own, e.g. ``@callback.on("max_grad_norm")``.
-
-        It runs (on every rank) when a revision changes the key; raising rejects the revision. ``validate`` runs
-        before anything is applied. See :meth:`weavelet_torch.Applier.on`.
-        """
-        return self.applier.on(key, handler, validate=validate)
 
     def bind(self, trainer: Any) -> None:
         """Tie this callback to ``trainer`` (done by itself when the Trainer is built with it).

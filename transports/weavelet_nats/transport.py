@@ -1026,6 +1026,17 @@ class NatsTransport(Transport):
             return None
         return await self._read_bucket(role, state)
 
+    async def _scan_for(self, role: str, count: int, action: str) -> dict[str, _Newest] | None:
+        """:meth:`_bucket_for` inside :meth:`_mapped` (``action`` names the read in errors), or ``None`` also for a
+        user who may not read the whole bucket: the caller then reads key by key."""
+        self._kv(role)
+        try:
+            with self._mapped(action, role):
+                return await self._bucket_for(role, count)
+        except PermissionDenied as exc:
+            log.debug("NATS %s: %s key by key: %s", self.settings.display, action, exc)
+            return None
+
     async def statuses(self, runs: Sequence[str]) -> dict[str, Status | None]:
         """The latest status of each of ``runs`` (``None`` for one without, or one that cannot be read: it is
         logged), keyed and ordered like ``runs``.
@@ -1035,13 +1046,7 @@ class NatsTransport(Transport):
         are read key by key, concurrently. Raises ``TransportUnavailable`` like :meth:`status`.
         """
         keys = {run: run_key(run) for run in runs}
-        self._kv("status")
-        try:
-            with self._mapped(f"read the statuses of {len(keys)} runs", "status"):
-                scan = await self._bucket_for("status", len(keys))
-        except PermissionDenied as exc:
-            log.debug("NATS %s: reading the statuses key by key: %s", self.settings.display, exc)
-            scan = None
+        scan = await self._scan_for("status", len(keys), f"read the statuses of {len(keys)} runs")
         if scan is None:
             return await gather_by_run(runs, self.status)
         found: dict[str, Status | None] = {}
@@ -1062,13 +1067,7 @@ class NatsTransport(Transport):
         entry whose JSON shows no revision number is numbered from its key's history, read for it alone.
         """
         keys = {run: run_key(run) for run in runs}
-        self._kv("desired")
-        try:
-            with self._mapped(f"read the newest revisions of {len(keys)} runs", "desired"):
-                scan = await self._bucket_for("desired", len(keys))
-        except PermissionDenied as exc:
-            log.debug("NATS %s: reading the newest revisions key by key: %s", self.settings.display, exc)
-            scan = None
+        scan = await self._scan_for("desired", len(keys), f"read the newest revisions of {len(keys)} runs")
         if scan is None:
             return await super().latests(runs)
         found: dict[str, Entry | None] = {}
