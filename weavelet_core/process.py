@@ -688,7 +688,9 @@ class StepGate:
     """What a training loop reads at every optimizer-step boundary to learn, in a few hundred instructions and
     without a call, that there is nothing to do: no revision arrived (``version.value == seen``) and no status
     report is due (``time.monotonic() < report_at``). Then it may skip :meth:`WeaveletProcess.poll` and
-    :meth:`WeaveletProcess.report_due`, which would answer ``None`` and ``False``.
+    :meth:`WeaveletProcess.report_due`, which would answer ``None`` and ``False``. The step hooks read the three
+    fields inline (``gate.version.value == gate.seen and time.monotonic() < gate.report_at``): a method call would
+    cost about as much again as the check itself (``benchmarks/bench_steps.py``).
 
     Kept current by its :class:`WeaveletProcess` (``version`` is the shared counter of the running sidecar's
     channel, swapped when the sidecar restarts; ``seen`` the revisions the trainer has taken; ``report_at`` the
@@ -701,10 +703,6 @@ class StepGate:
         self.version: Any = _Counter()
         self.seen = 0
         self.report_at = 0.0
-
-    def idle(self) -> bool:
-        """Whether nothing is to be done at this step."""
-        return bool(self.version.value == self.seen and time.monotonic() < self.report_at)
 
 
 def describe_error(error: BaseException | str) -> str:
