@@ -156,6 +156,69 @@ def test_applies_only_at_the_end_of_an_accumulation_window(tmp_path: Path, url: 
     assert int(fit.optimizers[0].state[next(model.parameters())]["step"]) == 20 - verdict.step
 
 
+class ReplaceStepCounter(pl.Callback):
+    """At ``at``, gives Lightning's optimizer-step counter a new object (as a loop's reset or a restore could):
+    the one the step hook read at the fit's start stops advancing."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.at:
+            step = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+            fresh = type(step.total)()
+            fresh.load_state_dict(step.total.state_dict())
+            step.total = fresh
+
+
+def test_a_replaced_step_counter_is_noticed_and_changes_still_land(tmp_path: Path, url: str, weaver: Weaver) -> None:
+    run = "new-counter"
+    wc = WeaveletCallback(run, url)
+    driver = Driver(weaver, run, {8: {"lr": 0.05}, 14: {"stop": True}}, wc)
+    fit = trainer([ReplaceStepCounter(at=4), wc, driver], tmp_path, max_steps=200)
+    fit.fit(DemoModel(), make_loader(make_data(4096)))
+
+    assert [v.result for v in wc.verdicts] == ["applied", "applied"], "a change sent after the new counter was lost"
+    lr, stop = wc.verdicts
+    # Each landed at the step Lightning counted: one optimizer step per batch here.
+    assert lr.step == driver.applied_at_batch[lr.revision] + 1
+    assert stop.step == driver.applied_at_batch[stop.revision] + 1 == fit.global_step
+    status = weaver.status(run)
+    assert status is not None
+    assert status.step == fit.global_step
+
+
+def test_applies_at_the_steps_lightning_counts_under_manual_optimization(
+    tmp_path: Path, url: str, weaver: Weaver
+) -> None:
+    class TwoStepsABatch(DemoModel):
+        """Manual optimization, stepping the optimizer twice a batch: global_step advances by 2."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            optimizer = self.optimizers()
+            for _ in range(2):
+                loss = super().training_step(batch, batch_idx)
+                optimizer.zero_grad()  # type: ignore[union-attr]
+                self.manual_backward(loss)
+                optimizer.step()  # type: ignore[union-attr]
+            return loss
+
+    run = "manual-steps"
+    wc = WeaveletCallback(run, url)
+    driver = Driver(weaver, run, {6: {"optimizer": "adam"}}, wc)
+    fit = trainer([wc, driver], tmp_path, max_steps=40)
+    fit.fit(TwoStepsABatch(), make_loader(make_data(4096)))
+
+    (swap,) = wc.verdicts
+    assert swap.result == "applied"
+    assert swap.step == 2 * (driver.applied_at_batch[swap.revision] + 1)
+    assert fit.global_step == 40
+
+
 def test_scheduler_follows_the_new_optimizer(tmp_path: Path, url: str, weaver: Weaver) -> None:
     run = "with-scheduler"
     wc = WeaveletCallback(run, url)

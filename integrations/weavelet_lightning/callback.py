@@ -151,6 +151,7 @@ class WeaveletCallback(_CallbackBase, OwnKeys):
         self.verdicts: collections.deque[Verdict] = collections.deque(maxlen=KEPT_VERDICTS)
         self._restore_pending = False
         self._last_step = -1
+        self._steps: Any = None  # Lightning's optimizer-step counter, read directly at each step (see _compat)
         self._gate: StepGate | None = None  # set once the sidecar runs, where the step hook may take the fast path
         self._active = False
 
@@ -276,6 +277,7 @@ class WeaveletCallback(_CallbackBase, OwnKeys):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # Optimizer state is restored by now: reconcile with the newest desired revision before the first step.
         self._last_step = trainer.global_step
+        self._steps = _compat.step_counter(trainer)
         self._check(trainer)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -284,9 +286,12 @@ class WeaveletCallback(_CallbackBase, OwnKeys):
         # step ran, so a batch inside a gradient-accumulation window (no step yet) is skipped, and the last,
         # shorter window of an epoch is caught. on_before_optimizer_step would be too early: gradients not yet
         # applied and the scaler not yet updated.
-        step = trainer.global_step
+        steps = self._steps
+        step = steps.completed if steps is not None else trainer.global_step
         if step == self._last_step:
-            return
+            if steps is None or step == trainer.global_step:
+                return
+            step = self._stale_counter(trainer)  # the counter stopped following Lightning's: read it as Lightning does
         self._last_step = step
         gate = self._gate
         if gate is not None and gate.version.value == gate.seen and _monotonic() < gate.report_at:
@@ -334,10 +339,20 @@ class WeaveletCallback(_CallbackBase, OwnKeys):
             self.link.settle(verdict, self.applier)
         self.applier.rewrite = None  # rank 0's link wrote it; the other ranks have nothing to write
 
+    def _stale_counter(self, trainer: Any) -> int:
+        """Stop reading the counter found at the fit's start (it no longer holds ``trainer.global_step``: the
+        module switched ``automatic_optimization``, or the loop's progress was replaced); return the global step."""
+        self._steps = None
+        log.debug("weavelet: the step hook reads trainer.global_step from now on (its progress counter went stale)")
+        return int(trainer.global_step)
+
     def _report(self, trainer: Any, *, outputs: Any = None, force: bool = False) -> None:
         link = self.link
         if link is None:
             return
+        steps = self._steps
+        if steps is not None and steps.completed != trainer.global_step:
+            self._stale_counter(trainer)
         metrics: dict[str, Any] = dict(trainer.callback_metrics)
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if loss is not None and hasattr(loss, "numel") and "loss" not in metrics:
