@@ -28,7 +28,12 @@ WAIT = 15.0
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A ``file://`` store; ``nats`` or ``redis`` through indirect parametrization: the session's server (a
+    transport that versions statuses, so the sidecar's keepalive writes conditionally instead of reading first)."""
+    kind = getattr(request, "param", "file")
+    if kind in ("nats", "redis"):
+        return str(request.getfixturevalue(f"weavelet_{kind}_url"))
     return (tmp_path / "store").as_uri()
 
 
@@ -177,6 +182,7 @@ def test_trainer_death_ends_the_sidecar_within_a_second_even_when_a_forked_child
             os.kill(child, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("url", ["file", "nats", "redis"], indirect=True)
 def test_a_removed_run_gets_its_schema_stored_again_at_the_next_keepalive(
     make: Callable[..., WeaveletProcess], weaver: Weaver, run: str
 ) -> None:
@@ -192,3 +198,4 @@ def test_a_removed_run_gets_its_schema_stored_again_at_the_next_keepalive(
     assert status is not None, "the schema was not stored again after the run was removed"
     assert status.schema == schema
     assert status.schema_digest
+    assert run in weaver.runs(), "the live run was not listed again after its removal"

@@ -50,6 +50,7 @@ class _Run:
     status: Status | None = None
     unreadable_status: bool = False  # a status stored raw that does not decode (put_raw_status): read as none
     schema: bytes | None = None  # stored apart from the status (publish_schema)
+    status_version: int = 0  # the store's count of status writes when this run's status was last written
     outcomes: dict[tuple[int, str], Outcome] = dataclasses.field(default_factory=dict)
 
 
@@ -57,6 +58,7 @@ class _Store:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.runs: dict[str, _Run] = {}
+        self.status_writes = 0  # every run's status writes, counted: a status's version (replace_status)
         self.waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
     def notify(self) -> None:
@@ -179,8 +181,25 @@ class MemoryTransport(Transport):
         self._check_open()
         encode(status)
         with self._store.lock:
-            state = self._store.runs.setdefault(status.run, _Run())
-            state.status, state.unreadable_status = status, False
+            self._store_status(status.run, status)
+
+    def _store_status(self, run: str, status: Status | None) -> int:
+        """Store ``status`` (None: an unreadable one) as the run's; return its version. Hold the store's lock."""
+        state = self._store.runs.setdefault(run, _Run())
+        self._store.status_writes += 1
+        state.status, state.unreadable_status = status, status is None
+        state.status_version = self._store.status_writes
+        return state.status_version
+
+    async def replace_status(self, status: Status, expected: int | None) -> int | None:
+        """Store ``status`` while the stored one is version ``expected`` (see :meth:`Transport.replace_status`)."""
+        self._check_open()
+        encode(status)
+        with self._store.lock:
+            state = self._store.runs.get(status.run)
+            if expected is not None and (state is None or state.status_version != expected):
+                return None
+            return self._store_status(status.run, status)
 
     async def put_raw_status(self, run: str, data: bytes) -> None:
         """Store ``data`` as the status of ``run``, without any check (for tests of unreadable statuses: ``data``
@@ -194,8 +213,7 @@ class MemoryTransport(Transport):
         if status is not None and status.run != run:
             status = None
         with self._store.lock:
-            state = self._store.runs.setdefault(run, _Run())
-            state.status, state.unreadable_status = status, status is None
+            self._store_status(run, status)
 
     async def publish_schema(self, run: str, data: bytes) -> None:
         """Store the run's schema apart from its status (see :meth:`Transport.publish_schema`)."""

@@ -20,7 +20,8 @@ It runs :func:`main` in a ``spawn``-started process and never imports torch or L
   ``status_interval`` and says so on the channel) and, unchanged, as a keepalive every ``heartbeat_interval``
   seconds (the status's ``keepalive``, default 5 s); before each, checks that the run is still its own: a
   newer live incarnation (one that took over) ends this one's remote control without overwriting the new
-  owner's status;
+  owner's status. Where the transport versions statuses (``Transport.replace_status``), a status stored only
+  while nobody wrote since this sidecar's last one needs no check; the check reads the status otherwise;
 - exits by itself within a second when the trainer dies, publishing a ``failed`` status that says so when the
   transport allows. It waits, without any timer, on a pidfd of the trainer (``os.pidfd_open``: readable when
   the trainer exits, even if a process it forked keeps the parent sentinel's pipe open) and on the
@@ -693,8 +694,10 @@ class Sidecar:
             status = self._status("running")
             content = {**to_dict(status), "heartbeat": None}
             if content != published or time.monotonic() >= next_keepalive:
-                await self._check_owner(transport)
-                await self._statuses.publish(transport, status)
+                # Nobody wrote the status since this sidecar did: no takeover to look for (one round trip).
+                if not await self._statuses.publish_unless_replaced(transport, status):
+                    await self._check_owner(transport)
+                    await self._statuses.publish(transport, status)
                 published, next_keepalive = content, time.monotonic() + keepalive
             with anyio.move_on_after(max(0.0, next_keepalive - time.monotonic())):
                 await self._kick.wait()

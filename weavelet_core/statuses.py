@@ -16,6 +16,11 @@ is read only to check a change before writing it. So, on a transport that can (o
 
 A transport without :meth:`~weavelet_core.Transport.publish_schema`, or a trainer that may not write there (a
 permission denied), keeps the schema inline in its status, as before; readers handle either.
+
+On a transport that versions statuses (:meth:`~weavelet_core.Transport.replace_status`), the publisher keeps the
+version of the status it stored last, and :meth:`StatusPublisher.publish_unless_replaced` stores the next one
+only while that is still the stored one: a sidecar then needs no read before its keepalive to know that nobody
+(a newer incarnation, a removal) wrote since.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import logging
 
 from weavelet_core.errors import PermissionDenied, ProtocolError
 from weavelet_core.protocol import Status, decode_schema, encode_schema, schema_digest
-from weavelet_core.transport import SchemaApartUnsupported, Transport
+from weavelet_core.transport import SchemaApartUnsupported, StatusVersionsUnsupported, Transport
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,28 @@ class StatusPublisher:
         """Digest of the schema this publisher last stored apart (``None``: none yet)."""
         self.inline = False
         """Whether schemas go inline in the status: the transport cannot store them apart, or this writer may not."""
+        self.version: int | None = None
+        """Version of the status this publisher stored last, where the transport versions statuses (else None)."""
+        self._versioned = True  # until the transport says it does not version statuses
+
+    async def publish_unless_replaced(self, transport: Transport, status: Status) -> bool:
+        """Publish ``status`` only if the stored status is still the one this publisher stored last; return
+        whether it did, in one round trip (:meth:`~weavelet_core.Transport.replace_status`).
+
+        Returns False, storing nothing, when the stored status changed since (another writer, a removal), or
+        when that cannot be known in one step: nothing stored yet, a transport that does not version statuses, a
+        schema that changed (it goes apart first, which must wait until the caller has checked who owns the run).
+        The caller then checks what is stored and calls :meth:`publish`. Raises what :meth:`publish` raises.
+        """
+        if self.version is None or not self._versioned:
+            return False
+        if status.schema is not None and not self.inline:
+            digest = schema_digest(encode_schema(status.schema))
+            if digest != self.stored_digest:
+                return False
+            status = dataclasses.replace(status, schema=None, schema_digest=digest)
+        self.version = await transport.replace_status(status, self.version)
+        return self.version is not None
 
     async def publish(self, transport: Transport, status: Status) -> None:
         """Publish ``status``; its schema, if any, goes apart (first, when new) unless :attr:`inline`.
@@ -55,7 +82,7 @@ class StatusPublisher:
         :raises ProtocolError: for a schema that does not encode (see :func:`~weavelet_core.protocol.encode_schema`).
         """
         if status.schema is None or self.inline:
-            await transport.publish_status(status)
+            await self._store(transport, status)
             return
         data = encode_schema(status.schema)
         digest = schema_digest(data)
@@ -73,10 +100,21 @@ class StatusPublisher:
                     exc,
                 )
             if self.inline:
-                await transport.publish_status(status)
+                await self._store(transport, status)
                 return
             self.stored_digest = digest
-        await transport.publish_status(dataclasses.replace(status, schema=None, schema_digest=digest))
+        await self._store(transport, dataclasses.replace(status, schema=None, schema_digest=digest))
+
+    async def _store(self, transport: Transport, status: Status) -> None:
+        """Store ``status`` whatever is stored, keeping its version where the transport versions statuses."""
+        self.version = None
+        if self._versioned:
+            try:
+                self.version = await transport.replace_status(status, None)
+                return
+            except StatusVersionsUnsupported:
+                self._versioned = False
+        await transport.publish_status(status)
 
 
 async def read_status(transport: Transport, run: str) -> Status | None:

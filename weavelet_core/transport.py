@@ -67,6 +67,11 @@ class SchemaApartUnsupported(TransportError, NotImplementedError):
     :meth:`Transport.publish_schema`): the status carries the schema inline."""
 
 
+class StatusVersionsUnsupported(TransportError, NotImplementedError):
+    """The transport cannot store a status conditionally (its plugin does not implement
+    :meth:`Transport.replace_status`): a sidecar reads the status before each one it publishes."""
+
+
 @contextlib.contextmanager
 def decoding_many() -> Iterator[None]:
     """Pause Python's cyclic garbage collector while a batched read decodes many messages that it keeps.
@@ -252,6 +257,27 @@ class Transport(abc.ABC):
         the schema in :meth:`delete`.
         """
         raise SchemaApartUnsupported(f"the {type(self).__name__} transport stores a run's schema in its status")
+
+    async def replace_status(self, status: Status, expected: int | None) -> int | None:
+        """Store ``status`` as the run's latest status while the stored one is still version ``expected``; return
+        the new version, or ``None``, storing nothing, when it is not.
+
+        ``expected`` is a version an earlier call returned for the same run (``None``: store whatever is stored,
+        as :meth:`publish_status` does). Versions are integers the store assigns, valid for one run; a status
+        another writer stored since, or the run's removal, changes it. A sidecar checks that no newer incarnation
+        took its run over before each status it publishes (its keepalive: every 5 s): where nothing was written
+        since its own last status, this is one round trip instead of a read and a write.
+
+        Optional. The default raises :class:`StatusVersionsUnsupported`, and the sidecar reads the status before
+        each publish instead. Raises what :meth:`publish_status` raises.
+
+        Example (``t`` a connected transport)::
+
+            version = await t.replace_status(Status(run="r", state="running", step=1), None)
+            assert await t.replace_status(Status(run="r", state="running", step=2), version) is not None
+            assert await t.replace_status(Status(run="r", state="running", step=3), version) is None  # stale
+        """
+        raise StatusVersionsUnsupported(f"the {type(self).__name__} transport does not version statuses")
 
     async def read_schema(self, run: str) -> bytes | None:
         """The bytes :meth:`publish_schema` stored for ``run``, or ``None`` when there are none. Optional; the

@@ -24,7 +24,12 @@ def store(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def url(store: Path) -> str:
+def url(request: pytest.FixtureRequest, store: Path) -> str:
+    """A ``file://`` store; ``nats`` or ``redis`` through indirect parametrization: the session's server (a
+    transport that versions statuses, so the sidecar's keepalive writes conditionally instead of reading first)."""
+    kind = getattr(request, "param", "file")
+    if kind in ("nats", "redis"):
+        return str(request.getfixturevalue(f"weavelet_{kind}_url"))
     return store.as_uri()
 
 

@@ -130,6 +130,7 @@ def test_a_second_trainer_on_a_live_run_is_refused_naming_the_owner(make: Make, 
     assert owner.connected
 
 
+@pytest.mark.parametrize("url", ["file", "nats"], indirect=True)
 def test_takeover_moves_control_and_the_old_owner_steps_down(make: Make, weaver: Weaver, run: str) -> None:
     owner = make()
     owner.start(timeout=WAIT)
@@ -147,6 +148,7 @@ def test_takeover_moves_control_and_the_old_owner_steps_down(make: Make, weaver:
     assert status.state == "running"
 
 
+@pytest.mark.parametrize("url", ["file", "nats"], indirect=True)
 def test_a_stale_owner_is_taken_over_with_a_warning(
     make: Make, weaver: Weaver, run: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1112,12 +1112,23 @@ class NatsTransport(Transport):
 
     # -- status and outcomes -----------------------------------------------------------------------------
     async def publish_status(self, status: Status) -> None:
+        await self.replace_status(status, None)
+
+    async def replace_status(self, status: Status, expected: int | None) -> int | None:
+        """Store ``status`` while the key's last sequence is ``expected`` (a KV update with
+        ``Nats-Expected-Last-Subject-Sequence``): the version is the key's stream sequence. A removal leaves a
+        delete marker, a sequence of its own, so it changes the version too."""
         key = run_key(status.run)
         data = encode(status)
         bucket = self._kv("status")
         subject = f"$KV.{self.settings.prefix}-status.{key}"
         with self._mapped(f"publish the status of run {status.run!r}", "status", subject=subject):
-            await bucket.put(key, data)
+            if expected is None:
+                return int(await bucket.put(key, data))
+            try:
+                return int(await bucket.update(key, data, last=expected))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None
 
     async def status(self, run: str) -> Status | None:
         key = run_key(run)

@@ -105,12 +105,17 @@ return found
 """
 
 PUBLISH_STATUS = """
--- Replace a run's latest status and append it to the run's capped status stream.
+-- Replace a run's latest status and append it to the run's capped status stream; the stream entry's id is the
+-- status's version, kept in the hash's 'status_id' field. With ARGV[3] (a version), store nothing and return
+-- false unless the stored status is still that version (a removed run has none).
 -- KEYS: [1] run hash, [2] status stream
--- ARGV: [1] payload, [2] MAXLEN of the status stream
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1])
-return 1
+-- ARGV: [1] payload, [2] MAXLEN of the status stream, [3] the version expected, or '' to store whatever is stored
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'status_id') ~= ARGV[3] then
+  return false
+end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_id', id)
+return id
 """
 
 PUBLISH_OUTCOME = """

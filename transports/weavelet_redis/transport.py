@@ -4,6 +4,7 @@ Key layout (prefix ``weavelet:`` by default, see :class:`weavelet_redis.config.K
 
     weavelet:runs                    set     every run id with a revision or a status
     weavelet:run:RUN                 hash    revision -> newest number, status -> latest status (JSON),
+                                             status_id -> its entry id in the status stream (replace_status),
                                              schema -> what the trainer accepts (JSON; see publish_schema)
     weavelet:run:RUN:revisions       stream  one entry per revision: revision, data (JSON); MAXLEN ~ history
     weavelet:run:RUN:status          stream  every published status: data (JSON); MAXLEN ~ status_history
@@ -111,6 +112,20 @@ def entry_number(fields: dict[bytes, bytes], older: list[Entry]) -> int:
 def _stream_id(entry_id: bytes) -> tuple[int, int]:
     milliseconds, _, sequence = entry_id.partition(b"-")
     return int(milliseconds), int(sequence or b"0")
+
+
+STATUS_SEQUENCE_BITS = 20
+"""A status version is its stream entry's id ``MS-SEQ`` as one integer, ``MS << 20 | SEQ``: a status stream gets
+at most a few entries a millisecond."""
+
+
+def _status_version(entry_id: bytes) -> int:
+    milliseconds, sequence = _stream_id(entry_id)
+    return milliseconds << STATUS_SEQUENCE_BITS | sequence
+
+
+def _status_entry_id(version: int) -> str:
+    return f"{version >> STATUS_SEQUENCE_BITS}-{version & ((1 << STATUS_SEQUENCE_BITS) - 1)}"
 
 
 class RedisTransport(Transport):
@@ -524,18 +539,29 @@ class RedisTransport(Transport):
 
     # -- status and outcomes -----------------------------------------------------------------------------
     async def publish_status(self, status: Status) -> None:
+        await self.replace_status(status, None)
+
+    async def replace_status(self, status: Status, expected: int | None) -> int | None:
+        """Store ``status`` while the run hash's ``status_id`` is ``expected``: the version is the id of the
+        status's entry in the run's status stream (``MS-SEQ``, as ``MS << 20 | SEQ``), which a removal deletes."""
         client = self._redis()
         run = status.run
         data = encode(status)
-        await self._call(
+        stored = await self._call(
             f"publish the status of run {run!r}",
             self._status_script(
                 keys=[self.keys.run(run), self.keys.status_stream(run)],
-                args=[data, self.settings.status_history],
+                args=[data, self.settings.status_history, "" if expected is None else _status_entry_id(expected)],
                 client=client,
             ),
         )
-        await self._index(client, run)
+        if not stored:
+            return None
+        if expected is None:
+            # A write over the version this writer stored before needs no index update: nothing removed the run
+            # since (see delete), and the earlier write listed it.
+            await self._index(client, run)
+        return _status_version(stored)
 
     async def status(self, run: str) -> Status | None:
         validate_run_id(run)
@@ -589,12 +615,16 @@ class RedisTransport(Transport):
         return {run: found[run] for run in runs}
 
     async def delete(self, run: str) -> None:
-        """Remove every key of the run (one ``DEL``: they share the run's hash tag, so one Redis Cluster slot), then
-        its id from the run index (a key of its own, in another slot). A live trainer that publishes its status
-        afterwards lists the run again. Raises ``TransportUnavailable`` or ``PermissionDenied``."""
+        """Remove the run's id from the run index (a key of its own, in another slot), then every key of the run
+        (one ``DEL``: they share the run's hash tag, so one Redis Cluster slot). A live trainer that publishes its
+        status afterwards lists the run again: its next conditional status write (:meth:`replace_status`) is
+        refused once the keys are gone, and the unconditional one after it adds the run to the index. In the other
+        order, a status written between the two would be listed and then unlisted for good. Raises
+        ``TransportUnavailable`` or ``PermissionDenied``."""
         validate_run_id(run)
         client = self._redis()
         keys = self.keys
+        await self._call(f"delete run {run!r} from {keys.runs()}", client.srem(keys.runs(), run))
         await self._call(
             f"delete run {run!r}",
             client.delete(
@@ -606,7 +636,6 @@ class RedisTransport(Transport):
                 keys.outcome_stream(run),
             ),
         )
-        await self._call(f"delete run {run!r} from {keys.runs()}", client.srem(keys.runs(), run))
 
     async def publish_outcome(self, outcome: Outcome) -> None:
         """Store the outcome (one script: see :data:`~weavelet_redis.scripts.PUBLISH_OUTCOME`) and append a notice to

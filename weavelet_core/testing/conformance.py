@@ -21,10 +21,14 @@ transport's own test module knows how to do: override :meth:`TransportConformanc
 implement it (it raises :class:`~weavelet_core.transport.DeleteUnsupported`), and tests of a schema stored apart
 from its status (:meth:`~weavelet_core.Transport.publish_schema`) for one that keeps it inline (it raises
 :class:`~weavelet_core.transport.SchemaApartUnsupported`); a status with its schema inline is tested either way.
+A transport that does not version statuses (:meth:`~weavelet_core.Transport.replace_status` raises
+:class:`~weavelet_core.transport.StatusVersionsUnsupported`) is checked to store nothing when it refuses, and the
+publisher's fallback to reading first is tested either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -38,7 +42,13 @@ from weavelet_core.errors import CorruptEntry, InvalidRunId, RevisionConflict, T
 from weavelet_core.plugins import open_transport
 from weavelet_core.protocol import Outcome, Revision, Status, encode_schema, schema_digest
 from weavelet_core.statuses import StatusPublisher, read_status
-from weavelet_core.transport import DeleteUnsupported, Entry, SchemaApartUnsupported, Transport
+from weavelet_core.transport import (
+    DeleteUnsupported,
+    Entry,
+    SchemaApartUnsupported,
+    StatusVersionsUnsupported,
+    Transport,
+)
 
 WATCH_TIMEOUT = 10.0
 
@@ -560,6 +570,83 @@ class TransportConformance:
         await self._delete(transport, run)
         assert run not in await other.runs()
         assert await other.status(run) is None
+
+    # -- conditional status writes --------------------------------------------------------------------
+    async def _versioned(self, transport: Transport, other: Transport, status: Status) -> int | None:
+        """Store ``status`` and return its version; ``None`` for a transport that does not version statuses, once
+        it is seen to refuse with ``StatusVersionsUnsupported`` and to store nothing (the sidecar then reads
+        before each publish: tested by ``test_a_publisher_stores_unless_replaced_only_over_its_own_last_status``)."""
+        try:
+            version = await transport.replace_status(status, None)
+        except StatusVersionsUnsupported:
+            assert await other.status(status.run) is None, "a refused conditional write stored the status anyway"
+            return None
+        assert isinstance(version, int)
+        return version
+
+    @pytest.mark.anyio
+    async def test_a_status_is_replaced_only_while_it_is_the_version_expected(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        first = await self._versioned(transport, other, Status(run=run, state="running", step=1))
+        if first is None:
+            return
+        second = await transport.replace_status(Status(run=run, state="running", step=2), first)
+        assert second is not None
+        assert second != first
+        stored = await other.status(run)
+        assert stored is not None
+        assert stored.step == 2
+        # The version an earlier write returned is stale once another write landed: nothing is stored.
+        assert await transport.replace_status(Status(run=run, state="running", step=3), first) is None
+        await other.publish_status(Status(run=run, state="running", step=40, incarnation="newer"))
+        assert await transport.replace_status(Status(run=run, state="running", step=4), second) is None
+        kept = await other.status(run)
+        assert kept is not None
+        assert (kept.step, kept.incarnation) == (40, "newer")
+
+    @pytest.mark.anyio
+    async def test_a_status_version_is_one_runs_own(self, transport: Transport, other: Transport, run: str) -> None:
+        version = await self._versioned(transport, other, Status(run=run, state="running", step=1))
+        if version is None:
+            return
+        await other.publish_status(Status(run=f"{run}-other", state="running", step=9))
+        await other.put(_rev(f"{run}-other", 1))
+        assert await transport.replace_status(Status(run=run, state="running", step=2), version) is not None
+
+    @pytest.mark.anyio
+    async def test_a_removed_run_fails_a_conditional_status_write(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        version = await self._versioned(transport, other, Status(run=run, state="running", step=1))
+        if version is None:
+            return
+        await self._delete(other, run)
+        assert await transport.replace_status(Status(run=run, state="running", step=2), version) is None
+        assert await other.status(run) is None
+
+    @pytest.mark.anyio
+    async def test_a_publisher_stores_unless_replaced_only_over_its_own_last_status(
+        self, transport: Transport, other: Transport, run: str
+    ) -> None:
+        """What a sidecar's keepalive relies on, on every transport: a status stored without a check only where
+        the transport versions statuses and nothing was written since; else False, and nothing stored."""
+        publisher = StatusPublisher()
+        status = Status(run=run, state="running", step=1, schema=SCHEMA)
+        assert not await publisher.publish_unless_replaced(transport, status), "nothing stored yet: check first"
+        await publisher.publish(transport, status)
+        versioned = publisher.version is not None
+        assert await publisher.publish_unless_replaced(transport, dataclasses.replace(status, step=2)) is versioned
+        joined = await read_status(other, run)
+        assert joined is not None
+        assert (joined.step, joined.schema) == ((2 if versioned else 1), SCHEMA)
+        changed = dataclasses.replace(status, step=3, schema={**SCHEMA, "commands": []})
+        assert not await publisher.publish_unless_replaced(transport, changed), "a new schema waits for the check"
+        await other.publish_status(Status(run=run, state="running", step=50, incarnation="newer"))
+        assert not await publisher.publish_unless_replaced(transport, dataclasses.replace(status, step=4))
+        kept = await other.status(run)
+        assert kept is not None
+        assert (kept.step, kept.incarnation) == (50, "newer")
 
     # -- a status's schema, stored apart ----------------------------------------------------------------
     async def _publish_schema(self, transport: Transport, run: str, data: bytes) -> None:
