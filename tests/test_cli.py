@@ -183,10 +183,11 @@ def test_set_wait_rejected_exits_1_with_the_reason(capsys: pytest.CaptureFixture
 
 
 def test_set_wait_timeout_exits_3_and_keeps_the_revision(capsys: pytest.CaptureFixture[str], url: str) -> None:
-    code, _, err = invoke(capsys, "--url", url, "set", "w", "lr=0.1", "--wait", "0.2")
+    code, out, err = invoke(capsys, "--url", url, "set", "w", "lr=0.1", "--wait", "0.2")
     assert code == 3
     assert "no outcome for revision 1 of run 'w' within 0.2s" in err
     assert "no trainer has reported for this run yet" in err
+    assert out == "w: revision 1 stored (lr=0.1)\n"  # the timeout is said once, on stderr
     code, out, _ = invoke(capsys, "--url", url, "get", "w", "--json")
     assert json.loads(out)["config"] == {"lr": 0.1}
 

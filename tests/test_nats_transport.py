@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -493,3 +494,70 @@ async def test_tls_with_the_ca_connects_and_without_it_names_tls(
         assert "TLS" in str(info.value)
         assert "tls_ca" in str(info.value)
         await untrusted.aclose()
+
+
+# -- status versions (replace_status) ------------------------------------------------------------------------
+
+
+async def _replace_when_connected(transport: Transport, status: Status, expected: int | None) -> int | None:
+    """``replace_status`` once the transport has reconnected (it raises ``TransportUnavailable`` until then)."""
+    with anyio.fail_after(20):
+        while True:
+            try:
+                return await transport.replace_status(status, expected)
+            except TransportUnavailable:
+                await anyio.sleep(0.1)
+
+
+@pytest.mark.anyio
+async def test_a_status_version_from_before_a_reconnect_is_refused_once(
+    weavelet_nats_server_factory: NatsServerFactory,
+) -> None:
+    server = weavelet_nats_server_factory()
+    transport = open_transport(server.url)
+    await transport.connect()
+    try:
+        version = await transport.replace_status(Status(run="r", state="running", step=1), None)
+        server.stop()
+        server.start()
+        # Refused, storing nothing: the server may have come back without its store (see the next test).
+        assert await _replace_when_connected(transport, Status(run="r", state="running", step=2), version) is None
+        stored = await transport.status("r")
+        assert stored is not None
+        assert stored.step == 1
+        version = await transport.replace_status(Status(run="r", state="running", step=3), None)
+        assert await transport.replace_status(Status(run="r", state="running", step=4), version) is not None
+    finally:
+        await transport.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_server_back_without_its_store_never_lets_an_old_version_overwrite_a_takeover(
+    weavelet_nats_server_factory: NatsServerFactory,
+) -> None:
+    # The store is lost (a volume, unsynced writes): sequences start over, and a newer incarnation's status gets
+    # the very sequence the old writer remembers. Its conditional write must still be refused.
+    server = weavelet_nats_server_factory()
+    old = open_transport(server.url)
+    await old.connect()
+    try:
+        held = await old.replace_status(Status(run="r", state="running", step=1, incarnation="old"), None)
+        assert held is not None
+        server.kill()
+        shutil.rmtree(server.store_dir / "jetstream")
+        server.start()
+        new = open_transport(server.url)
+        await new.connect()
+        try:
+            taken = await new.replace_status(Status(run="r", state="running", step=0, incarnation="new"), None)
+            assert taken is not None
+            assert taken & ((1 << 64) - 1) == held & ((1 << 64) - 1), "the same sequence again: the case at stake"
+            refused = Status(run="r", state="running", step=2, incarnation="old")
+            assert await _replace_when_connected(old, refused, held) is None
+            stored = await new.status("r")
+            assert stored is not None
+            assert stored.incarnation == "new"
+        finally:
+            await new.aclose()
+    finally:
+        await old.aclose()

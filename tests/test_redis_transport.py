@@ -634,3 +634,51 @@ async def test_bad_credentials_are_a_one_line_authentication_error(
     assert time.monotonic() - started < 3.0
     async with AsyncWeaver(server.url) as weaver:
         assert (await weaver.set(_run(), {"lr": 0.1})).revision == 1
+
+
+# -- status versions (replace_status) ------------------------------------------------------------------------
+
+
+async def test_a_status_appended_by_a_writer_that_keeps_no_versions_refuses_a_conditional_write(
+    transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    # An older weavelet's status write: HSET and XADD, nothing else. Its takeover must not be overwritten.
+    run = _run()
+    mine = Status(run=run, state="running", step=1, incarnation="a")
+    version = await transport.replace_status(mine, None)
+    assert version is not None
+    theirs = encode(Status(run=run, state="running", step=0, incarnation="b"))
+    await raw.xadd(transport.keys.status_stream(run), {"data": theirs})
+    await raw.hset(transport.keys.run(run), "status", theirs)
+    assert await transport.replace_status(Status(run=run, state="running", step=2, incarnation="a"), version) is None
+    stored = await transport.status(run)
+    assert stored is not None
+    assert stored.incarnation == "b"
+
+
+async def test_a_run_the_index_lost_is_listed_again_by_its_next_status(
+    transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    # A failover that kept the status but lost the index entry, or a removal racing the write: the next status,
+    # conditional or not, lists the run again.
+    run = _run()
+    version = await transport.replace_status(Status(run=run, state="running", step=1), None)
+    await raw.srem(transport.keys.runs(), run)
+    assert run not in await transport.runs()
+    assert await transport.replace_status(Status(run=run, state="running", step=2), version) is not None
+    assert run in await transport.runs()
+
+
+async def test_a_status_version_names_its_entry_past_a_million_a_millisecond(
+    transport: RedisTransport, raw: aioredis.Redis
+) -> None:
+    # A stream whose last id is ahead of the server's clock (a failover to a master whose clock is behind) gets
+    # ids MS-(SEQ+1): the version keeps naming the entry however large the sequence grows.
+    run = _run()
+    ahead = int(time.time() * 1000) + 3_600_000
+    await raw.xadd(transport.keys.status_stream(run), {"data": b"{}"}, id=f"{ahead}-{(1 << 20) - 2}")
+    version = await transport.replace_status(Status(run=run, state="running", step=0), None)
+    for step in range(1, 5):
+        version = await transport.replace_status(Status(run=run, state="running", step=step), version)
+        assert version is not None, f"a conditional write over the writer's own status was refused at step {step}"
+    assert version & ((1 << 64) - 1) == (1 << 20) + 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Trainer, Weavelet, blocker_env, console_script
+from tests.cli.conftest import Trainer, Weavelet, blocker_env, console_script, wait_for_status
 from weavelet_core import Outcome, Weaver
 
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"
@@ -247,6 +248,37 @@ def test_rm_refuses_live_runs_and_prune_removes_old_ones(weavelet: Weavelet, tra
     assert weavelet("prune", "--older-than", "1s", "--dry-run").stdout == "quiet: would prune\n"
     assert weavelet("prune", "--older-than", "1s").stdout == "quiet: pruned\n"
     assert weavelet("runs", "-q").stdout in ("", "live\n")  # the forced-away trainer may still report
+
+
+def test_after_rm_force_of_a_live_run_writes_its_trainer_would_ignore_are_refused(
+    weavelet: Weavelet, trainer: Trainer, store: str
+) -> None:
+    process = trainer("forced")
+    assert weavelet("set", "forced", "lr=0.2").returncode == 0
+    deadline = time.monotonic() + 20
+    while (taken := process.poll()) is None:
+        assert time.monotonic() < deadline, "the trainer never took revision 1"
+        time.sleep(0.02)
+    process.report_outcome(taken.revision, "applied", step=7)
+    wait_for_status(store, "forced", lambda s: s.applied_revision == 1)
+
+    removed = weavelet("rm", "forced", "--force")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.startswith("forced: removed\nforced: note: its live trainer trains on without remote control")
+    wait_for_status(store, "forced", lambda s: s.live and s.applied_revision == 1)  # its next keepalive
+
+    # Revision 1 again, which the trainer takes for the old one: refused, saying why and what to do instead.
+    for command in (("set", "forced", "lr=0.3", "--wait", "5"), ("stop", "forced"), ("checkpoint", "forced")):
+        refused = weavelet(*command)
+        assert refused.returncode == 1, (command, refused.stdout, refused.stderr)
+        assert "not written: the live trainer of run 'forced'" in refused.stderr
+        assert "ignores new ones up to that number: this one would be 1" in refused.stderr
+        assert f"kill -TERM {os.getpid()}" in refused.stderr  # the trainer: this test process
+    assert "has no revisions" in weavelet("get", "forced").stderr  # nothing was written
+
+    process.stop(timeout=5)  # a restart reads the store again: writes reach it
+    trainer("forced")
+    assert weavelet("set", "forced", "lr=0.3").returncode == 0
 
 
 def test_runs_filters_by_state_and_quiet_prints_ids(weavelet: Weavelet, trainer: Trainer) -> None:

@@ -1115,18 +1115,26 @@ class NatsTransport(Transport):
         await self.replace_status(status, None)
 
     async def replace_status(self, status: Status, expected: int | None) -> int | None:
-        """Store ``status`` while the key's last sequence is ``expected`` (a KV update with
-        ``Nats-Expected-Last-Subject-Sequence``): the version is the key's stream sequence. A removal leaves a
-        delete marker, a sequence of its own, so it changes the version too."""
+        """Store ``status`` while the key's last sequence is the one in ``expected`` (a KV update with
+        ``Nats-Expected-Last-Subject-Sequence``). A removal purges the key, so it changes the sequence too.
+
+        The version is the key's stream sequence below bit 64 and this connection's generation (one more at each
+        reconnect) above it: a version from before a reconnect is refused without a write. The server may have
+        come back without its store (a lost volume; writes not yet synced, nats-server syncing every 2 minutes by
+        default), its sequences starting over, and a newer incarnation's status may hold the very sequence this
+        writer remembers. It costs one read of the status after each reconnect."""
         key = run_key(status.run)
         data = encode(status)
         bucket = self._kv("status")
         subject = f"$KV.{self.settings.prefix}-status.{key}"
+        generation = self._generation
+        if expected is not None and expected >> 64 != generation:
+            return None
         with self._mapped(f"publish the status of run {status.run!r}", "status", subject=subject):
             if expected is None:
-                return int(await bucket.put(key, data))
+                return generation << 64 | int(await bucket.put(key, data))
             try:
-                return int(await bucket.update(key, data, last=expected))
+                return generation << 64 | int(await bucket.update(key, data, last=expected & (1 << 64) - 1))
             except nats.js.errors.KeyWrongLastSequenceError:
                 return None
 

@@ -3,7 +3,8 @@
 Every write that must not interleave with another writer is one script, so no client-side locking or
 ``WATCH`` retry loop is needed. A script touches only the keys of one run, which share a hash tag (``{RUN}``) and
 so one Redis Cluster slot; the run index is updated by the client after the script (a script touching it too
-would fail with ``CROSSSLOT`` on a cluster).
+would fail with ``CROSSSLOT`` on a cluster), except by the status script outside a cluster, which lists the run
+with every status in the same round trip.
 """
 
 from __future__ import annotations
@@ -105,16 +106,25 @@ return found
 """
 
 PUBLISH_STATUS = """
--- Replace a run's latest status and append it to the run's capped status stream; the stream entry's id is the
--- status's version, kept in the hash's 'status_id' field. With ARGV[3] (a version), store nothing and return
--- false unless the stored status is still that version (a removed run has none).
--- KEYS: [1] run hash, [2] status stream
--- ARGV: [1] payload, [2] MAXLEN of the status stream, [3] the version expected, or '' to store whatever is stored
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'status_id') ~= ARGV[3] then
-  return false
+-- Replace a run's latest status, append it to the run's capped status stream and (on one server or a Sentinel's
+-- master, where the run index may share a script with the run's keys) list the run in the index. The newest
+-- entry's id in the status stream is the status's version; with ARGV[3] (a version), store nothing and return
+-- false unless it still is. Every status writer appends to the stream (older weavelets too), and a removal deletes
+-- it, so any other write in between changes the version.
+-- KEYS: [1] run hash, [2] status stream, [3] the run index (optional: not on a Redis Cluster)
+-- ARGV: [1] payload, [2] MAXLEN of the status stream, [3] the version expected, or '' to store whatever is stored,
+--       [4] the run id (with KEYS[3])
+if ARGV[3] ~= '' then
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+  if newest == nil or newest[1] ~= ARGV[3] then
+    return false
+  end
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1])
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'status_id', id)
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if KEYS[3] then
+  redis.call('SADD', KEYS[3], ARGV[4])
+end
 return id
 """
 

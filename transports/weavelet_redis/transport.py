@@ -4,7 +4,6 @@ Key layout (prefix ``weavelet:`` by default, see :class:`weavelet_redis.config.K
 
     weavelet:runs                    set     every run id with a revision or a status
     weavelet:run:RUN                 hash    revision -> newest number, status -> latest status (JSON),
-                                             status_id -> its entry id in the status stream (replace_status),
                                              schema -> what the trainer accepts (JSON; see publish_schema)
     weavelet:run:RUN:revisions       stream  one entry per revision: revision, data (JSON); MAXLEN ~ history
     weavelet:run:RUN:status          stream  every published status: data (JSON); MAXLEN ~ status_history
@@ -114,9 +113,10 @@ def _stream_id(entry_id: bytes) -> tuple[int, int]:
     return int(milliseconds), int(sequence or b"0")
 
 
-STATUS_SEQUENCE_BITS = 20
-"""A status version is its stream entry's id ``MS-SEQ`` as one integer, ``MS << 20 | SEQ``: a status stream gets
-at most a few entries a millisecond."""
+STATUS_SEQUENCE_BITS = 64
+"""A status version is its stream entry's id ``MS-SEQ`` as one integer, ``MS << 64 | SEQ``: both parts are 64-bit
+in Redis, and a sequence grows past a few a millisecond where the stream's last id is ahead of the server's clock
+(after a failover to a master whose clock is behind, every entry takes the last id's millisecond)."""
 
 
 def _status_version(entry_id: bytes) -> int:
@@ -226,7 +226,7 @@ class RedisTransport(Transport):
         raise TransportUnavailable(f"redis transport {self.url} is closed")
 
     async def _index(self, client: aioredis.Redis, run: str) -> None:
-        """Add ``run`` to the run index (its own key: never in a script with the run's keys, see scripts.py)."""
+        """Add ``run`` to the run index (its own key, in another cluster slot than the run's: see scripts.py)."""
         await self._call(f"list run {run!r} in {self.keys.runs()}", client.sadd(self.keys.runs(), run))
 
     async def _replicated(self, pipe: Any, run: str, number: int) -> Any:
@@ -542,24 +542,31 @@ class RedisTransport(Transport):
         await self.replace_status(status, None)
 
     async def replace_status(self, status: Status, expected: int | None) -> int | None:
-        """Store ``status`` while the run hash's ``status_id`` is ``expected``: the version is the id of the
-        status's entry in the run's status stream (``MS-SEQ``, as ``MS << 20 | SEQ``), which a removal deletes."""
+        """Store ``status`` while the newest entry of the run's status stream is ``expected``: the version is that
+        entry's id (``MS-SEQ``, as ``MS << 64 | SEQ``). Every status write appends to the stream, a removal deletes
+        it, so another writer's status (an older weavelet's too) or a removal changes it. One round trip on one
+        server or a Sentinel's master: the script also lists the run in the run index, with every status, so a
+        run the index lost (a failover that kept the status but not the ``SADD``, a removal racing the write) is
+        listed again at the next status; on a Redis Cluster the index is another slot, written in a second call."""
         client = self._redis()
         run = status.run
         data = encode(status)
+        keys = [self.keys.run(run), self.keys.status_stream(run)]
+        args: list[str | int | bytes] = [
+            data,
+            self.settings.status_history,
+            "" if expected is None else _status_entry_id(expected),
+        ]
+        cluster = self.settings.mode == "cluster"
+        if not cluster:
+            keys.append(self.keys.runs())
+            args.append(run)
         stored = await self._call(
-            f"publish the status of run {run!r}",
-            self._status_script(
-                keys=[self.keys.run(run), self.keys.status_stream(run)],
-                args=[data, self.settings.status_history, "" if expected is None else _status_entry_id(expected)],
-                client=client,
-            ),
+            f"publish the status of run {run!r}", self._status_script(keys=keys, args=args, client=client)
         )
         if not stored:
             return None
-        if expected is None:
-            # A write over the version this writer stored before needs no index update: nothing removed the run
-            # since (see delete), and the earlier write listed it.
+        if cluster:
             await self._index(client, run)
         return _status_version(stored)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import time
 from typing import Any
 
-from weavelet_core.errors import WeaveletError
+from weavelet_core.errors import CorruptEntry, WeaveletError
 from weavelet_core.plugins import URL_ENV, default_url, mask_password
 from weavelet_core.protocol import STALE_KEEPALIVES, Status
 from weavelet_core.weaver import AsyncWeaver
@@ -200,3 +201,32 @@ def wants_json(args: argparse.Namespace) -> bool:
 
 def wide(args: argparse.Namespace) -> bool:
     return getattr(args, "output", None) == "wide"
+
+
+async def unreachable_reason(w: AsyncWeaver, run: str) -> str | None:
+    """Why a revision written to ``run`` now would never reach its live trainer, or ``None``.
+
+    A live trainer's sidecar forwards only revisions numbered above the newest it has taken. After ``weavelet rm
+    --force`` of a live run (or a store emptied under it), revisions are numbered from 1 again: at or below that
+    number, the trainer takes them for old ones and ignores them, ``stop`` included, until it restarts. Written
+    anyway, such a revision would wait for an outcome that never comes; refusing it says so instead.
+    """
+    status = (await w.statuses([run])).get(run)
+    if status is None or not status.live or is_stale(status, None, time.time()):
+        return None
+    last = status.last_outcome or {}
+    taken = max(status.applied_revision, last["revision"] if isinstance(last.get("revision"), int) else 0)
+    try:
+        latest = await w.get(run)
+        newest = latest.revision if latest is not None else 0
+    except CorruptEntry as exc:
+        newest = exc.revision
+    if newest + 1 > taken:
+        return None
+    return (
+        f"not written: the live trainer of run {run!r} (pid {status.pid} on {status.host}) has taken revisions up "
+        f"to {taken} of a history that is no longer stored (the run was removed with weavelet rm --force while it "
+        f"trained), and ignores new ones up to that number: this one would be {newest + 1}, so it would never "
+        f"reach it. Restart the trainer (it then reads the store again), or end it with a signal "
+        f"(kill -TERM {status.pid} on {status.host})"
+    )

@@ -48,6 +48,13 @@ async def _remove(w: AsyncWeaver, rows: list[dict[str, Any]], args: argparse.Nam
             try:
                 await w.delete(run)
                 result["removed"] = True
+                if _is_live(row):
+                    result["note"] = (
+                        "its live trainer trains on without remote control until it restarts: revisions are numbered "
+                        "from 1 again, which it takes for old ones, so set, stop and checkpoint no longer reach it "
+                        "(the CLI refuses them); end it with a signal (weavelet status shows its pid and host) or "
+                        "restart it"
+                    )
             except WeaveletError as exc:
                 failed = True
                 result["error"] = str(exc)
@@ -59,6 +66,8 @@ async def _remove(w: AsyncWeaver, rows: list[dict[str, Any]], args: argparse.Nam
                 out.write(f"{run}: would {verb}\n")
             else:
                 out.write(f"{run}: {verb}d\n")
+                if "note" in result:
+                    out.write(f"{run}: note: {result['note']}\n")
     if as_json:
         output.print_json(results, out)
     return EXIT_ERROR if failed else EXIT_OK

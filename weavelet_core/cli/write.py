@@ -27,6 +27,7 @@ from weavelet_core.cli.common import (
     add_wait,
     is_stale,
     revision_number,
+    unreachable_reason,
     wants_json,
     weaver,
 )
@@ -121,6 +122,9 @@ async def run_writes(
             result = Result(run)
             results.append(result)
             try:
+                unreachable = await unreachable_reason(w, run)
+                if unreachable is not None:
+                    raise CliError(unreachable)
                 result.previous = await _previous(w, run, tolerate_corrupt=tolerate_corrupt or args.dry_run)
                 if args.dry_run:
                     result.planned = plan(run, result.previous)
@@ -134,7 +138,8 @@ async def run_writes(
             if not as_json:
                 _print_written(result, out)
         if args.wait is not None and not args.dry_run:
-            await _wait_all(w, results, args.wait, out, print_each=not as_json)
+            # One run's wait that fails is said once, as the error on stderr (below); many runs get a line each.
+            await _wait_all(w, results, args.wait, out, print_each=not as_json, print_errors=one is None)
     if as_json:
         if one is not None:
             body = results[0].as_json()
@@ -177,7 +182,9 @@ def _print_written(result: Result, out: TextIO) -> None:
     out.flush()
 
 
-async def _wait_all(w: AsyncWeaver, results: list[Result], timeout: float, out: TextIO, *, print_each: bool) -> None:
+async def _wait_all(
+    w: AsyncWeaver, results: list[Result], timeout: float, out: TextIO, *, print_each: bool, print_errors: bool
+) -> None:
     async def one(result: Result) -> None:
         revision = result.revision
         if revision is None:
@@ -188,7 +195,7 @@ async def _wait_all(w: AsyncWeaver, results: list[Result], timeout: float, out: 
         except (WaitTimeout, RunEnded) as exc:
             result.error = str(exc)
             result.timed_out = isinstance(exc, WaitTimeout)
-            if print_each:
+            if print_each and print_errors:
                 out.write(f"{result.run}: revision {revision.revision}: {exc}\n")
             return
         result.successor = await _successor(w, result.run, result.outcome, timeout - (time.monotonic() - started))

@@ -20,7 +20,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Static
 
 from weavelet_core.cli import output
-from weavelet_core.cli.common import is_stale
+from weavelet_core.cli.common import CliError, is_stale, unreachable_reason
 from weavelet_core.cli.read import history_rows, status_lines
 from weavelet_core.cli.top import COLUMNS, LossTrend, cells, snapshot
 from weavelet_core.cli.values import check_merge, parse_assignments
@@ -234,6 +234,14 @@ class TopApp(App[None]):
             self.say(str(message))
         await self.refresh_runs()
 
+    async def _reachable(self, run: str) -> None:
+        """Refuse a write the run's live trainer would ignore (see
+        :func:`~weavelet_core.cli.common.unreachable_reason`)."""
+        assert self.weaver is not None
+        reason = await unreachable_reason(self.weaver, run)
+        if reason is not None:
+            raise CliError(reason)
+
     def say(self, message: str, *, error: bool = False) -> None:
         self.last_message = message
         self.notify(message, severity="error" if error else "information")
@@ -254,6 +262,7 @@ class TopApp(App[None]):
 
             async def act() -> str:
                 assert self.weaver is not None
+                await self._reachable(run)
                 current = await self.weaver.get(run)
                 if current is not None:
                     check_merge(current.config, changes)
@@ -271,6 +280,7 @@ class TopApp(App[None]):
 
         async def act() -> str:
             assert self.weaver is not None
+            await self._reachable(run)
             revision = await self.weaver.command(run, name)
             assert isinstance(revision, Revision)
             return f"{run}: {name} sent as revision {revision.revision}"
@@ -299,6 +309,7 @@ class TopApp(App[None]):
 
             async def act() -> str:
                 assert self.weaver is not None
+                await self._reachable(run)
                 revision = await self.weaver.revert(run, number)
                 assert isinstance(revision, Revision)
                 return f"{run}: revision {revision.revision} stored (revert of r{number})"
