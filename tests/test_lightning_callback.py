@@ -188,6 +188,32 @@ def test_a_replaced_step_counter_is_noticed_and_changes_still_land(tmp_path: Pat
     assert status.step == fit.global_step
 
 
+def test_a_fit_resumed_from_a_checkpoint_applies_at_the_steps_lightning_counts(
+    tmp_path: Path, url: str, weaver: Weaver
+) -> None:
+    # Lightning restores the loop's progress from the checkpoint before training starts; the hook reads it from
+    # there on (with gradient accumulation, so a wrong count would also land a change inside a window).
+    data = make_data(2048)
+    first = trainer([], tmp_path, max_steps=9, accumulate_grad_batches=3)
+    first.fit(DemoModel(), make_loader(data))
+    checkpoint = tmp_path / "at-9.ckpt"
+    first.save_checkpoint(checkpoint)
+
+    run = "resumed-steps"
+    wc = WeaveletCallback(run, url)
+    driver = Driver(weaver, run, {12: {"optimizer": "adam"}}, wc)
+    model = DemoModel()
+    second = trainer([wc, driver], tmp_path, max_steps=30, accumulate_grad_batches=3)
+    second.fit(model, make_loader(data), ckpt_path=str(checkpoint))
+
+    (swap,) = wc.verdicts
+    assert swap.result == "applied"
+    assert swap.step is not None
+    assert 12 <= swap.step < 30
+    assert (driver.applied_at_batch[swap.revision] + 1) % 3 == 0, "applied in the middle of gradient accumulation"
+    assert int(second.optimizers[0].state[next(model.parameters())]["step"]) == 30 - swap.step
+
+
 def test_applies_at_the_steps_lightning_counts_under_manual_optimization(
     tmp_path: Path, url: str, weaver: Weaver
 ) -> None:
