@@ -66,7 +66,7 @@ def main() -> None:
                 if live.should_stop or step >= args.steps:
                     break
     inner = type(optimizer.optimizer).__name__
-    print(f"stopped at step {step} with {inner}; loss {float(loss):.4f}", flush=True)
+    print(f"stopped at step {step} with {inner}; loss {loss.item():.4f}", flush=True)
 
 
 if __name__ == "__main__":  # the weavelet sidecar is started with 'spawn', which re-imports this module

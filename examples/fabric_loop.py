@@ -58,7 +58,7 @@ def main() -> None:
                 print(f"step {step}: revision {verdict.revision} {verdict.result}: {verdict.message}", flush=True)
             if live.should_stop:
                 break
-    print(f"stopped at step {step} with {type(optimizer.optimizer).__name__}; loss {float(loss):.4f}", flush=True)
+    print(f"stopped at step {step} with {type(optimizer.optimizer).__name__}; loss {loss.item():.4f}", flush=True)
 
 
 if __name__ == "__main__":  # the weavelet sidecar is started with 'spawn', which re-imports this module

@@ -99,7 +99,7 @@ def main() -> None:
             if verdict is not None:
                 print(f"step {step}: revision {verdict.revision} {verdict.result}: {verdict.message}", flush=True)
             if step % 1000 == 0:
-                print(f"step {step}: loss {float(loss):.4f} ({type(live.optimizer).__name__})", flush=True)
+                print(f"step {step}: loss {loss.item():.4f} ({type(live.optimizer).__name__})", flush=True)
             if live.should_stop:
                 print(f"step {step}: stopping as asked", flush=True)
                 break
