@@ -265,6 +265,7 @@ class NatsTransport(Transport):
         self._buckets: dict[str, KeyValue] = {}
         self._closed = False
         self._generation = 0
+        self._epoch = 0  # one more at each disconnect and reconnect: the high bits of a status version
         self._watchers: set[KeyValue.KeyWatcher] = set()
         self._scopes: set[anyio.CancelScope] = set()
         # calls waiting on the server: scope -> (buckets they use, the denial that cancelled them)
@@ -314,6 +315,7 @@ class NatsTransport(Transport):
                 log.debug("NATS %s: %s", self.settings.display, exc)
 
         async def disconnected_cb() -> None:
+            self._epoch += 1  # status versions from before this connection are refused (see replace_status)
             for scope in list(self._scopes):
                 scope.cancel()
             if connected and not self._closed:
@@ -321,6 +323,7 @@ class NatsTransport(Transport):
 
         async def reconnected_cb() -> None:
             self._generation += 1
+            self._epoch += 1
             self._restart_watches()
             log.info("NATS %s: reconnected", self.settings.display)
 
@@ -1118,25 +1121,28 @@ class NatsTransport(Transport):
         """Store ``status`` while the key's last sequence is the one in ``expected`` (a KV update with
         ``Nats-Expected-Last-Subject-Sequence``). A removal purges the key, so it changes the sequence too.
 
-        The version is the key's stream sequence below bit 64 and this connection's generation (one more at each
-        reconnect) above it: a version from before a reconnect is refused without a write. The server may have
-        come back without its store (a lost volume; writes not yet synced, nats-server syncing every 2 minutes by
-        default), its sequences starting over, and a newer incarnation's status may hold the very sequence this
-        writer remembers. It costs one read of the status after each reconnect."""
+        The version is the key's stream sequence below bit 64 and the connection's epoch (one more at each
+        disconnect and reconnect) above it: a version from before a disconnect is refused without a write. The
+        server may have come back without its store (a lost volume; writes not yet synced, nats-server syncing
+        every 2 minutes by default), its sequences starting over, and a newer incarnation's status may hold the
+        very sequence this writer remembers. It costs one read of the status after each reconnect. Left open: a
+        conditional write already in nats-py's buffer when the connection drops is sent after the reconnect
+        under the old expectation."""
         key = run_key(status.run)
         data = encode(status)
         bucket = self._kv("status")
         subject = f"$KV.{self.settings.prefix}-status.{key}"
-        generation = self._generation
-        if expected is not None and expected >> 64 != generation:
+        if expected is not None and expected >> 64 != self._epoch:
             return None
         with self._mapped(f"publish the status of run {status.run!r}", "status", subject=subject):
             if expected is None:
-                return generation << 64 | int(await bucket.put(key, data))
-            try:
-                return generation << 64 | int(await bucket.update(key, data, last=expected & (1 << 64) - 1))
-            except nats.js.errors.KeyWrongLastSequenceError:
-                return None
+                sequence = int(await bucket.put(key, data))
+            else:
+                try:
+                    sequence = int(await bucket.update(key, data, last=expected & (1 << 64) - 1))
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    return None
+        return self._epoch << 64 | sequence  # the epoch of the server that answered
 
     async def status(self, run: str) -> Status | None:
         key = run_key(run)
