@@ -20,7 +20,7 @@ from weavelet_lightning.restore import LightningRestorer
 from weavelet_torch.applier import Applier, OwnKeys, Verdict
 from weavelet_torch.attach import KEPT_VERDICTS
 from weavelet_torch.guard import SpikeGuard
-from weavelet_torch.link import RUN_ENV, Link
+from weavelet_torch.link import RUN_ENV, Link, LinkedRun
 from weavelet_torch.rollback import SnapshotRing
 from weavelet_torch.watch import StepWatch
 
@@ -33,7 +33,7 @@ log = logging.getLogger("weavelet_lightning")
 _monotonic = time.monotonic  # the step hook reads the StepGate inline: a method call costs ~650 instructions
 
 
-class WeaveletCallback(_CallbackBase, OwnKeys):
+class WeaveletCallback(_CallbackBase, OwnKeys, LinkedRun):
     """Makes a Lightning fit remotely reconfigurable through its weavelet.
 
     ::
@@ -156,16 +156,6 @@ class WeaveletCallback(_CallbackBase, OwnKeys):
         self._active = False
 
     # ----------------------------------------------------------------- public API
-
-    @property
-    def run(self) -> str | None:
-        """The run id (known once the fit started, or when given)."""
-        return self.link.run if self.link is not None else self._run
-
-    @property
-    def process(self) -> Any:
-        """The :class:`~weavelet_core.WeaveletProcess` of the current fit (rank 0 only), or ``None``."""
-        return self.link.process if self.link is not None else None
 
     @property
     def state_key(self) -> str:

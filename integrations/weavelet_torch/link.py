@@ -52,6 +52,24 @@ def loop_error(exc: BaseException | None) -> BaseException | None:
     return exc
 
 
+class LinkedRun:
+    """``run`` and ``process`` for the Lightning and Trainer callbacks: from their :class:`Link` (``self.link``)
+    once training started, else the run id they were given (``self._run``)."""
+
+    link: Link | None
+    _run: str | None
+
+    @property
+    def run(self) -> str | None:
+        """The run id (known once training started, or when given)."""
+        return self.link.run if self.link is not None else self._run
+
+    @property
+    def process(self) -> Any:
+        """The :class:`~weavelet_core.WeaveletProcess` of the current training (rank 0 only), or ``None``."""
+        return self.link.process if self.link is not None else None
+
+
 class Link:
     """Owns the :class:`~weavelet_core.WeaveletProcess` of one run and reports verdicts through it.
 

@@ -20,7 +20,7 @@ from weavelet_torch.applier import Applier, OwnKeys, Verdict
 from weavelet_torch.attach import KEPT_VERDICTS
 from weavelet_torch.collective import Collective
 from weavelet_torch.errors import Rejected
-from weavelet_torch.link import Link
+from weavelet_torch.link import Link, LinkedRun
 from weavelet_torch.rollback import RestorePoint, Restorer
 from weavelet_transformers._compat import callback_base
 from weavelet_transformers.host import TrainerHost
@@ -40,7 +40,7 @@ _FRAMES = 12
 """How many calling frames the callback looks through for the Trainer that calls it."""
 
 
-class WeaveletCallback(_CallbackBase, OwnKeys):
+class WeaveletCallback(_CallbackBase, OwnKeys, LinkedRun):
     """Makes a Hugging Face ``Trainer`` remotely reconfigurable through its weavelet.
 
     ::
@@ -144,16 +144,6 @@ class WeaveletCallback(_CallbackBase, OwnKeys):
         self._active = False
 
     # ----------------------------------------------------------------- public API
-
-    @property
-    def run(self) -> str | None:
-        """The run id (known once training started, or when given)."""
-        return self.link.run if self.link is not None else self._run
-
-    @property
-    def process(self) -> Any:
-        """The :class:`~weavelet_core.WeaveletProcess` of the current training (rank 0 only), or ``None``."""
-        return self.link.process if self.link is not None else None
 
     @property
     def trainer(self) -> Any:

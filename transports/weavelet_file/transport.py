@@ -807,13 +807,7 @@ class FileTransport(Transport):
 
     async def read_schema(self, run: str) -> bytes | None:
         self._check_open()
-        path = self._run_dir(run) / "schema.json"
-        try:
-            return read_capped(path)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise self._fs_exception("cannot read", path, exc) from None
+        return self._read_bytes(self._run_dir(run) / "schema.json")
 
     async def publish_outcome(self, outcome: Outcome) -> None:
         self._check_open()

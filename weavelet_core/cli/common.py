@@ -10,7 +10,7 @@ from typing import Any
 
 from weavelet_core.errors import CorruptEntry, WeaveletError
 from weavelet_core.plugins import URL_ENV, default_url, mask_password
-from weavelet_core.protocol import STALE_KEEPALIVES, Status
+from weavelet_core.protocol import STALE_KEEPALIVES, Revision, Status
 from weavelet_core.weaver import AsyncWeaver
 
 PROG = "weavelet"
@@ -203,24 +203,30 @@ def wide(args: argparse.Namespace) -> bool:
     return getattr(args, "output", None) == "wide"
 
 
-async def unreachable_reason(w: AsyncWeaver, run: str) -> str | None:
+async def unreachable_reason(w: AsyncWeaver, run: str, latest: Revision | None = None) -> str | None:
     """Why a revision written to ``run`` now would never reach its live trainer, or ``None``.
 
     A live trainer's sidecar forwards only revisions numbered above the newest it has taken. After ``weavelet rm
     --force`` of a live run (or a store emptied under it), revisions are numbered from 1 again: at or below that
     number, the trainer takes them for old ones and ignores them, ``stop`` included, until it restarts. Written
     anyway, such a revision would wait for an outcome that never comes; refusing it says so instead.
+
+    ``latest``: the run's newest revision when the caller has read it (``None``: read here, an unreadable one
+    counting with its number).
     """
     status = (await w.statuses([run])).get(run)
     if status is None or not status.live or is_stale(status, None, time.time()):
         return None
     last = status.last_outcome or {}
     taken = max(status.applied_revision, last["revision"] if isinstance(last.get("revision"), int) else 0)
-    try:
-        latest = await w.get(run)
-        newest = latest.revision if latest is not None else 0
-    except CorruptEntry as exc:
-        newest = exc.revision
+    if latest is not None:
+        newest = latest.revision
+    else:
+        try:
+            found = await w.get(run)
+            newest = found.revision if found is not None else 0
+        except CorruptEntry as exc:
+            newest = exc.revision
     if newest + 1 > taken:
         return None
     return (

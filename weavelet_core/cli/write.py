@@ -122,10 +122,10 @@ async def run_writes(
             result = Result(run)
             results.append(result)
             try:
-                unreachable = await unreachable_reason(w, run)
+                result.previous = await _previous(w, run, tolerate_corrupt=tolerate_corrupt or args.dry_run)
+                unreachable = await unreachable_reason(w, run, result.previous)
                 if unreachable is not None:
                     raise CliError(unreachable)
-                result.previous = await _previous(w, run, tolerate_corrupt=tolerate_corrupt or args.dry_run)
                 if args.dry_run:
                     result.planned = plan(run, result.previous)
                 else:
